@@ -84,12 +84,13 @@ class _RobustNormFn(torch.autograd.Function):
         inv = 1.0 / (r.pow(power) + eps)
         scale = inv if weight is None else weight * inv
         shift = -mu * scale if bias is None else bias - mu * scale
-        y = torch.addcmul(shift.view(1, -1, 1), x3, scale.view(1, -1, 1))
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        y = torch.addcmul(shift.view(shape), x, scale.view(shape))
         ctx.save_for_backward(x, weight, mu, inv, r, hi_n, hi_l, lo_n, lo_l)
         ctx.power, ctx.batch_mean, ctx.has_bias = power, batch_mean, bias is not None
         stats = torch.stack([mu, r]).detach()
         ctx.mark_non_differentiable(stats)
-        return y.view_as(x), stats
+        return y, stats
 
     @staticmethod
     def backward(ctx, g, _g_stats):  # type: ignore[override]
@@ -102,7 +103,7 @@ class _RobustNormFn(torch.autograd.Function):
         w = torch.ones_like(inv) if weight is None else weight
         a = w * inv  # dy/dx at fixed statistics
         c = -a * sum_g / count if ctx.batch_mean else torch.zeros_like(a)
-        gx = torch.addcmul(c.view(1, -1, 1), g3, a.view(1, -1, 1))
+        gx = torch.addcmul(c.view(1, -1, 1), g3, a.view(1, -1, 1)).contiguous()  # fresh (N, C, L)
         # d loss / d range = d loss / d s * p * r^(p - 1), with d loss / d s = -w * inv * sum_g_xhat
         p = ctx.power
         safe_r = torch.where(r > 0, r, torch.ones_like(r))

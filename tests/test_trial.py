@@ -1,0 +1,85 @@
+"""run_trial: exact resume, failures that say why, and every registry entry end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainables.checkpoints import load_checkpoint, save_checkpoint
+from trainables.config import TrialConfig
+from trainables.trial import CheckpointMismatchError, NonFiniteLossError, adv_metric, run_trial
+
+TIMING = ("epoch_seconds", "train_images_per_s")
+
+# a trial small enough for seconds on a CPU, with every source of randomness in play
+TINY = dict(
+    train_subset=256, test_subset=96, batch_size=64, eval_batch_size=48, epoch_adv_samples=48,
+    final_adv_samples=48, eval_steps=2, train_steps=2, cw_steps=2, square_queries=5, threads=1,
+)
+
+
+def without_timing(history):
+    return [{k: v for k, v in m.items() if k not in TIMING} for m in history]
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path):
+    cfg = TrialConfig(
+        **TINY, epochs=3, norm="robustnorm", regime="pgd_at", augment="crop_flip",
+        eval_attacks=["pgd", "fgsm"], eval_eps=[0.1, 0.05], seed=7,
+    )
+    full = run_trial(cfg)
+
+    path = tmp_path / "last.pt"
+
+    def save_then_die(epoch, metrics, state):
+        save_checkpoint({**state, "mlflow_run_id": "run-123"}, path)
+        if epoch == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_trial(cfg, on_epoch=save_then_die)
+    torch.manual_seed(999)  # whatever happened in between must not matter
+    seen = []
+    resumed = run_trial(cfg, checkpoint=load_checkpoint(path), on_epoch=lambda e, m, s: seen.append((e, s["mlflow_run_id"])))
+
+    assert resumed.resumed_from_epoch == 1
+    assert seen == [(2, "run-123"), (3, "run-123")]  # caller's keys survive a resume
+    assert without_timing(resumed.history) == without_timing(full.history)
+    assert resumed.final == full.final
+    assert set(full.final) >= {"final_clean_acc", "final_adv_acc", adv_metric("pgd", 0.05), "final_adv_acc_batchstats"}
+
+
+def test_a_checkpoint_from_another_configuration_is_refused(tmp_path):
+    states = []
+    run_trial(TrialConfig(**TINY, epochs=1, eval_attacks=["fgsm"]), on_epoch=lambda e, m, s: states.append(save_checkpoint(s, tmp_path / "a.pt")))
+    checkpoint = load_checkpoint(tmp_path / "a.pt")
+    with pytest.raises(CheckpointMismatchError, match="norm: checkpoint 'batchnorm' vs now 'robustnorm'"):
+        run_trial(TrialConfig(**TINY, epochs=2, norm="robustnorm", eval_attacks=["fgsm"]), checkpoint=checkpoint)
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_nan_loss_stops_the_trial_naming_epoch_and_step():
+    cfg = TrialConfig(**{**TINY, "batch_size": 32}, epochs=2, lr=1e12, momentum=0.0, weight_decay=0.0, eval_attacks=["fgsm"])
+    with pytest.raises(NonFiniteLossError, match=r"at epoch 1, step \d+/8"):
+        run_trial(cfg)
+
+
+def test_metrics_follow_the_design_names():
+    cfg = TrialConfig(**TINY, epochs=2, norm="groupnorm", eval_attacks=["fgsm", "pgd"], eval_eps=[0.05, 0.1])
+    epochs = []
+    result = run_trial(cfg, on_epoch=lambda e, m, s: epochs.append((e, m, s["epoch"])))
+    assert [(e, s) for e, _, s in epochs] == [(1, 1), (2, 2)]
+    for _, metrics, _ in epochs:
+        assert {"train_loss", "train_acc", "clean_acc", "adv_acc"} <= set(metrics)
+    assert set(result.final) == {
+        "final_clean_acc", "final_adv_acc", "adv_acc_fgsm_eps0.05", "adv_acc_fgsm_eps0.1",
+        "adv_acc_pgd_eps0.05", "adv_acc_pgd_eps0.1",
+    }  # groupnorm has no statistic modes: no _batchstats
+    assert result.final["final_adv_acc"] == result.final["adv_acc_fgsm_eps0.05"]
+    assert epochs[-1][1]["final_clean_acc"] == result.final["final_clean_acc"]
+    assert result.eval_batch_size == 48

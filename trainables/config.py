@@ -1,0 +1,241 @@
+"""TrialConfig: every knob of one trial, validated before any work starts.
+
+The field names are the flat names used everywhere: ``KEY=VALUE`` overrides on the
+command line, keys in search-space files, and MLflow params. Unknown keys are errors
+(``extra="forbid"``); registry-valued fields must name a registry entry, and the error
+lists the known names. List fields accept a list or a comma-separated string
+(``eval_attacks=fgsm,pgd``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from trainables.attacks import ATTACKS
+from trainables.data import AUGMENTATIONS, DATASETS
+from trainables.models import MODELS
+from trainables.norms import NORMS
+from trainables.optim import LR_SCHEDULES, OPTIMIZERS
+from trainables.regimes import REGIMES
+from trainables.registry import Registry
+
+Eps = Annotated[float, Field(ge=0.0, le=1.0)]
+_FILE_DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn", "imagefolder")
+_NONE = ("none", "null", "~")
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def _known(registry: Registry, value: str) -> str:
+    if value not in registry:
+        raise ValueError(f"unknown {registry.kind} {value!r}; known: {', '.join(registry.names())}")
+    return value
+
+
+def _split_list(value: Any) -> Any:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    if isinstance(value, (int, float)):
+        return [value]
+    return value
+
+
+class TrialConfig(BaseModel):
+    """One trial: data, model, norm, regime, optimisation, evaluation, run settings."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    # --- data ---------------------------------------------------------------------
+    dataset: str = Field("digits", description="dataset name (registry `datasets`)")
+    data_dir: str | None = Field(None, description="folder with the dataset files (torchvision datasets, imagefolder)")
+    download: bool = Field(False, description="let torchvision download the dataset into data_dir")
+    train_subset: int | None = Field(None, gt=0, description="keep a fixed random subset of this many training samples")
+    test_subset: int | None = Field(None, gt=0, description="keep a fixed random subset of this many test samples")
+    augment: str = Field("auto", description="training augmentation: auto (per dataset) or an augmentation name")
+
+    # --- model and normalization ----------------------------------------------------
+    model: str = Field("cnn", description="model name (registry `models`)")
+    norm: str = Field("batchnorm", description="normalization layer (registry `norms`)")
+    norm_power: float = Field(0.2, gt=0.0, le=2.0, description="RobustNorm: power p of the range")
+    norm_momentum: float = Field(0.1, gt=0.0, le=1.0, description="BatchNorm/RobustNorm: running-statistics momentum")
+    norm_eps: float = Field(1e-5, gt=0.0, description="norm layers: eps added to the denominator")
+    norm_affine: bool = Field(True, description="norm layers: learnable weight and bias")
+    norm_groups: int = Field(32, gt=0, description="GroupNorm: groups (reduced to gcd(groups, channels))")
+
+    # --- training regime -------------------------------------------------------------
+    regime: str = Field("standard", description="training regime (registry `regimes`)")
+    train_eps: Eps = Field(0.1, description="adversarial training: L-inf eps in [0, 1] pixel scale")
+    train_alpha: float | None = Field(None, gt=0.0, description="adversarial training: step size (default 2.5 * eps / steps; FGSM-RS: 1.25 * eps)")
+    train_steps: int = Field(7, gt=0, description="adversarial training: PGD / TRADES steps")
+    trades_beta: float = Field(6.0, ge=0.0, description="TRADES: weight of the KL robustness term")
+    init_from: str | None = Field(None, description="bn_finetune_adv: checkpoint file to start from")
+
+    # --- optimisation ------------------------------------------------------------------
+    optimizer: str = Field("sgd", description="optimizer (registry `optimizers`)")
+    lr: float = Field(0.05, gt=0.0, description="peak learning rate")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum / Adam beta1")
+    weight_decay: float = Field(5e-4, ge=0.0, description="weight decay")
+    lr_schedule: str = Field("cosine", description="learning-rate schedule (registry `lr_schedules`)")
+    warmup_epochs: float = Field(0.0, ge=0.0, description="linear warm-up, in epochs")
+    lr_milestones: list[float] = Field(default_factory=list, description="step schedule: epochs at which lr *= lr_gamma")
+    lr_gamma: float = Field(0.1, gt=0.0, description="step schedule: factor at each milestone")
+    epochs: int = Field(10, gt=0, description="training epochs")
+    batch_size: int = Field(128, ge=2, description="training batch size")
+    grad_clip: float | None = Field(None, gt=0.0, description="clip the gradient norm to this value")
+
+    # --- evaluation ----------------------------------------------------------------------
+    eval_attacks: list[str] = Field(["fgsm", "pgd"], min_length=1, description="attacks for evaluation (registry `attacks`); the first is primary")
+    eval_eps: list[Eps] = Field([0.05, 0.1], min_length=1, description="eps values for evaluation, [0, 1] pixel scale; the first is primary")
+    eval_batch_size: int = Field(256, ge=2, description="evaluation batch size (batch statistics depend on it; logged)")
+    eval_steps: int = Field(10, gt=0, description="evaluation PGD / PGD-L2 steps")
+    epoch_adv_samples: int | None = Field(512, gt=1, description="test samples for the per-epoch adv_acc (None: all)")
+    final_adv_samples: int | None = Field(None, gt=1, description="test samples for the final attack sweep (None: all)")
+    cw_c: float = Field(1.0, gt=0.0, description="CW: confidence weight c")
+    cw_steps: int = Field(50, gt=0, description="CW: optimisation steps")
+    square_queries: int = Field(1000, gt=0, description="Square attack: query budget")
+
+    # --- run -----------------------------------------------------------------------------
+    seed: int = Field(0, ge=0, description="random seed")
+    device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:N, mps")
+    threads: int | None = Field(None, gt=0, description="torch CPU threads (None: torch's default)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _none_strings(cls, data: Any) -> Any:
+        """``train_subset=none`` on the command line means None for optional fields."""
+        if isinstance(data, dict):
+            data = dict(data)
+            for key, value in data.items():
+                field = cls.model_fields.get(key)
+                if field is not None and isinstance(value, str) and value.lower() in _NONE and not field.is_required():
+                    if type(None) in getattr(field.annotation, "__args__", ()):
+                        data[key] = None
+        return data
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset(cls, v: str) -> str:
+        return _known(DATASETS, v)
+
+    @field_validator("augment")
+    @classmethod
+    def _augment(cls, v: str) -> str:
+        return v if v == "auto" else _known(AUGMENTATIONS, v)
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        return _known(MODELS, v)
+
+    @field_validator("norm")
+    @classmethod
+    def _norm(cls, v: str) -> str:
+        return _known(NORMS, v)
+
+    @field_validator("regime")
+    @classmethod
+    def _regime(cls, v: str) -> str:
+        return _known(REGIMES, v)
+
+    @field_validator("optimizer")
+    @classmethod
+    def _optimizer(cls, v: str) -> str:
+        return _known(OPTIMIZERS, v)
+
+    @field_validator("lr_schedule")
+    @classmethod
+    def _lr_schedule(cls, v: str) -> str:
+        return _known(LR_SCHEDULES, v)
+
+    @field_validator("eval_attacks", "eval_eps", "lr_milestones", mode="before")
+    @classmethod
+    def _lists(cls, v: Any) -> Any:
+        return _split_list(v)
+
+    @field_validator("eval_attacks")
+    @classmethod
+    def _attacks(cls, v: list[str]) -> list[str]:
+        for name in v:
+            _known(ATTACKS, name)
+        if len(set(v)) != len(v):
+            raise ValueError(f"attacks listed twice: {v}")
+        return v
+
+    @field_validator("eval_eps")
+    @classmethod
+    def _eps_unique(cls, v: list[float]) -> list[float]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"eps values listed twice: {v}")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not _DEVICE.match(v):
+            raise ValueError(f"unknown device {v!r}; use auto, cpu, cuda, cuda:N or mps")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrialConfig:
+        regime = REGIMES[self.regime]
+        if regime.from_checkpoint and not self.init_from:
+            raise ValueError(f"regime {self.regime!r} starts from a trained network: set init_from to a checkpoint file")
+        if self.init_from and not regime.from_checkpoint:
+            raise ValueError(f"init_from is only used by regimes that start from a checkpoint, not {self.regime!r}")
+        if regime.norm_only and (self.norm == "none" or not self.norm_affine):
+            raise ValueError(f"regime {self.regime!r} trains only norm parameters: it needs a norm other than 'none' with norm_affine=true")
+        if self.dataset in _FILE_DATASETS and not self.data_dir:
+            raise ValueError(f"dataset {self.dataset!r} reads files: set data_dir")
+        if self.lr_schedule == "step" and not self.lr_milestones:
+            raise ValueError("lr_schedule 'step' needs lr_milestones (epochs, e.g. 50,75)")
+        return self
+
+    # --- derived -----------------------------------------------------------------------
+    @property
+    def primary_attack(self) -> str:
+        return self.eval_attacks[0]
+
+    @property
+    def primary_eps(self) -> float:
+        return self.eval_eps[0]
+
+    def norm_options(self) -> dict[str, Any]:
+        """The ``norm_*`` options that the chosen norm takes, for ``norm_layer_factory``."""
+        return {name: getattr(self, f"norm_{name}") for name in NORMS[self.norm].options}
+
+    def differing(self, other: TrialConfig, ignore: tuple[str, ...] = ()) -> list[str]:
+        """Names of the fields whose values differ from ``other``'s."""
+        return [k for k in type(self).model_fields if k not in ignore and getattr(self, k) != getattr(other, k)]
+
+
+def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``["a=1", "b=x,y"]`` -> ``{"a": 1, "b": "x,y"}``: values are read as YAML scalars.
+
+    A malformed pair is a ValueError. Comma lists stay strings; list fields split them.
+    """
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"expected KEY=VALUE, got {pair!r}")
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            parsed = value
+        out[key.strip()] = parsed if isinstance(parsed, (str, int, float, bool, list)) or parsed is None else value
+    return out
+
+
+def format_validation_error(err: ValidationError, source: str = "") -> str:
+    """One line per problem: ``source: field: message (got value)``."""
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(config)"
+        msg = e["msg"].removeprefix("Value error, ")
+        got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
+        prefix = f"{source}: " if source else ""
+        lines.append(f"{prefix}{where}: {msg}{got}")
+    return "\n".join(lines)

@@ -1,0 +1,338 @@
+"""run_trial(): one trial from config to metrics, resumable from a plain checkpoint dict.
+
+The epoch loop trains with the regime's loss, evaluates clean accuracy and the primary
+attack's accuracy every epoch, and after the last epoch measures every attack x eps pair
+(and, for norms with statistic modes, the same with the inference batch's statistics,
+suffix ``_batchstats``). After each epoch it calls ``on_epoch(epoch, metrics, state)``,
+where ``state`` is one plain dict (model, optimizer, scheduler, epoch, RNG states,
+config, history) from which ``run_trial(config, checkpoint=state)`` continues exactly:
+the same seed gives the same metrics whether or not the trial was interrupted.
+
+``state`` holds live tensors: save it (``torch.save``) inside the callback, do not keep
+it. Extra keys a caller adds (e.g. ``mlflow_run_id``) survive a save and a resume.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from trainables.attacks import AttackSettings, clean_accuracy, robust_accuracy
+from trainables.config import TrialConfig
+from trainables.data import DEFAULT_AUGMENTATION, TensorData, augment, batch_indices, load_dataset
+from trainables.models import create_model
+from trainables.norms import norm_layer_factory, stats_mode, stats_mode_layers
+from trainables.optim import build_optimizer, build_scheduler
+from trainables.regimes import REGIMES
+
+CHECKPOINT_FORMAT = "normlab.checkpoint/1"
+# fields that may change between an interrupted run and its resumption
+RESUMABLE_CHANGES = ("device", "threads")
+STATE_KEYS = frozenset({"format", "epoch", "model", "optimizer", "scheduler", "rng", "config", "history"})
+
+EpochCallback = Callable[[int, dict[str, float], dict[str, Any]], None]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; the message names epoch and step."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint was made by a trial with a different configuration."""
+
+
+@dataclass
+class TrialResult:
+    """What a finished trial measured: per-epoch history and the final sweep."""
+
+    config: dict[str, Any]
+    history: list[dict[str, float]]
+    final: dict[str, float]
+    eval_batch_size: int
+    device: str
+    seconds: float
+    resumed_from_epoch: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def adv_metric(attack: str, eps: float, suffix: str = "") -> str:
+    """Metric name of one attack x eps pair, e.g. ``adv_acc_pgd_eps0.1``."""
+    return f"adv_acc_{attack}_eps{eps:g}{suffix}"
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> the first CUDA device if there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name} was asked for, but CUDA is not available on this machine")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """Data order and augmentation of one epoch depend only on (seed, epoch)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
+
+
+class _Trial:
+    """The pieces of one trial, built once from a config."""
+
+    def __init__(self, cfg: TrialConfig, checkpoint: dict[str, Any] | None) -> None:
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        seed_everything(cfg.seed)
+        self.data: TensorData = load_dataset(
+            cfg.dataset,
+            data_dir=cfg.data_dir,
+            download=cfg.download,
+            train_subset=cfg.train_subset,
+            test_subset=cfg.test_subset,
+            device=self.device,
+        )
+        if len(self.data.train_x) < cfg.batch_size:
+            raise ValueError(f"batch_size={cfg.batch_size} is larger than the training set ({len(self.data.train_x)})")
+        self.model: nn.Module = create_model(
+            cfg.model,
+            num_classes=self.data.num_classes,
+            in_channels=self.data.in_channels,
+            norm_layer=norm_layer_factory(cfg.norm, **cfg.norm_options()),
+            mean=self.data.mean,
+            std=self.data.std,
+        ).to(self.device)
+        self.regime = REGIMES[cfg.regime]
+        params = self.regime.prepare(self.model, cfg, load_init=checkpoint is None)
+        self.steps_per_epoch = len(self.data.train_x) // cfg.batch_size
+        self.optimizer = build_optimizer(params, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.steps_per_epoch)
+        self.loss_fn = self.regime.make_loss(self.model, cfg)
+        self.augment = DEFAULT_AUGMENTATION[cfg.dataset] if cfg.augment == "auto" else cfg.augment
+        self.attack_settings = AttackSettings(
+            steps=cfg.eval_steps,
+            cw_c=cfg.cw_c,
+            cw_steps=cfg.cw_steps,
+            square_queries=cfg.square_queries,
+            num_classes=self.data.num_classes,
+            seed=cfg.seed,
+        )
+        self.has_stats_modes = bool(stats_mode_layers(self.model))
+
+    # --- one epoch of training --------------------------------------------------------
+    def train_epoch(self, epoch: int, progress: bool) -> dict[str, float]:
+        cfg, data = self.cfg, self.data
+        self.regime.set_train_mode(self.model)
+        gen = _epoch_generator(cfg.seed, epoch)
+        batches = batch_indices(len(data.train_x), cfg.batch_size, generator=gen, shuffle=True, drop_last=True)
+        losses = torch.zeros(len(batches), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        check_every = 1 if self.device.type == "cpu" else 25
+        bar = tqdm(total=len(batches), desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=not progress, unit="batch")
+        start = time.perf_counter()
+        for step, idx in enumerate(batches):
+            idx = idx.to(self.device, non_blocking=True)
+            x, y = data.train_x[idx], data.train_y[idx]
+            if self.augment != "none":
+                x = augment(x, self.augment, gen)
+            loss, logits = self.loss_fn(x, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            losses[step] = loss.detach()
+            correct += (logits.detach().argmax(1) == y).sum()
+            if (step + 1) % check_every == 0 or step + 1 == len(batches):
+                self._check_finite(losses[: step + 1], epoch)
+                bar.set_postfix(loss=f"{losses[step].item():.4f}", refresh=False)
+            bar.update()
+        bar.close()
+        seconds = time.perf_counter() - start
+        seen = len(batches) * cfg.batch_size
+        return {
+            "train_loss": float(losses.mean()),
+            "train_acc": int(correct) / seen,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "epoch_seconds": seconds,
+            "train_images_per_s": seen / seconds,
+        }
+
+    def _check_finite(self, losses: torch.Tensor, epoch: int) -> None:
+        bad = (~torch.isfinite(losses)).nonzero()
+        if len(bad):
+            step = int(bad[0])
+            raise NonFiniteLossError(
+                f"non-finite training loss ({losses[step].item()}) at epoch {epoch}, step {step + 1}/{self.steps_per_epoch} "
+                f"(regime={self.cfg.regime}, norm={self.cfg.norm}, lr={self.cfg.lr}): lower lr or set grad_clip"
+            )
+
+    # --- evaluation -------------------------------------------------------------------
+    def _adv_subset(self, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.data.test_x, self.data.test_y
+        return (x, y) if limit is None else (x[:limit], y[:limit])
+
+    def evaluate_epoch(self) -> dict[str, float]:
+        cfg = self.cfg
+        self.model.eval()
+        x_adv, y_adv = self._adv_subset(cfg.epoch_adv_samples)
+        return {
+            "clean_acc": clean_accuracy(self.model, self.data.test_x, self.data.test_y, cfg.eval_batch_size),
+            "adv_acc": robust_accuracy(
+                self.model, cfg.primary_attack, cfg.primary_eps, x_adv, y_adv, cfg.eval_batch_size, self.attack_settings
+            ),
+        }
+
+    def _sweep(self, suffix: str) -> dict[str, float]:
+        cfg = self.cfg
+        x, y = self._adv_subset(cfg.final_adv_samples)
+        out = {f"final_clean_acc{suffix}": clean_accuracy(self.model, self.data.test_x, self.data.test_y, cfg.eval_batch_size)}
+        for attack in cfg.eval_attacks:
+            for eps in cfg.eval_eps:
+                out[adv_metric(attack, eps, suffix)] = robust_accuracy(
+                    self.model, attack, eps, x, y, cfg.eval_batch_size, self.attack_settings
+                )
+        out[f"final_adv_acc{suffix}"] = out[adv_metric(cfg.primary_attack, cfg.primary_eps, suffix)]
+        return out
+
+    def evaluate_final(self) -> dict[str, float]:
+        """Every attack x eps pair; with batch statistics too for norms that have modes."""
+        self.model.eval()
+        final = self._sweep("")
+        if self.has_stats_modes:
+            layers = stats_mode_layers(self.model)
+            if all(layer.stats_mode == "batch" for layer in layers):
+                final.update({f"{k}_batchstats": v for k, v in list(final.items())})
+            else:
+                with stats_mode(self.model, "batch"):
+                    final.update(self._sweep("_batchstats"))
+        return final
+
+    # --- checkpoints --------------------------------------------------------------------
+    def state(self, epoch: int, history: list[dict[str, float]], extra: dict[str, Any]) -> dict[str, Any]:
+        return {
+            **extra,
+            "format": CHECKPOINT_FORMAT,
+            "epoch": epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng_state(),
+            "config": self.cfg.model_dump(mode="json"),
+            "history": list(history),
+        }
+
+    def restore(self, checkpoint: dict[str, Any]) -> None:
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        set_rng_state(checkpoint["rng"])
+
+
+def check_checkpoint(cfg: TrialConfig, checkpoint: dict[str, Any]) -> None:
+    """Refuse a checkpoint that another configuration made (device and threads may change)."""
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointMismatchError(f"not a normlab checkpoint (format {checkpoint.get('format')!r}, expected {CHECKPOINT_FORMAT!r})")
+    saved = TrialConfig.model_validate(checkpoint["config"])
+    diff = cfg.differing(saved, ignore=RESUMABLE_CHANGES)
+    if diff:
+        detail = ", ".join(f"{k}: checkpoint {getattr(saved, k)!r} vs now {getattr(cfg, k)!r}" for k in diff)
+        raise CheckpointMismatchError(f"checkpoint was made with a different configuration ({detail})")
+
+
+def run_trial(
+    config: TrialConfig | dict[str, Any],
+    on_epoch: EpochCallback | None = None,
+    checkpoint: dict[str, Any] | None = None,
+    *,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> TrialResult:
+    """Train and evaluate one trial; resume from ``checkpoint`` when given.
+
+    ``on_epoch(epoch, metrics, state)`` is called after every epoch (1-based); the last
+    epoch's metrics include the final sweep (``final_*`` and ``adv_acc_<attack>_eps<eps>``).
+    """
+    cfg = config if isinstance(config, TrialConfig) else TrialConfig.model_validate(config)
+    if checkpoint is not None:
+        check_checkpoint(cfg, checkpoint)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    started = time.perf_counter()
+    trial = _Trial(cfg, checkpoint)
+    history: list[dict[str, float]] = []
+    extra: dict[str, Any] = {}
+    start_epoch = 1
+    if checkpoint is not None:
+        trial.restore(checkpoint)
+        history = list(checkpoint.get("history", []))
+        extra = {k: v for k, v in checkpoint.items() if k not in STATE_KEYS}
+        start_epoch = int(checkpoint["epoch"]) + 1
+    final: dict[str, float] = {}
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        metrics: dict[str, float] = {"epoch": epoch, **trial.train_epoch(epoch, progress)}
+        metrics.update(trial.evaluate_epoch())
+        if epoch == cfg.epochs:
+            final = trial.evaluate_final()
+            metrics.update(final)
+        history.append(metrics)
+        if log:
+            log(format_epoch(metrics, cfg.epochs))
+        if on_epoch:
+            on_epoch(epoch, metrics, trial.state(epoch, history, extra))
+    if not final:  # resumed from a checkpoint of a trial that had finished training
+        final = trial.evaluate_final()
+    return TrialResult(
+        config=cfg.model_dump(mode="json"),
+        history=history,
+        final=final,
+        eval_batch_size=cfg.eval_batch_size,
+        device=str(trial.device),
+        seconds=time.perf_counter() - started,
+        resumed_from_epoch=start_epoch - 1,
+    )
+
+
+def format_epoch(m: dict[str, float], epochs: int) -> str:
+    """One line of per-epoch metrics."""
+    width = len(str(epochs))
+    return (
+        f"epoch {int(m['epoch']):>{width}}/{epochs}  train_loss {m['train_loss']:.4f}  train_acc {m['train_acc']:.4f}  "
+        f"clean_acc {m['clean_acc']:.4f}  adv_acc {m['adv_acc']:.4f}  ({m['epoch_seconds']:.1f}s, "
+        f"{m['train_images_per_s']:.0f} img/s)"
+    )
