@@ -17,8 +17,14 @@ import yaml
 from pydantic import ValidationError
 from rich.console import Console
 
-console = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+def _console(stderr: bool) -> Console:
+    """Rich console; when output is not a terminal, wide enough for results tables."""
+    probe = Console(stderr=stderr)
+    return Console(stderr=stderr, highlight=False, width=None if probe.is_terminal else 200)
+
+
+console = _console(stderr=True)
+out = _console(stderr=False)
 
 
 class UsageFailure(click.ClickException):
@@ -125,6 +131,126 @@ def trial(
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(result.to_dict(), indent=2))
         console.print(f"wrote {json_out}")
+
+
+def _load_space(space: str, overrides: tuple[str, ...]) -> Any:
+    from orchestrator.spaces import SpaceError, load_space
+
+    try:
+        return load_space(space, overrides)
+    except SpaceError as exc:
+        raise UsageFailure(f"invalid search space\n{exc}") from exc
+
+
+@main.command()
+@click.argument("space")
+@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+def validate(space: str, overrides: tuple[str, ...]) -> None:
+    """Check a search space (a built-in name or a YAML file) without running anything.
+
+    Every problem is listed with the file, the key path and what is allowed; exit code 2.
+    """
+    spec, path = _load_space(space, overrides)
+    s = spec.search
+    out.print(f"{path}: ok: search {spec.name!r}, {spec.trial_count()} trial(s), algorithm {s.algorithm}, "
+              f"scheduler {s.scheduler.type}, metric {s.metric} ({s.mode}), {spec.resources.cpu:g} CPU / "
+              f"{spec.resources.gpu:g} GPU per trial")
+
+
+@main.command()
+@click.argument("space")
+@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+@click.option("--address", help="Ray cluster to run on (host:port of a head, or ray://host:10001). Default: a local Ray on 127.0.0.1.")
+@click.option("--tracking-uri", help="MLflow tracking URI every node can reach. Default: $MLFLOW_TRACKING_URI, else normlab_runs/mlflow.db.")
+@click.option("--storage-path", help="Ray Tune results and checkpoints: a shared folder or s3:// for several nodes. Default: normlab_runs/ray_results.")
+@click.option("--num-cpus", type=int, help="CPUs of the local Ray (default: all).")
+def submit(space: str, overrides: tuple[str, ...], address: str | None, tracking_uri: str | None,
+           storage_path: str | None, num_cpus: int | None) -> None:
+    """Run a search: every trial on Ray Tune, every trial in MLflow.
+
+    \b
+    Examples:
+      normlab submit quickstart
+      normlab submit quickstart epochs=2 num_samples=3
+      normlab submit my_space.yaml --address head:6379 --tracking-uri http://mlflow:5000 \\
+                     --storage-path s3://bucket/normlab
+    """
+    from orchestrator.search import run_search
+    from orchestrator.tracking import TrackingUnreachable, check_reachable, resolve_tracking
+
+    spec, path = _load_space(space, overrides)
+    target = resolve_tracking(tracking_uri)
+    try:
+        check_reachable(target)
+    except TrackingUnreachable as exc:
+        raise UsageFailure(str(exc)) from exc
+    if address and target.is_local_file_store:
+        console.print(f"[yellow]warning:[/] tracking store {target.uri} is a local file: trials on other nodes "
+                      "cannot write to it; pass --tracking-uri http://... of an MLflow server")
+    outcome = run_search(spec, path, target, address=address, storage_path=storage_path, num_cpus=num_cpus,
+                         console=console)
+    out.print(outcome.table)
+    if outcome.failed:
+        console.print(f"[red]{outcome.failed} trial(s) failed[/]; see the errors above, then "
+                      f"`normlab resume {outcome.experiment_path}` to continue them.")
+        raise SystemExit(1)
+
+
+@main.command()
+@click.argument("name", required=False)
+@click.option("--storage-path", help="Where searches were stored (default: normlab_runs/ray_results).")
+def status(name: str | None, storage_path: str | None) -> None:
+    """Searches in the storage path: each trial's state, epochs done, last metrics."""
+    from orchestrator.search import search_status
+
+    for table in search_status(storage_path, name):
+        out.print(table)
+
+
+@main.command()
+@click.argument("name")
+@click.option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else normlab_runs/mlflow.db).")
+@click.option("--run-id", help="Parent run of the search (default: its latest run).")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "markdown", "json"]), default="table", show_default=True)
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write clean vs adversarial accuracy per norm as PNG.")
+def report(name: str, tracking_uri: str | None, run_id: str | None, fmt: str, plot: Path | None) -> None:
+    """The results of search NAME from MLflow: one row per trial."""
+    from orchestrator.report import render, search_results, tradeoff_figure
+    from orchestrator.tracking import resolve_tracking
+
+    try:
+        frame = search_results(resolve_tracking(tracking_uri), name, run_id)
+    except LookupError as exc:
+        raise UsageFailure(str(exc)) from exc
+    rendered = render(frame, fmt)
+    if fmt == "table":
+        out.print(rendered)
+    else:
+        click.echo(rendered)
+    if plot:
+        plot.parent.mkdir(parents=True, exist_ok=True)
+        tradeoff_figure(frame).savefig(plot, dpi=120)
+        console.print(f"wrote {plot}")
+
+
+@main.command()
+@click.option("--tracking-uri", help="MLflow store to show (default: $MLFLOW_TRACKING_URI, else normlab_runs/mlflow.db).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; 0.0.0.0 exposes the UI to the network.")
+@click.option("--port", default=5000, show_default=True, type=int)
+def ui(tracking_uri: str | None, host: str, port: int) -> None:
+    """Open the MLflow UI on the normlab store (a parent run per search, a child run per trial)."""
+    import os
+    import shutil
+
+    from orchestrator.tracking import resolve_tracking
+
+    target = resolve_tracking(tracking_uri)
+    mlflow_bin = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow") or "mlflow"
+    cmd = [mlflow_bin, "ui", "--backend-store-uri", target.uri, "--host", host, "--port", str(port)]
+    if target.artifact_root:
+        cmd += ["--default-artifact-root", target.artifact_root]
+    console.print(f"MLflow UI on http://{host}:{port}  (store {target.uri}; Ctrl-C to stop)")
+    os.execv(mlflow_bin, cmd)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
 from trainables.trial import adv_metric
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from orchestrator.tracking import TrackingTarget
+
+ALWAYS_SHOWN = ("norm", "regime")
+PARENT_TAG = "mlflow.parentRunId"
 
 
 def final_table(final: dict[str, float], attacks: Sequence[str], eps_values: Sequence[float], eval_batch_size: int) -> Table:
@@ -30,3 +40,128 @@ def final_table(final: dict[str, float], attacks: Sequence[str], eps_values: Seq
     for attack in attacks:
         table.add_row(attack, *[cell(adv_metric(attack, eps)) for eps in eps_values])
     return table
+
+
+def robustness_figure(final: dict[str, float], attacks: Sequence[str], eps_values: Sequence[float]):  # noqa: ANN201
+    """Accuracy against eps per attack (eps 0 = clean); dashed: with batch statistics."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.add_subplot()
+    eps_sorted = sorted(eps_values)
+    suffixes = [("", "-", "model's statistics")]
+    if "final_clean_acc_batchstats" in final:
+        suffixes.append(("_batchstats", "--", "batch statistics"))
+    for i, attack in enumerate(attacks):
+        for suffix, style, label in suffixes:
+            ys = [final[f"final_clean_acc{suffix}"]] + [final[adv_metric(attack, e, suffix)] for e in eps_sorted]
+            ax.plot([0.0, *eps_sorted], ys, style, marker="o", color=f"C{i}", label=f"{attack} ({label})")
+    ax.set_xlabel("eps (pixel scale)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return fig
+
+
+# ------------------------------------------------------------------ searches in MLflow
+
+
+def _parent_run(client: Any, experiment_id: str, name: str, run_id: str | None) -> Any:
+    if run_id:
+        return client.get_run(run_id)
+    parents = client.search_runs(
+        [experiment_id], filter_string=f"tags.`normlab.search` = '{name}'", order_by=["attributes.start_time DESC"], max_results=200
+    )
+    parents = [r for r in parents if PARENT_TAG not in r.data.tags]
+    if not parents:
+        raise LookupError(f"experiment {name!r} has no search run")
+    return parents[0]
+
+
+def search_results(target: TrackingTarget, name: str, run_id: str | None = None) -> pd.DataFrame:
+    """One row per trial of search ``name`` (its latest run, or ``run_id``): the keys that
+    vary between trials, status, and the final clean and adversarial accuracies."""
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=target.uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        known = ", ".join(sorted(e.name for e in client.search_experiments() if e.name != "Default")) or "none"
+        raise LookupError(f"no search named {name!r} in {target.uri}; searches: {known}")
+    parent = _parent_run(client, experiment.experiment_id, name, run_id)
+    children = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'", max_results=10000
+    )
+    if not children:
+        raise LookupError(f"search run {parent.info.run_name!r} ({parent.info.run_id}) has no trials yet")
+    params = pd.DataFrame([c.data.params for c in children])
+    varying = [c for c in params.columns if c not in ALWAYS_SHOWN and params[c].nunique(dropna=False) > 1]
+    rows = []
+    for child in children:
+        row: dict[str, Any] = {"trial": child.info.run_name, "status": child.info.status}
+        row.update({k: child.data.params.get(k) for k in (*ALWAYS_SHOWN, *varying)})
+        metrics = child.data.metrics
+        row.update({k: metrics.get(k, math.nan) for k in ("final_clean_acc", "final_adv_acc")})
+        row.update({k: v for k, v in sorted(metrics.items()) if k.startswith("adv_acc_")})
+        row["run_id"] = child.info.run_id
+        rows.append(row)
+    frame = pd.DataFrame(rows).sort_values("trial", kind="stable").reset_index(drop=True)
+    frame.attrs.update(search=name, run_name=parent.info.run_name, run_id=parent.info.run_id)
+    return frame
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    def cell(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def render(frame: pd.DataFrame, fmt: str) -> Any:
+    """``table`` (rich), ``csv``, ``markdown`` or ``json`` of a results frame."""
+    if fmt == "csv":
+        return frame.to_csv(index=False).rstrip("\n")
+    if fmt == "json":
+        return frame.to_json(orient="records", indent=2)
+    if fmt == "markdown":
+        return _markdown(frame)
+    shown = [c for c in frame.columns if c != "run_id" and not c.startswith("adv_acc_")]
+    table = Table(title=f"search {frame.attrs.get('search')} / {frame.attrs.get('run_name')}")
+    for column in shown:
+        table.add_column(column, justify="right" if column.startswith("final_") else "left")
+    for _, row in frame[shown].iterrows():
+        table.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row])
+    return table
+
+
+def tradeoff_figure(frame: pd.DataFrame):  # noqa: ANN201
+    """Clean (x) against adversarial (y) accuracy, one colour per norm, one marker per regime."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 5), layout="constrained")
+    ax = fig.add_subplot()
+    markers = "osD^v<>Px*"
+    norms = sorted(frame["norm"].dropna().unique())
+    regimes = sorted(frame["regime"].dropna().unique())
+    for i, norm in enumerate(norms):
+        for j, regime in enumerate(regimes):
+            part = frame[(frame["norm"] == norm) & (frame["regime"] == regime)]
+            if len(part):
+                ax.scatter(part["final_clean_acc"], part["final_adv_acc"], color=f"C{i % 10}",
+                           marker=markers[j % len(markers)], s=60, label=f"{norm} / {regime}")
+    ax.set_xlabel("clean accuracy")
+    ax.set_ylabel("adversarial accuracy (primary attack, primary eps)")
+    ax.set_title(f"search {frame.attrs.get('search')}: {frame.attrs.get('run_name')}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="best")
+    return fig

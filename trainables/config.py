@@ -235,7 +235,8 @@ def format_validation_error(err: ValidationError, source: str = "") -> str:
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "(config)"
         msg = e["msg"].removeprefix("Value error, ")
-        got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
+        shown = "input" in e and not isinstance(e["input"], dict) and repr(e["input"]) not in msg
+        got = f" (got {e['input']!r})" if shown else ""
         prefix = f"{source}: " if source else ""
         lines.append(f"{prefix}{where}: {msg}{got}")
     return "\n".join(lines)

@@ -1,0 +1,406 @@
+"""Search-space files: YAML -> validated ``SearchSpace`` -> trial configurations.
+
+A search space is one YAML file::
+
+    name: quickstart
+    fixed:    {dataset: digits, model: cnn, epochs: 10}      # every trial
+    grid:                                                   # every combination
+      norm: [batchnorm, robustnorm]
+      norm_power: {values: [0.1, 0.3], when: {norm: [robustnorm]}}   # conditional
+    sample:                                                 # drawn per trial
+      lr: {loguniform: [0.01, 0.1]}
+      norm_power: {uniform: [0.1, 0.5], when: {norm: [robustnorm]}}
+    search: {algorithm: random, num_samples: 4, metric: adv_acc, mode: max,
+             scheduler: {type: asha, grace_period: 2}}
+    resources: {cpu: 1, gpu: 0.5}
+    max_failures: 2
+    checkpoint: {every: 1, keep: 2}
+
+Every trial key must be a ``TrialConfig`` field and every value one it accepts; a key
+with a ``when`` condition is only set for trials whose fixed or grid keys match it,
+others keep the ``TrialConfig`` default. ``load_space`` reports every problem at once,
+each with the file, the key path and what is allowed, before anything starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from trainables.config import TrialConfig, format_validation_error, parse_overrides
+
+PER_EPOCH_METRICS = ("adv_acc", "clean_acc", "train_acc", "train_loss")
+MAX_VALIDATED_COMBINATIONS = 2000
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_Strict = ConfigDict(extra="forbid")
+
+
+class SpaceError(ValueError):
+    """Every problem found in a search-space file, one ``file: path: message`` per line."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]) -> None:
+        self.source, self.problems = source, problems
+        super().__init__("\n".join(f"{source}: {path}: {msg}" if path else f"{source}: {msg}" for path, msg in problems))
+
+
+class GridKey(BaseModel):
+    """A grid key: its values, and optionally the condition under which it applies."""
+
+    model_config = _Strict
+    values: list[Any] = Field(min_length=1)
+    when: dict[str, list[Any]] = Field(default_factory=dict)
+
+
+DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
+
+
+class SampleKey(BaseModel):
+    """A sampled key: exactly one distribution (``int`` bounds are inclusive), optionally conditional."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = Field(None, alias="int")
+    choice: list[Any] | None = Field(None, min_length=1)
+    when: dict[str, list[Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_distribution(self) -> SampleKey:
+        given = [k for k in DISTRIBUTIONS if self.arguments(k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(DISTRIBUTIONS)} (got {', '.join(given) or 'none'})")
+        bounds = self.arguments(given[0])
+        if given[0] != "choice" and not bounds[0] < bounds[1]:
+            raise ValueError(f"{given[0]}: low must be below high, got {list(bounds)}")
+        if given[0] == "loguniform" and bounds[0] <= 0:
+            raise ValueError(f"loguniform: bounds must be > 0, got {list(bounds)}")
+        return self
+
+    def arguments(self, kind: str) -> Any:
+        return getattr(self, "randint" if kind == "int" else kind)
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in DISTRIBUTIONS if self.arguments(k) is not None)
+
+    def probe_values(self) -> list[Any]:
+        """Values that must all be valid for the key: both bounds, or every choice."""
+        return list(self.arguments(self.kind))
+
+
+class Scheduler(BaseModel):
+    model_config = _Strict
+    type: Literal["fifo", "asha"] = "fifo"
+    max_t: int | None = Field(None, gt=0, description="ASHA: most epochs a trial runs (default: epochs)")
+    grace_period: int = Field(1, gt=0, description="ASHA: epochs before a trial can be stopped")
+    reduction_factor: float = Field(3.0, gt=1.0, description="ASHA: keep 1/reduction_factor at each rung")
+
+
+class Search(BaseModel):
+    model_config = _Strict
+    algorithm: Literal["grid", "random", "optuna"] = "grid"
+    num_samples: int = Field(1, gt=0, description="grid/random: repeats of the grid; optuna: number of trials")
+    metric: str = "adv_acc"
+    mode: Literal["max", "min"] = "max"
+    scheduler: Scheduler = Field(default_factory=Scheduler)
+    max_concurrent_trials: int | None = Field(None, gt=0)
+    sampler_seed: int = Field(0, ge=0, description="seed of the random / Optuna sampler")
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, v: str) -> str:
+        if v not in PER_EPOCH_METRICS:
+            raise ValueError(
+                f"unknown metric {v!r}; the search metric must be reported every epoch (for schedulers and "
+                f"Optuna): one of {', '.join(PER_EPOCH_METRICS)}. adv_acc is the first of eval_attacks at the "
+                "first of eval_eps; final_* metrics are measured once, after the last epoch"
+            )
+        return v
+
+
+class Resources(BaseModel):
+    model_config = _Strict
+    cpu: float = Field(1.0, gt=0, description="CPUs per trial (sets torch threads)")
+    gpu: float = Field(0.0, ge=0, description="GPUs per trial, fractions allowed (0.5: two trials share a GPU)")
+
+
+class CheckpointPolicy(BaseModel):
+    model_config = _Strict
+    every: int = Field(1, gt=0, description="checkpoint every N epochs (and always after the last)")
+    keep: int = Field(2, gt=0, description="checkpoints kept per trial")
+
+
+class SearchSpace(BaseModel):
+    """A validated search-space file."""
+
+    model_config = _Strict
+    name: str
+    description: str = ""
+    fixed: dict[str, Any] = Field(default_factory=dict)
+    grid: dict[str, GridKey] = Field(default_factory=dict)
+    sample: dict[str, SampleKey] = Field(default_factory=dict)
+    search: Search = Field(default_factory=Search)
+    resources: Resources = Field(default_factory=Resources)
+    max_failures: int = Field(2, ge=-1, description="retries of a failed trial from its last checkpoint (-1: forever)")
+    checkpoint: CheckpointPolicy = Field(default_factory=CheckpointPolicy)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(f"name {v!r} must be letters, digits, '_', '.', '-' (it names folders and MLflow experiments)")
+        return v
+
+    @field_validator("grid", mode="before")
+    @classmethod
+    def _grid_lists(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: {"values": x} if isinstance(x, list) else x for k, x in v.items()}
+        return v
+
+    # --- derived ---------------------------------------------------------------------
+    def conditional_keys(self) -> set[str]:
+        return {k for k, g in self.grid.items() if g.when} | {k for k, s in self.sample.items() if s.when}
+
+    def grid_combinations(self) -> list[dict[str, Any]]:
+        """Every combination of grid values; conditional keys only where their condition holds."""
+        combos: list[dict[str, Any]] = [{}]
+        for key, spec in self.grid.items():
+            expanded = []
+            for combo in combos:
+                if matches(spec.when, {**self.fixed, **combo}):
+                    expanded.extend({**combo, key: value} for value in spec.values)
+                else:
+                    expanded.append(combo)
+            combos = expanded
+        return combos
+
+    def trial_count(self) -> int:
+        """Trials the search will run: grid combinations x num_samples, or Optuna's budget."""
+        if self.search.algorithm == "optuna":
+            return self.search.num_samples
+        return self.search.num_samples * len(self.grid_combinations())
+
+    def trial_keys(self) -> list[str]:
+        """Keys that vary between trials, in file order (for tables)."""
+        return [*self.grid, *self.sample]
+
+
+def matches(when: dict[str, list[Any]], values: dict[str, Any]) -> bool:
+    """Whether every ``when`` key has one of its listed values in ``values`` (defaults otherwise)."""
+    defaults = TrialConfig.model_fields
+    return all(values.get(k, defaults[k].default if k in defaults else None) in allowed for k, allowed in when.items())
+
+
+# --------------------------------------------------------------------- validation
+
+
+def _field_problems(values: dict[str, Any], keys: list[str]) -> dict[str, str]:
+    """Problems TrialConfig finds with ``keys`` of ``values`` (other fields' problems ignored)."""
+    try:
+        TrialConfig.model_validate(values)
+    except ValidationError as err:
+        out: dict[str, str] = {}
+        for e in err.errors():
+            if e["loc"] and e["loc"][0] in keys:
+                line = format_validation_error(ValidationError.from_exception_data(err.title, [e]))
+                out.setdefault(str(e["loc"][0]), line.split(": ", 1)[1] if ": " in line else line)
+        return out
+    return {}
+
+
+def _unknown_key(key: str) -> str:
+    close = difflib.get_close_matches(key, list(TrialConfig.model_fields), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return f"{key!r} is not a trial knob{hint} (`normlab trial --help` lists them all)"
+
+
+def semantic_problems(space: SearchSpace) -> list[tuple[str, str]]:
+    """Problems beyond the file's structure: unknown knobs, bad values, impossible combinations."""
+    problems: list[tuple[str, str]] = []
+    known = set(TrialConfig.model_fields)
+    sections = {"fixed": list(space.fixed), "grid": list(space.grid), "sample": list(space.sample)}
+    seen: dict[str, str] = {}
+    for section, keys in sections.items():
+        for key in keys:
+            if key not in known:
+                problems.append((f"{section}.{key}", _unknown_key(key)))
+            elif key in seen:
+                problems.append((f"{section}.{key}", f"also set in {seen[key]}: a key belongs to one section"))
+            seen.setdefault(key, section)
+    fixed = {k: v for k, v in space.fixed.items() if k in known}
+    grid = {k: v for k, v in space.grid.items() if k in known}
+    sample = {k: v for k, v in space.sample.items() if k in known}
+
+    fixed_problems = _field_problems(fixed, list(fixed))
+    problems += [(f"fixed.{k}", msg) for k, msg in fixed_problems.items()]
+    base = {k: v for k, v in fixed.items() if k not in fixed_problems}
+
+    def check_value(path: str, key: str, value: Any) -> None:
+        found = _field_problems({**base, key: value}, [key])
+        if key in found:
+            problems.append((path, found[key]))
+
+    for key, spec in grid.items():
+        for i, value in enumerate(spec.values):
+            check_value(f"grid.{key}[{i}]", key, value)
+    for key, spec in sample.items():
+        for i, value in enumerate(spec.probe_values()):
+            check_value(f"sample.{key}.{spec.kind}[{i}]", key, value)
+    for section, specs in (("grid", grid), ("sample", sample)):
+        for key, spec in specs.items():
+            for cond_key, allowed in spec.when.items():
+                path = f"{section}.{key}.when.{cond_key}"
+                if cond_key not in known:
+                    problems.append((path, _unknown_key(cond_key)))
+                elif cond_key in space.sample:
+                    problems.append((path, "a condition can only test fixed or grid keys, not sampled ones"))
+                elif cond_key == key:
+                    problems.append((path, "a key cannot depend on itself"))
+                else:
+                    for i, value in enumerate(allowed):
+                        check_value(f"{path}[{i}]", cond_key, value)
+    if space.search.algorithm == "grid" and space.sample:
+        problems.append(("search.algorithm", "sampled keys need algorithm 'random' or 'optuna' (grid enumerates only grid keys)"))
+    if problems:
+        return problems
+    return _combination_problems(space, base)
+
+
+def _combination_problems(space: SearchSpace, base: dict[str, Any]) -> list[tuple[str, str]]:
+    """Whole trial configurations, so cross-field rules (e.g. regime needs init_from) are checked."""
+    problems: list[tuple[str, str]] = []
+    combos = space.grid_combinations()
+    probe = {k: s.probe_values()[0] for k, s in space.sample.items() if not s.when}
+    for i, combo in enumerate(combos[:MAX_VALIDATED_COMBINATIONS]):
+        values = {**base, **probe, **combo}
+        try:
+            cfg = TrialConfig.model_validate(values)
+        except ValidationError as err:
+            label = ", ".join(f"{k}={v}" for k, v in combo.items()) or "fixed keys"
+            detail = format_validation_error(err).replace("(config): ", "").replace("\n", "; ")
+            problems.append((f"grid combination {i + 1} ({label})", detail))
+            if len(problems) >= 5:
+                problems.append(("", f"(further combinations not listed; {len(combos)} in all)"))
+                break
+            continue
+        if space.search.scheduler.type == "asha" and (space.search.scheduler.max_t or cfg.epochs) < space.search.scheduler.grace_period:
+            problems.append(("search.scheduler.grace_period", f"larger than max_t / epochs ({cfg.epochs})"))
+            break
+    return problems
+
+
+# -------------------------------------------------------------------- loading
+
+SEARCH_OVERRIDES = {
+    "num_samples": ("search", "num_samples"),
+    "algorithm": ("search", "algorithm"),
+    "metric": ("search", "metric"),
+    "mode": ("search", "mode"),
+    "scheduler": ("search", "scheduler", "type"),
+    "max_concurrent_trials": ("search", "max_concurrent_trials"),
+    "sampler_seed": ("search", "sampler_seed"),
+    "cpu": ("resources", "cpu"),
+    "gpu": ("resources", "gpu"),
+    "max_failures": ("max_failures",),
+    "checkpoint_every": ("checkpoint", "every"),
+    "checkpoint_keep": ("checkpoint", "keep"),
+    "name": ("name",),
+}
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Command-line ``KEY=VALUE``: search settings by their short name, or a trial key fixed for every trial."""
+    raw = dict(raw)
+    for key, value in overrides.items():
+        if key in SEARCH_OVERRIDES:
+            *parents, leaf = SEARCH_OVERRIDES[key]
+            node = raw
+            for p in parents:
+                node[p] = dict(node.get(p) or {})
+                node = node[p]
+            node[leaf] = value
+        else:
+            for section in ("grid", "sample"):
+                if isinstance(raw.get(section), dict) and key in raw[section]:
+                    raw[section] = {k: v for k, v in raw[section].items() if k != key}
+            raw["fixed"] = {**(raw.get("fixed") or {}), key: value}
+    return raw
+
+
+def builtin_spaces() -> dict[str, Path]:
+    """Search spaces shipped in the ``search_spaces`` package, by name."""
+    folder = resources.files("search_spaces")
+    return {Path(str(f)).stem: Path(str(f)) for f in folder.iterdir() if str(f).endswith((".yaml", ".yml"))}
+
+
+def resolve_space_path(name_or_path: str) -> Path:
+    """A built-in space name (``quickstart``) or a path to a YAML file."""
+    path = Path(name_or_path).expanduser()
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise SpaceError(str(path), [("", "no such file")])
+        return path
+    builtin = builtin_spaces()
+    if name_or_path in builtin:
+        return builtin[name_or_path]
+    raise SpaceError(name_or_path, [("", f"neither a file nor a built-in search space; built-in: {', '.join(sorted(builtin))}")])
+
+
+def load_space(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> tuple[SearchSpace, Path]:
+    """Read, override and validate a search space; raise ``SpaceError`` listing every problem."""
+    path = resolve_space_path(name_or_path)
+    source = str(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpaceError(source, [("", f"not valid YAML: {getattr(exc, 'problem', None) or exc}{where}")]) from exc
+    if not isinstance(raw, dict):
+        raise SpaceError(source, [("", f"expected a mapping at the top level, got {type(raw).__name__}")])
+    try:
+        raw = apply_overrides(raw, parse_overrides(list(overrides)))
+    except ValueError as exc:
+        raise SpaceError("command line", [("", str(exc))]) from exc
+    try:
+        space = SearchSpace.model_validate(raw)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            path_s = ".".join(str(p) for p in e["loc"])
+            msg = e["msg"].removeprefix("Value error, ")
+            if e["type"] == "extra_forbidden":
+                msg = "unknown key (allowed here: " + ", ".join(_allowed_at(e["loc"])) + ")"
+            elif e["type"] == "literal_error":
+                msg = msg.replace("Input should be", "allowed:")
+            problems.append((path_s, msg))
+        raise SpaceError(source, problems) from err
+    problems = semantic_problems(space)
+    if problems:
+        raise SpaceError(source, problems)
+    return space, path
+
+
+def _allowed_at(loc: tuple[Any, ...]) -> list[str]:
+    """Field names allowed at the parent of ``loc`` (for 'unknown key' messages)."""
+    model: type[BaseModel] = SearchSpace
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            if model is SearchSpace:
+                break
+            continue
+        annotation = field.annotation
+        inner = getattr(annotation, "__args__", ())
+        candidates = [a for a in (annotation, *inner) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if candidates:
+            model = candidates[0]
+    return [field.alias or name for name, field in model.model_fields.items()]

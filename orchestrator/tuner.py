@@ -1,0 +1,224 @@
+"""Build a Ray Tune ``Tuner`` from a ``SearchSpace``, and connect to Ray.
+
+The search space becomes Ray's ``param_space`` (grid combinations as one
+``tune.grid_search`` over whole dicts, so conditional grid keys work; sampled keys as
+Tune distributions) or, for ``optuna``, a define-by-run function given to
+``OptunaSearch``. Each trial runs ``trainables.ray_trainable.train`` with the CPUs and
+GPUs the file asks for, one report per epoch, checkpoints every N epochs (a bounded
+number kept) under the storage path, and retries from its last checkpoint up to
+``max_failures`` times.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search import BasicVariantGenerator, Searcher
+
+from orchestrator.spaces import SampleKey, SearchSpace, matches
+from trainables.ray_trainable import train
+
+GRID_KEY = "grid"
+LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+# ------------------------------------------------------------- resolving a config
+
+
+@dataclass(frozen=True)
+class TrialResolver:
+    """Ray's config -> flat trial values: fixed keys, the grid combination, sampled keys.
+
+    A conditional sampled key whose condition does not hold arrives as None and is left
+    out, so the trial keeps ``TrialConfig``'s default.
+    """
+
+    fixed: dict[str, Any]
+    conditional: frozenset[str] = field(default_factory=frozenset)
+
+    def __call__(self, config: dict[str, Any]) -> dict[str, Any]:
+        values = dict(self.fixed)
+        values.update(config.get(GRID_KEY, {}))
+        for key, value in config.items():
+            if key == GRID_KEY or (key in self.conditional and value is None):
+                continue
+            values[key] = value
+        return values
+
+
+# ------------------------------------------------------------------ search spaces
+
+
+def _tune_distribution(spec: SampleKey) -> Any:
+    low_high = spec.arguments(spec.kind)
+    return {
+        "uniform": lambda: tune.uniform(*low_high),
+        "loguniform": lambda: tune.loguniform(*low_high),
+        "int": lambda: tune.randint(low_high[0], low_high[1] + 1),
+        "choice": lambda: tune.choice(list(low_high)),
+    }[spec.kind]()
+
+
+@dataclass(frozen=True)
+class ConditionalSample:
+    """``tune.sample_from`` body: draw from ``spec`` only where its ``when`` holds."""
+
+    spec: SampleKey
+    fixed: dict[str, Any]
+
+    def __call__(self, trial_spec: Any) -> Any:
+        config = dict(trial_spec.config)
+        values = {**self.fixed, **config, **config.get(GRID_KEY, {})}
+        if not matches(self.spec.when, values):
+            return None
+        return _tune_distribution(self.spec).sample()
+
+
+def param_space(space: SearchSpace) -> dict[str, Any]:
+    """Ray ``param_space`` for the grid and random algorithms (sampled keys drawn per grid point)."""
+    out: dict[str, Any] = {}
+    if any(spec.when for spec in space.grid.values()):
+        # conditional grid keys: one grid over whole combinations
+        out[GRID_KEY] = tune.grid_search(space.grid_combinations())
+    else:  # plain product: one grid per key, so Ray's progress table shows each key
+        out.update({key: tune.grid_search(spec.values) for key, spec in space.grid.items()})
+    for key, spec in space.sample.items():
+        out[key] = tune.sample_from(ConditionalSample(spec, space.fixed)) if spec.when else _tune_distribution(spec)
+    return out
+
+
+@dataclass(frozen=True)
+class OptunaSpace:
+    """Define-by-run space for Optuna: grid keys become categorical, conditions are honoured."""
+
+    space: SearchSpace
+
+    def __call__(self, trial: Any) -> None:
+        chosen: dict[str, Any] = {}
+        for key, spec in self.space.grid.items():
+            if matches(spec.when, {**self.space.fixed, **chosen}):
+                chosen[key] = trial.suggest_categorical(key, spec.values)
+        for key, spec in self.space.sample.items():
+            if not matches(spec.when, {**self.space.fixed, **chosen}):
+                continue
+            args = spec.arguments(spec.kind)
+            if spec.kind == "uniform":
+                trial.suggest_float(key, *args)
+            elif spec.kind == "loguniform":
+                trial.suggest_float(key, *args, log=True)
+            elif spec.kind == "int":
+                trial.suggest_int(key, *args)
+            else:
+                trial.suggest_categorical(key, list(args))
+
+
+def search_algorithm(space: SearchSpace) -> Searcher | BasicVariantGenerator:
+    s = space.search
+    if s.algorithm == "optuna":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        return OptunaSearch(space=OptunaSpace(space), sampler=optuna.samplers.TPESampler(seed=s.sampler_seed))
+    return BasicVariantGenerator(random_state=s.sampler_seed)
+
+
+def scheduler(space: SearchSpace) -> TrialScheduler:
+    sched = space.search.scheduler
+    if sched.type == "fifo":
+        return FIFOScheduler()
+    max_t = sched.max_t or int(space.fixed.get("epochs", max(space.grid["epochs"].values) if "epochs" in space.grid else 10))
+    return ASHAScheduler(
+        time_attr="training_iteration", max_t=max_t, grace_period=sched.grace_period, reduction_factor=sched.reduction_factor
+    )
+
+
+# -------------------------------------------------------------------- the tuner
+
+
+def trainable(space: SearchSpace, tracker: Any) -> Any:
+    """The function trainable with its fixed arguments and per-trial resources."""
+    fn = tune.with_parameters(
+        train,
+        resolve=TrialResolver(space.fixed, frozenset(space.conditional_keys())),
+        tracker=tracker,
+        checkpoint_every=space.checkpoint.every,
+    )
+    return tune.with_resources(fn, {"cpu": space.resources.cpu, "gpu": space.resources.gpu})
+
+
+def run_config(space: SearchSpace, storage_path: str, experiment: str, callbacks: list[tune.Callback]) -> tune.RunConfig:
+    return tune.RunConfig(
+        name=experiment,
+        storage_path=storage_path,
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=space.checkpoint.keep),
+        failure_config=tune.FailureConfig(max_failures=space.max_failures),
+        callbacks=callbacks,
+    )
+
+
+def build_tuner(
+    space: SearchSpace, *, storage_path: str, experiment: str, tracker: Any, callbacks: list[tune.Callback] | None = None
+) -> tune.Tuner:
+    """A ``tune.Tuner`` running ``space`` under ``storage_path/experiment``."""
+    s = space.search
+    return tune.Tuner(
+        trainable(space, tracker),
+        param_space=param_space(space) if s.algorithm != "optuna" else {},
+        tune_config=tune.TuneConfig(
+            metric=s.metric,
+            mode=s.mode,
+            search_alg=search_algorithm(space),
+            scheduler=scheduler(space),
+            num_samples=s.num_samples,
+            max_concurrent_trials=s.max_concurrent_trials,
+        ),
+        run_config=run_config(space, storage_path, experiment, callbacks or []),
+    )
+
+
+class CloseRunsCallback(tune.Callback):
+    """Driver side: close MLflow child runs whose trial could not (its process died)."""
+
+    def __init__(self, tracker: Any) -> None:
+        self.tracker = tracker
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.tracker.close_if_running(trial.trial_id, "FAILED", f"trial errored; see {trial.path}")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.tracker.close_if_running(trial.trial_id, "KILLED", "trial ended before reporting its end")
+
+
+# ------------------------------------------------------------------- connecting
+
+
+def init_ray(address: str | None, *, num_cpus: int | None = None) -> str:
+    """Connect to the cluster at ``address``, or start a local Ray bound to 127.0.0.1 only.
+
+    Returns a description of where the search runs. A head started with ``ray start``
+    uses token authentication (Ray 2.60), so the driver runs with ``RAY_AUTH_MODE=token``.
+    """
+    if ray.is_initialized():
+        return "already connected"
+    if address:
+        if not address.startswith("ray://"):
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
+        ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+        return address
+    os.environ.setdefault(LOOPBACK_SWITCH, "0")
+    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", configure_logging=True)
+    return "local (127.0.0.1 only)"
+
+
+def storage_uri(path: str | None, workdir: Path | None = None) -> str:
+    """Where Ray Tune keeps results and checkpoints: an absolute path or a URI (s3://, gs://)."""
+    if path and "://" in path:
+        return path
+    return str(Path(path).expanduser().resolve() if path else (workdir or Path.cwd()).resolve() / "normlab_runs" / "ray_results")
