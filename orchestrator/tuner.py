@@ -207,6 +207,7 @@ def init_ray(address: str | None, *, num_cpus: int | None = None) -> str:
     """
     if ray.is_initialized():
         return "already connected"
+    address = address or os.environ.get("RAY_ADDRESS")  # e.g. inside `ray job submit`
     if address:
         if not address.startswith("ray://"):
             os.environ.setdefault("RAY_AUTH_MODE", "token")

@@ -1,0 +1,162 @@
+"""A real search on a local Ray, tracked in a local MLflow store; then status and report."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_normlab
+from mlflow.tracking import MlflowClient
+
+from trainables.config import TrialConfig
+
+SPACE = """
+name: smoke
+fixed:
+  dataset: digits
+  model: cnn
+  epochs: 2
+  train_subset: 256
+  batch_size: 64
+  eval_attacks: [fgsm, pgd]
+  eval_eps: [0.1]
+  eval_steps: 2
+  epoch_adv_samples: 64
+  final_adv_samples: 64
+grid:
+  norm: [batchnorm, robustnorm]
+  lr: [0.05, 1.0e+12]        # the second diverges: NaN loss at epoch 1
+search: {algorithm: grid, metric: adv_acc, mode: max}
+resources: {cpu: 1}
+max_failures: 1
+checkpoint: {every: 1, keep: 1}
+"""
+
+
+@pytest.fixture(scope="module")
+def search(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("search")
+    (workdir / "smoke.yaml").write_text(textwrap.dedent(SPACE))
+    proc = run_normlab("submit", "smoke.yaml", "--num-cpus", "2", cwd=workdir)
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'normlab_runs' / 'mlflow.db'}")
+    return workdir, proc, client
+
+
+def runs(client):
+    experiment = client.get_experiment_by_name("smoke")
+    assert experiment is not None
+    all_runs = client.search_runs([experiment.experiment_id], max_results=100)
+    parents = [r for r in all_runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in all_runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, children
+
+
+def test_submit_ends_with_a_table_and_reports_failures(search):
+    _, proc, _ = search
+    assert proc.returncode == 1, proc.stderr[-3000:]  # two trials diverge on purpose
+    table = proc.stdout
+    assert "search smoke-" in table and table.count("batchnorm") >= 2 and table.count("robustnorm") >= 2
+    assert "final_clean_acc" in table and "final_adv_acc" in table and "ERROR" in table
+    assert "2 trial(s) failed" in proc.stderr and "non-finite training loss" in proc.stderr
+    assert "normlab resume" in proc.stderr
+
+
+def test_mlflow_holds_one_parent_and_one_child_per_trial(search):
+    _, _, client = search
+    parents, children = runs(client)
+    assert len(parents) == 1 and len(children) == 4  # a retried trial re-attaches: still one run per trial
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["normlab.ray_address"].startswith("local")
+    assert parent.data.tags["mlflow.source.git.commit"]
+    assert parent.data.params["algorithm"] == "grid" and parent.data.params["trials"] == "4"
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"search_space.resolved.json", "smoke.yaml"} <= artifacts
+    trial_ids = {c.data.tags["normlab.trial_id"] for c in children}
+    assert len(trial_ids) == 4
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        expected = set(TrialConfig.model_fields) - {"device", "threads"}
+        assert set(child.data.params) == expected
+        assert child.data.tags["normlab.threads"] == "1" and child.data.tags["normlab.device"] == "cpu"
+
+
+def test_finished_trials_have_curves_final_metrics_and_artifacts(search):
+    workdir, _, client = search
+    _, children = runs(client)
+    good = [c for c in children if c.data.params["lr"] == "0.05"]
+    assert len(good) == 2 and all(c.info.status == "FINISHED" for c in good)
+    for child in good:
+        run_id = child.info.run_id
+        for metric in ("train_loss", "train_acc", "clean_acc", "adv_acc"):
+            history = client.get_metric_history(run_id, metric)
+            assert sorted(m.step for m in history) == [1, 2], metric
+        metrics = child.data.metrics
+        for key in ("final_clean_acc", "final_adv_acc", "adv_acc_fgsm_eps0.1", "adv_acc_pgd_eps0.1",
+                    "final_clean_acc_batchstats", "adv_acc_pgd_eps0.1_batchstats"):
+            assert 0.0 <= metrics[key] <= 1.0, key
+        if child.data.params["norm"] == "batchnorm":
+            assert metrics["final_clean_acc"] > 0.3  # it really trained
+        artifacts = {a.path for a in client.list_artifacts(run_id)}
+        assert {"result.json", "robust_accuracy_vs_eps.png", "checkpoint"} <= artifacts
+        local = Path(client.download_artifacts(run_id, "checkpoint/checkpoint.pt", str(workdir / run_id)))
+        state = torch.load(local, weights_only=True)
+        assert state["mlflow_run_id"] == run_id and state["epoch"] == 2
+        result = json.loads(Path(client.download_artifacts(run_id, "result.json", str(workdir / run_id))).read_text())
+        assert result["final"]["final_adv_acc"] == pytest.approx(metrics["final_adv_acc"])
+
+
+def test_ray_checkpoints_carry_the_child_run_id(search):
+    workdir, _, client = search
+    _, children = runs(client)
+    by_trial = {c.data.tags["normlab.trial_id"]: c.info.run_id for c in children}
+    ckpts = sorted((workdir / "normlab_runs" / "ray_results").glob("smoke-*/train_*/checkpoint_*/checkpoint.pt"))
+    assert len(ckpts) == 2  # keep: 1, for each of the two finished trials
+    for ckpt in ckpts:
+        state = torch.load(ckpt, weights_only=True)
+        trial_id = next(t for t in by_trial if t in ckpt.parent.parent.name)
+        assert state["mlflow_run_id"] == by_trial[trial_id]
+
+
+def test_failed_trials_say_why_in_mlflow(search):
+    _, _, client = search
+    _, children = runs(client)
+    bad = [c for c in children if c.data.params["lr"] != "0.05"]
+    assert len(bad) == 2
+    for child in bad:
+        assert child.info.status == "FAILED"
+        assert "non-finite training loss" in child.data.tags["normlab.error"]
+        assert "at epoch 1, step" in child.data.tags["normlab.error"]
+        assert child.data.tags.get("normlab.resumed") == "true"  # the retry re-attached to the same run
+
+
+def test_status_lists_trials_from_the_storage_path(search):
+    workdir, _, _ = search
+    proc = run_normlab("status", "smoke", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("TERMINATED") == 2 and proc.stdout.count("ERROR") == 2
+    assert "smoke-" in proc.stdout
+
+
+def test_report_formats_and_plot(search):
+    workdir, _, _ = search
+    table = run_normlab("report", "smoke", cwd=workdir)
+    assert table.returncode == 0, table.stderr
+    assert "robustnorm" in table.stdout and "FAILED" in table.stdout
+    csv = run_normlab("report", "smoke", "--format", "csv", cwd=workdir)
+    header, *lines = csv.stdout.strip().splitlines()
+    assert header.startswith("trial,status,norm,regime,lr,final_clean_acc,final_adv_acc") and len(lines) == 4
+    records = json.loads(run_normlab("report", "smoke", "--format", "json", cwd=workdir).stdout)
+    assert {r["norm"] for r in records} == {"batchnorm", "robustnorm"}
+    finished = [r for r in records if r["status"] == "FINISHED"]
+    assert len(finished) == 2 and all(0 <= r["final_adv_acc"] <= 1 for r in finished)
+    md = run_normlab("report", "smoke", "--format", "markdown", cwd=workdir).stdout
+    assert md.splitlines()[0].startswith("| trial | status | norm |") and md.splitlines()[1].startswith("|---|")
+    plot = workdir / "plots" / "tradeoff.png"
+    proc = run_normlab("report", "smoke", "--plot", str(plot), cwd=workdir)
+    assert proc.returncode == 0 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 5000
+    missing = run_normlab("report", "nosuch", cwd=workdir)
+    assert missing.returncode == 2 and "no search named 'nosuch'" in missing.stderr and "smoke" in missing.stderr
