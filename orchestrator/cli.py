@@ -82,6 +82,9 @@ def build_trial_config(config_file: Path | None, overrides: tuple[str, ...]) -> 
 @click.version_option(package_name="normlab")
 def main() -> None:
     """normlab: adversarial robustness of normalization layers, as Ray Tune searches."""
+    from orchestrator.rayenv import prepare_environment
+
+    prepare_environment()  # before anything imports ray or mlflow
 
 
 @main.command(cls=KnobsCommand)
@@ -175,11 +178,23 @@ def submit(space: str, overrides: tuple[str, ...], address: str | None, tracking
       normlab submit my_space.yaml --address head:6379 --tracking-uri http://mlflow:5000 \\
                      --storage-path s3://bucket/normlab
     """
+    import os
+
+    from orchestrator.rayenv import prepare_environment
+
+    prepare_environment(local_ray=not (address or os.environ.get("RAY_ADDRESS")))
     from orchestrator.search import run_search
     from orchestrator.tracking import TrackingUnreachable, check_reachable, resolve_tracking
 
     spec, path = _load_space(space, overrides)
     target = resolve_tracking(tracking_uri)
+    if address:
+        from orchestrator.rayenv import check_ray_head
+
+        try:
+            check_ray_head(address)
+        except ConnectionError as exc:
+            raise UsageFailure(str(exc)) from exc
     try:
         check_reachable(target)
     except TrackingUnreachable as exc:

@@ -53,7 +53,8 @@ def results_table(title: str, rows: list[dict[str, Any]], keys: list[str]) -> Ta
 def _row(result: Any, resolver: TrialResolver, keys: list[str]) -> dict[str, Any]:
     values = resolver(result.config or {})
     metrics = result.metrics or {}
-    row = {"trial": Path(result.path).name if result.path else "?", "status": "ERROR" if result.error else "OK"}
+    trial = metrics.get("trial_id") or (Path(result.path).name if result.path else "?")
+    row = {"trial": trial, "status": "ERROR" if result.error else "OK"}
     row.update({k: values.get(k, "(default)") for k in keys})
     row["epochs"] = metrics.get("epoch")
     row.update({c: metrics.get(c) for c in RESULT_COLUMNS})

@@ -78,10 +78,19 @@ def check_reachable(target: TrackingTarget, timeout: float = 10.0) -> None:
             raise TrackingUnreachable(f"MLflow tracking server {target.uri} is unreachable: {exc}") from exc
         if response.status_code != 200:
             raise TrackingUnreachable(f"MLflow tracking server {target.uri} answered {response.status_code} on /health")
+    # also creates a new SQLite store's tables, once, before trials open it concurrently
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=str(int(timeout)))
     try:
         _client(target.uri).search_experiments(max_results=1)
     except Exception as exc:
         raise TrackingUnreachable(f"MLflow tracking store {target.uri} cannot be used: {exc}") from exc
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def ensure_experiment(target: TrackingTarget, name: str) -> str:

@@ -21,11 +21,11 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator, Searcher
 
+from orchestrator.rayenv import check_ray_head
 from orchestrator.spaces import SampleKey, SearchSpace, matches
 from trainables.ray_trainable import train
 
 GRID_KEY = "grid"
-LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 # ------------------------------------------------------------- resolving a config
@@ -72,8 +72,7 @@ class ConditionalSample:
     spec: SampleKey
     fixed: dict[str, Any]
 
-    def __call__(self, trial_spec: Any) -> Any:
-        config = dict(trial_spec.config)
+    def __call__(self, config: dict[str, Any]) -> Any:
         values = {**self.fixed, **config, **config.get(GRID_KEY, {})}
         if not matches(self.spec.when, values):
             return None
@@ -160,6 +159,7 @@ def run_config(space: SearchSpace, storage_path: str, experiment: str, callbacks
         checkpoint_config=tune.CheckpointConfig(num_to_keep=space.checkpoint.keep),
         failure_config=tune.FailureConfig(max_failures=space.max_failures),
         callbacks=callbacks,
+        verbose=1,
     )
 
 
@@ -199,22 +199,40 @@ class CloseRunsCallback(tune.Callback):
 # ------------------------------------------------------------------- connecting
 
 
+# Ray's dashboard process asks cloud-metadata addresses (169.254.169.254,
+# metadata.google.internal) which cloud it runs on, whatever the usage-stats setting. For
+# a local Ray those requests go to a dead proxy on loopback instead; workers get the
+# user's own proxy settings back through the runtime environment.
+_PROXY_VARS = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "no_proxy", "NO_PROXY")
+_LOOPBACK_PROXY = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
+                   "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
+                   "no_proxy": "127.0.0.1,localhost,::1", "NO_PROXY": "127.0.0.1,localhost,::1"}
+
+
 def init_ray(address: str | None, *, num_cpus: int | None = None) -> str:
     """Connect to the cluster at ``address``, or start a local Ray bound to 127.0.0.1 only.
 
-    Returns a description of where the search runs. A head started with ``ray start``
-    uses token authentication (Ray 2.60), so the driver runs with ``RAY_AUTH_MODE=token``.
+    Returns a description of where the search runs. (``orchestrator.rayenv`` prepares the
+    environment, token authentication included, before ray is imported.)
     """
     if ray.is_initialized():
         return "already connected"
     address = address or os.environ.get("RAY_ADDRESS")  # e.g. inside `ray job submit`
     if address:
-        if not address.startswith("ray://"):
-            os.environ.setdefault("RAY_AUTH_MODE", "token")
-        ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+        check_ray_head(address)
+        ray.init(address=address, logging_level="WARNING")
         return address
-    os.environ.setdefault(LOOPBACK_SWITCH, "0")
-    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", configure_logging=True)
+    user_proxies = {k: os.environ.get(k, "") for k in _PROXY_VARS}
+    os.environ.update(_LOOPBACK_PROXY)
+    try:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING",
+                 runtime_env={"env_vars": user_proxies})
+    finally:
+        for key, value in user_proxies.items():
+            if value:
+                os.environ[key] = value
+            else:
+                os.environ.pop(key, None)
     return "local (127.0.0.1 only)"
 
 

@@ -13,6 +13,7 @@ module imports ray but nothing from orchestrator.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -66,6 +67,7 @@ def train(
     checkpoint_every: int = 1,
 ) -> None:
     """Ray Tune function trainable: one trial, one report (and maybe a checkpoint) per epoch."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a line per checkpoint
     context = tune.get_context()
     resources = context.get_trial_resources().required_resources
     values = resolve(config) if resolve else dict(config)
