@@ -1,0 +1,159 @@
+"""The cluster path: a real Ray head (`ray start --head`, token authentication on) and a real
+`mlflow server`, both on 127.0.0.1, driven by `normlab submit --address --tracking-uri
+--storage-path` exactly as a researcher would."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import free_port, run_normlab
+from mlflow.tracking import MlflowClient
+
+BIN = Path(sys.executable).parent
+SPACE = """
+name: cluster_smoke
+fixed: {dataset: digits, epochs: 2, train_subset: 256, batch_size: 64, eval_attacks: [fgsm],
+        eval_eps: [0.1], epoch_adv_samples: 64, final_adv_samples: 64}
+grid: {norm: [batchnorm, robustnorm_batchstats]}
+resources: {cpu: 1}
+"""
+
+
+def loopback_env(home: Path) -> dict[str, str]:
+    """Everything on 127.0.0.1; Ray's token in a private HOME."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_TRACKING", "RAY_AUTH"))}
+    env.update(
+        HOME=str(home), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0",
+        RAY_USAGE_STATS_REPORT_URL="http://127.0.0.1:9/", MLFLOW_DISABLE_TELEMETRY="true",
+        # the head's dashboard process probes cloud-metadata addresses: send that to a dead port on loopback
+        http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9", no_proxy="127.0.0.1,localhost,::1",
+    )
+    return env
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a server and every process it started (they share its process group)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    try:  # children that outlived their parent
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def wait_for(check, timeout: float, what: str, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if check():
+                return
+        except Exception:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{what} not ready after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cluster")
+    home = root / "home"
+    home.mkdir()
+    env = loopback_env(home)
+    # a token first, so that `ray start --head` turns token authentication on (as on a real cluster)
+    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=60)
+    ray_port, mlflow_port = free_port(), free_port()
+    ray_log, mlflow_log = root / "ray.log", root / "mlflow.log"
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={ray_port}", "--num-cpus=2", "--include-dashboard=false",
+         "--disable-usage-stats"],
+        env={**env, "RAY_AUTH_MODE": "token"}, stdout=ray_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "server-artifacts")],
+        env=env, stdout=mlflow_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        wait_for(lambda: "Ray runtime started" in ray_log.read_text(), 120, "ray head", head, ray_log)
+        uri = f"http://127.0.0.1:{mlflow_port}"
+        wait_for(lambda: requests.get(f"{uri}/health", timeout=2).status_code == 200, 120, "mlflow server", server, mlflow_log)
+        yield {"root": root, "env": env, "address": f"127.0.0.1:{ray_port}", "uri": uri}
+    finally:
+        stop(head)
+        stop(server)
+
+
+def test_submit_to_a_real_head_and_mlflow_server(cluster):
+    root = cluster["root"]
+    (root / "space.yaml").write_text(textwrap.dedent(SPACE))
+    storage = root / "shared-storage"
+    env = {k: v for k, v in cluster["env"].items() if k not in ("http_proxy", "https_proxy", "no_proxy")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "submit", "space.yaml", "--address", cluster["address"],
+         "--tracking-uri", cluster["uri"], "--storage-path", str(storage)],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"on Ray {cluster['address']}" in proc.stderr
+    assert "robustnorm_batchstats" in proc.stdout and "final_adv_acc" in proc.stdout
+    assert not (root / "normlab_runs").exists()  # nothing fell back to the local defaults
+
+    client = MlflowClient(tracking_uri=cluster["uri"])
+    experiment = client.get_experiment_by_name("cluster_smoke")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 2
+    assert parents[0].data.tags["normlab.ray_address"] == cluster["address"]
+    assert parents[0].data.tags["normlab.storage_path"].startswith(str(storage))
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "adv_acc")] == [1, 2]
+        assert {"result.json", "robust_accuracy_vs_eps.png", "checkpoint"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
+        # artifacts went through the server into its artifact destination
+    assert any((root / "server-artifacts").rglob("checkpoint.pt"))
+    assert list(storage.glob("cluster_smoke-*/train_*/checkpoint_*/checkpoint.pt"))
+
+    status = run_normlab("status", "--storage-path", str(storage), cwd=root)
+    assert status.returncode == 0 and status.stdout.count("TERMINATED") == 2
+    report = run_normlab("report", "cluster_smoke", "--tracking-uri", cluster["uri"], "--format", "csv", cwd=root)
+    assert report.returncode == 0 and len(report.stdout.strip().splitlines()) == 3
+
+
+def test_a_driver_without_the_token_is_refused_by_the_head(cluster):
+    """Token authentication really is on: the trap DESIGN.md describes, and why normlab sets RAY_AUTH_MODE."""
+    env = {**cluster["env"], "RAY_AUTH_MODE": "disabled"}
+    code = f"import ray; ray.init(address='{cluster['address']}')"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "Failed to connect" in proc.stderr or "uthenticat" in proc.stderr
+
+
+def test_unreachable_servers_are_reported_before_any_trial(cluster, tmp_path):
+    (tmp_path / "space.yaml").write_text(textwrap.dedent(SPACE))
+    dead = free_port()
+    started = time.time()
+    proc = run_normlab("submit", "space.yaml", "--address", cluster["address"], "--tracking-uri", f"http://127.0.0.1:{dead}",
+                       cwd=tmp_path, HOME=cluster["env"]["HOME"])
+    assert proc.returncode == 2 and f"MLflow tracking server http://127.0.0.1:{dead} is unreachable" in proc.stderr
+    proc = run_normlab("submit", "space.yaml", "--address", f"127.0.0.1:{dead}", "--tracking-uri", cluster["uri"],
+                       cwd=tmp_path, HOME=cluster["env"]["HOME"])
+    assert proc.returncode == 2 and f"Ray head 127.0.0.1:{dead} is unreachable" in proc.stderr
+    assert time.time() - started < 60
+    assert not (tmp_path / "normlab_runs" / "ray_results").exists()
