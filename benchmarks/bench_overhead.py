@@ -28,7 +28,7 @@ prepare_environment(local_ray=True)
 import torch  # noqa: E402
 
 from orchestrator.spaces import SearchSpace  # noqa: E402
-from orchestrator.tracking import TrackingTarget, check_reachable, search_run  # noqa: E402
+from orchestrator.tracking import TrackingTarget, check_reachable, search_running, start_search_run  # noqa: E402
 from orchestrator.tuner import build_tuner, init_ray  # noqa: E402
 from trainables.config import TrialConfig  # noqa: E402
 from trainables.trial import run_trial  # noqa: E402
@@ -56,7 +56,8 @@ def under_ray(epochs: int, threads: int, workdir: Path, rep: int) -> tuple[list[
     check_reachable(target)
     spec_file = workdir / "space.json"
     spec_file.write_text(json.dumps(space.model_dump(mode="json")))
-    with search_run(target, "overhead", f"rep{rep}", params={}, spec={}, spec_file=spec_file, tags={}) as tracker:
+    tracker = start_search_run(target, "overhead", f"rep{rep}", params={}, spec={}, spec_file=spec_file, tags={})
+    with search_running(tracker):
         tuner = build_tuner(space, storage_path=str(workdir / "ray"), experiment=f"rep{rep}", tracker=tracker)
         grid = tuner.fit()
     frame = grid[0].metrics_dataframe.sort_values("training_iteration")

@@ -212,6 +212,37 @@ def submit(space: str, overrides: tuple[str, ...], address: str | None, tracking
 
 
 @main.command()
+@click.argument("search")
+@click.option("--address", help="Ray cluster to resume on (default: a local Ray on 127.0.0.1).")
+@click.option("--storage-path", help="Where the search was stored, when SEARCH is a name (default: normlab_runs/ray_results).")
+@click.option("--num-cpus", type=int, help="CPUs of the local Ray (default: all).")
+def resume(search: str, address: str | None, storage_path: str | None, num_cpus: int | None) -> None:
+    """Continue a search that was interrupted or had failed trials.
+
+    SEARCH is the search's folder (printed by submit) or its name (the newest such search
+    in the storage path). Unfinished and failed trials continue from their last
+    checkpoints; each keeps writing to its own MLflow run.
+    """
+    import os
+
+    from orchestrator.rayenv import prepare_environment
+
+    prepare_environment(local_ray=not (address or os.environ.get("RAY_ADDRESS")))
+    from orchestrator.search import find_experiment, resume_search
+    from orchestrator.tracking import TrackingUnreachable
+
+    try:
+        folder = find_experiment(search, storage_path)
+        outcome = resume_search(folder, address=address, num_cpus=num_cpus, console=console)
+    except (LookupError, TrackingUnreachable, ConnectionError) as exc:
+        raise UsageFailure(str(exc)) from exc
+    out.print(outcome.table)
+    if outcome.failed:
+        console.print(f"[red]{outcome.failed} trial(s) failed again[/]; see the errors above.")
+        raise SystemExit(1)
+
+
+@main.command()
 @click.argument("name", required=False)
 @click.option("--storage-path", help="Where searches were stored (default: normlab_runs/ray_results).")
 def status(name: str | None, storage_path: str | None) -> None:

@@ -1,12 +1,15 @@
-"""Run a search end to end, and show what searches the storage path holds.
+"""Run a search end to end, resume one, and show what searches the storage path holds.
 
 ``run_search`` connects to Ray, opens the MLflow parent run, fits the Tuner (Ray Tune
-prints its own progress) and returns the results table; ``search_status`` reads Ray
-Tune's experiment state from the storage path, without connecting to a cluster.
+prints its own progress) and returns the results table; it leaves a small record in the
+search's folder so that ``resume_search`` can restore the Tuner with the same trainable
+and tracking. ``search_status`` reads Ray Tune's experiment state from the storage path,
+without connecting to a cluster.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -17,8 +20,14 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator.spaces import SearchSpace
-from orchestrator.tracking import TrackingTarget, search_run
-from orchestrator.tuner import CloseRunsCallback, TrialResolver, build_tuner, init_ray, storage_uri
+from orchestrator.tracking import (
+    MlflowTrialTracker,
+    TrackingTarget,
+    check_reachable,
+    search_running,
+    start_search_run,
+)
+from orchestrator.tuner import CloseRunsCallback, TrialResolver, build_tuner, init_ray, storage_uri, trainable
 
 RESULT_COLUMNS = ("final_clean_acc", "final_adv_acc")
 
@@ -63,6 +72,18 @@ def _row(result: Any, resolver: TrialResolver, keys: list[str]) -> dict[str, Any
     return row
 
 
+def _summarise(grid: Any, space: SearchSpace, experiment_path: str, console: Console) -> SearchOutcome:
+    resolver = TrialResolver(space.fixed, frozenset(space.conditional_keys()))
+    keys = space.trial_keys()
+    rows = sorted((_row(result, resolver, keys) for result in grid), key=lambda r: r["trial"])
+    failed = sum(r["status"] == "ERROR" for r in rows)
+    for row in rows:
+        if row["status"] == "ERROR":
+            console.print(f"[red]{row['trial']}[/]: {row['error']}")
+    title = f"search {Path(experiment_path).name}"
+    return SearchOutcome(experiment_path, results_table(title, rows, keys), rows, failed)
+
+
 def run_search(
     space: SearchSpace,
     space_file: Path,
@@ -77,9 +98,10 @@ def run_search(
     console = console or Console(stderr=True)
     storage = storage_uri(storage_path)
     experiment = f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    experiment_path = f"{storage}/{experiment}"
     where = init_ray(address, num_cpus=num_cpus)
     console.print(f"search {space.name!r}: {space.trial_count()} trial(s) on Ray {where}")
-    console.print(f"  results and checkpoints: {storage}/{experiment}")
+    console.print(f"  results and checkpoints: {experiment_path}")
     console.print(f"  MLflow: {target.uri} (experiment {space.name!r}, run {experiment!r}); browse with `normlab ui`")
     params = {
         "algorithm": space.search.algorithm, "num_samples": space.search.num_samples, "metric": space.search.metric,
@@ -87,21 +109,83 @@ def run_search(
         "cpu_per_trial": space.resources.cpu, "gpu_per_trial": space.resources.gpu, "max_failures": space.max_failures,
         **{f"fixed.{k}": v for k, v in space.fixed.items()},
     }
-    tags = {"normlab.ray_address": where, "normlab.storage_path": f"{storage}/{experiment}"}
-    with search_run(target, space.name, experiment, params=params, spec=space.model_dump(mode="json", by_alias=True),
-                    spec_file=space_file, tags=tags) as tracker:
+    tags = {"normlab.ray_address": where, "normlab.storage_path": experiment_path}
+    spec = space.model_dump(mode="json", by_alias=True)
+    tracker = start_search_run(target, space.name, experiment, params=params, spec=spec, spec_file=space_file, tags=tags)
+    with search_running(tracker):
         tuner = build_tuner(space, storage_path=storage, experiment=experiment, tracker=tracker,
                             callbacks=[CloseRunsCallback(tracker)])
+        _write_record(experiment_path, SearchRecord(spec, str(space_file), target.uri, target.artifact_root, tracker))
         grid = tuner.fit()
-    resolver = TrialResolver(space.fixed, frozenset(space.conditional_keys()))
-    keys = space.trial_keys()
-    rows = [_row(result, resolver, keys) for result in grid]
-    rows.sort(key=lambda r: r["trial"])
-    failed = sum(r["status"] == "ERROR" for r in rows)
-    for row in rows:
-        if row["status"] == "ERROR":
-            console.print(f"[red]{row['trial']}[/]: {row['error']}")
-    return SearchOutcome(f"{storage}/{experiment}", results_table(f"search {experiment}", rows, keys), rows, failed)
+    return _summarise(grid, space, experiment_path, console)
+
+
+# ------------------------------------------------------------------------ resume
+
+RECORD_FILE = "normlab_search.json"
+
+
+@dataclass
+class SearchRecord:
+    """What ``normlab resume`` needs besides Ray's own state: the space and where it logs."""
+
+    space: dict[str, Any]
+    space_file: str
+    tracking_uri: str
+    artifact_root: str | None
+    tracker: MlflowTrialTracker
+
+    def to_json(self) -> str:
+        data = {**self.__dict__, "tracker": self.tracker.__dict__}
+        return json.dumps(data, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> SearchRecord:
+        data = json.loads(text)
+        data["tracker"] = MlflowTrialTracker(**data["tracker"])
+        return cls(**data)
+
+
+def _write_record(experiment_path: str, record: SearchRecord) -> None:
+    if "://" in experiment_path:  # cloud storage: resume reads Ray's state there, not this record
+        return
+    folder = Path(experiment_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / RECORD_FILE).write_text(record.to_json())
+
+
+def find_experiment(path_or_name: str, storage_path: str | None = None) -> Path:
+    """A search folder given as a path, or the newest search of that name in the storage path."""
+    path = Path(path_or_name).expanduser()
+    if (path / RECORD_FILE).is_file():
+        return path.resolve()
+    found = experiment_dirs(storage_path, path_or_name)
+    if not found:
+        raise LookupError(f"no search folder {path_or_name!r} (a path, or a search name under {storage_uri(storage_path)})")
+    if not (found[-1] / RECORD_FILE).is_file():
+        raise LookupError(f"{found[-1]} was not made by normlab submit ({RECORD_FILE} missing)")
+    return found[-1]
+
+
+def resume_search(
+    folder: Path, *, address: str | None = None, num_cpus: int | None = None, console: Console | None = None
+) -> SearchOutcome:
+    """Continue an interrupted or failed search: unfinished trials from their checkpoints,
+    errored ones too; each keeps logging to its own MLflow run."""
+    from ray import tune
+
+    console = console or Console(stderr=True)
+    record = SearchRecord.from_json((folder / RECORD_FILE).read_text())
+    space = SearchSpace.model_validate(record.space)
+    check_reachable(TrackingTarget(record.tracking_uri, record.artifact_root))
+    where = init_ray(address, num_cpus=num_cpus)
+    console.print(f"resuming search {folder.name} on Ray {where}; MLflow {record.tracking_uri}")
+    with search_running(record.tracker, resumed=True):
+        tuner = tune.Tuner.restore(
+            str(folder), trainable=trainable(space, record.tracker), resume_unfinished=True, resume_errored=True
+        )
+        grid = tuner.fit()
+    return _summarise(grid, space, str(folder), console)
 
 
 def experiment_dirs(storage_path: str | None, name: str | None = None) -> list[Path]:

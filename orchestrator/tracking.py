@@ -131,8 +131,7 @@ def trial_params(config: dict[str, Any]) -> dict[str, str]:
     return out
 
 
-@contextmanager
-def search_run(
+def start_search_run(
     target: TrackingTarget,
     experiment: str,
     run_name: str,
@@ -141,11 +140,8 @@ def search_run(
     spec: dict[str, Any],
     spec_file: Path,
     tags: dict[str, str],
-) -> Iterator[MlflowTrialTracker]:
-    """The parent run of a search; yields the tracker that trials use to log child runs.
-
-    The run ends FINISHED when the block exits normally, KILLED on Ctrl-C, FAILED otherwise.
-    """
+) -> MlflowTrialTracker:
+    """Open the parent run of a search; return the tracker that trials use for child runs."""
     from mlflow.entities import Param
 
     client = _client(target.uri)
@@ -155,15 +151,25 @@ def search_run(
     client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()][:100])
     client.log_dict(run_id, spec, "search_space.resolved.json")
     client.log_artifact(run_id, str(spec_file))
+    return MlflowTrialTracker(target.uri, experiment_id, run_id, experiment)
+
+
+@contextmanager
+def search_running(tracker: MlflowTrialTracker, *, resumed: bool = False) -> Iterator[MlflowTrialTracker]:
+    """While the search runs: the parent run is RUNNING; after, FINISHED (KILLED on Ctrl-C, FAILED on error)."""
+    client = _client(tracker.tracking_uri)
+    if resumed:
+        client.update_run(tracker.parent_run_id, status="RUNNING")
+        client.set_tag(tracker.parent_run_id, "normlab.resumed_at", time.strftime("%Y-%m-%d %H:%M:%S"))
     status = "FAILED"
     try:
-        yield MlflowTrialTracker(target.uri, experiment_id, run_id, experiment)
+        yield tracker
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
-        client.set_terminated(run_id, status)
+        client.set_terminated(tracker.parent_run_id, status)
 
 
 @dataclass(frozen=True)

@@ -225,7 +225,7 @@ def init_ray(address: str | None, *, num_cpus: int | None = None) -> str:
     user_proxies = {k: os.environ.get(k, "") for k in _PROXY_VARS}
     os.environ.update(_LOOPBACK_PROXY)
     try:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING",
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING",
                  runtime_env={"env_vars": user_proxies})
     finally:
         for key, value in user_proxies.items():
