@@ -148,6 +148,7 @@ def trainable(space: SearchSpace, tracker: Any) -> Any:
         resolve=TrialResolver(space.fixed, frozenset(space.conditional_keys())),
         tracker=tracker,
         checkpoint_every=space.checkpoint.every,
+        keep_checkpoints=space.checkpoint.keep,
     )
     return tune.with_resources(fn, {"cpu": space.resources.cpu, "gpu": space.resources.gpu})
 
@@ -156,7 +157,8 @@ def run_config(space: SearchSpace, storage_path: str, experiment: str, callbacks
     return tune.RunConfig(
         name=experiment,
         storage_path=storage_path,
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=space.checkpoint.keep),
+        # num_to_keep stays None: the trainable prunes payloads itself (see ray_trainable)
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
         failure_config=tune.FailureConfig(max_failures=space.max_failures),
         callbacks=callbacks,
         verbose=1,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -29,15 +29,18 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint dict onto the CPU; a missing or unreadable file is a clear error."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+def load_checkpoint(source: str | Path | BinaryIO, name: str | None = None) -> dict[str, Any]:
+    """Load a checkpoint dict onto the CPU from a file (or an open binary stream called
+    ``name``); a missing or unreadable one is a clear error."""
+    if isinstance(source, (str, Path)):
+        source = Path(source)
+        if not source.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {source}")
+    name = name or str(source)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"{path} is not a readable normlab checkpoint: {exc}") from exc
+        raise ValueError(f"{name} is not a readable normlab checkpoint: {exc}") from exc
     if not isinstance(state, dict) or "model" not in state:
-        raise ValueError(f"{path} is not a normlab checkpoint (no 'model' entry)")
+        raise ValueError(f"{name} is not a normlab checkpoint (no 'model' entry)")
     return state

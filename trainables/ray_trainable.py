@@ -13,6 +13,7 @@ module imports ray but nothing from orchestrator.
 
 from __future__ import annotations
 
+import io
 import logging
 import tempfile
 from collections.abc import Callable
@@ -51,12 +52,46 @@ def runtime_settings(values: dict[str, Any], cpus: float, gpus: float) -> dict[s
     return out
 
 
-def _restore() -> dict[str, Any] | None:
+# Checkpoint payloads are pruned here, not by Ray: Ray deletes old checkpoint folders
+# while its last experiment snapshot may still point at one of them, so after a hard kill
+# of the driver a restore could ask for a folder that is gone. The folders stay (empty
+# once pruned); only the newest ``keep`` hold a checkpoint file, and a restore pointed at
+# a pruned folder falls back to the newest complete checkpoint of the trial.
+
+
+def _checkpoint_files(storage: Any) -> list[str]:
+    """``checkpoint.pt`` files in this trial's storage folder, oldest first."""
+    from pyarrow import fs as pafs
+
+    infos = storage.storage_filesystem.get_file_info(pafs.FileSelector(storage.trial_fs_path, allow_not_found=True))
+    folders = sorted(i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+    files = [f"{folder}/{CHECKPOINT_FILE}" for folder in folders]
+    found = storage.storage_filesystem.get_file_info(files)
+    return [info.path for info in found if info.type == pafs.FileType.File]
+
+
+def _read(storage: Any, path: str) -> dict[str, Any]:
+    with storage.storage_filesystem.open_input_file(path) as fh:
+        return load_checkpoint(io.BytesIO(fh.read()), name=path)
+
+
+def _restore(storage: Any) -> dict[str, Any] | None:
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as folder:
-        return load_checkpoint(Path(folder) / CHECKPOINT_FILE)
+        file = Path(folder) / CHECKPOINT_FILE
+        if file.is_file():
+            return load_checkpoint(file)
+    files = _checkpoint_files(storage)
+    if not files:
+        raise FileNotFoundError(f"cannot resume: {checkpoint.path} has no {CHECKPOINT_FILE}, and no other checkpoint of this trial is left")
+    return _read(storage, files[-1])
+
+
+def _prune(storage: Any, keep: int) -> None:
+    for path in _checkpoint_files(storage)[:-keep]:
+        storage.storage_filesystem.delete_file(path)
 
 
 def train(
@@ -65,6 +100,7 @@ def train(
     resolve: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     tracker: TrialTracker | None = None,
     checkpoint_every: int = 1,
+    keep_checkpoints: int = 2,
 ) -> None:
     """Ray Tune function trainable: one trial, one report (and maybe a checkpoint) per epoch."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a line per checkpoint
@@ -73,7 +109,8 @@ def train(
     values = resolve(config) if resolve else dict(config)
     values.update(runtime_settings(values, resources.get("CPU", 1), resources.get("GPU", 0)))
     cfg = TrialConfig.model_validate(values)
-    checkpoint = _restore()
+    storage = context.get_storage()
+    checkpoint = _restore(storage)
     run_id = None
     if tracker is not None:
         previous = checkpoint.get(RUN_ID_KEY) if checkpoint else None
@@ -93,6 +130,7 @@ def train(
             if last and tracker is not None:
                 tracker.log_checkpoint(run_id, file)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+        _prune(storage, keep_checkpoints)
 
     try:
         result = run_trial(cfg, on_epoch=on_epoch, checkpoint=checkpoint)
