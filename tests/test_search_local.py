@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from conftest import run_normlab
 from mlflow.tracking import MlflowClient
 
+from orchestrator.cli import main
 from trainables.config import TrialConfig
 
 SPACE = """
@@ -141,22 +143,28 @@ def test_status_lists_trials_from_the_storage_path(search):
     assert "smoke-" in proc.stdout
 
 
+def report(*args: str, workdir: Path) -> tuple[int, str, str]:
+    """`normlab report ...` in this process (a subprocess would import torch again)."""
+    result = CliRunner().invoke(main, ["report", *args, "--tracking-uri", f"sqlite:///{workdir / 'normlab_runs' / 'mlflow.db'}"])
+    return result.exit_code, result.stdout, result.stderr
+
+
 def test_report_formats_and_plot(search):
     workdir, _, _ = search
-    table = run_normlab("report", "smoke", cwd=workdir)
+    table = run_normlab("report", "smoke", cwd=workdir)  # the real command, default store in the working directory
     assert table.returncode == 0, table.stderr
     assert "robustnorm" in table.stdout and "FAILED" in table.stdout
-    csv = run_normlab("report", "smoke", "--format", "csv", cwd=workdir)
-    header, *lines = csv.stdout.strip().splitlines()
-    assert header.startswith("trial,status,norm,regime,lr,final_clean_acc,final_adv_acc") and len(lines) == 4
-    records = json.loads(run_normlab("report", "smoke", "--format", "json", cwd=workdir).stdout)
+    code, csv, _ = report("smoke", "--format", "csv", workdir=workdir)
+    header, *lines = csv.strip().splitlines()
+    assert code == 0 and header.startswith("trial,status,norm,regime,lr,final_clean_acc,final_adv_acc") and len(lines) == 4
+    records = json.loads(report("smoke", "--format", "json", workdir=workdir)[1])
     assert {r["norm"] for r in records} == {"batchnorm", "robustnorm"}
     finished = [r for r in records if r["status"] == "FINISHED"]
     assert len(finished) == 2 and all(0 <= r["final_adv_acc"] <= 1 for r in finished)
-    md = run_normlab("report", "smoke", "--format", "markdown", cwd=workdir).stdout
+    md = report("smoke", "--format", "markdown", workdir=workdir)[1]
     assert md.splitlines()[0].startswith("| trial | status | norm |") and md.splitlines()[1].startswith("|---|")
     plot = workdir / "plots" / "tradeoff.png"
-    proc = run_normlab("report", "smoke", "--plot", str(plot), cwd=workdir)
-    assert proc.returncode == 0 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 5000
-    missing = run_normlab("report", "nosuch", cwd=workdir)
-    assert missing.returncode == 2 and "no search named 'nosuch'" in missing.stderr and "smoke" in missing.stderr
+    code, _, _ = report("smoke", "--plot", str(plot), workdir=workdir)
+    assert code == 0 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 5000
+    code, _, err = report("nosuch", workdir=workdir)
+    assert code == 2 and "no search named 'nosuch'" in err and "smoke" in err
