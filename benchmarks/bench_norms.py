@@ -1,0 +1,236 @@
+"""Forward + backward speed of RobustNorm against nn.BatchNorm2d and a straightforward form.
+
+What it measures: one training-mode step of a norm layer (batch statistics, running
+statistics updated) on a (128, C, H, W) input that requires grad, followed by the
+gradients of the input, weight and bias for a fixed upstream gradient, at the three
+layer shapes of a CIFAR ResNet-20: C x H x W = 16x32x32, 32x16x16, 64x8x8. Three
+implementations:
+
+- ``batchnorm``: ``nn.BatchNorm2d`` (PyTorch's native kernels), the baseline;
+- ``robustnorm``: ``trainables.norms.RobustNorm`` (custom autograd Function);
+- ``straightforward``: the same RobustNorm formula written here the way the paper's
+  code writes it (transpose to (C, N*H*W), mean, max(dim=1), min(dim=1),
+  ``(y - mu) / (range ** p + eps) * w + b``, view back and transpose) with autograd
+  doing the backward.
+
+Every figure is a ratio of medians measured in the same run: each repetition times a
+few iterations of each implementation, in a rotating order, so load from other
+processes hits all three alike; the median over repetitions is taken per
+implementation. Targets on the machine it runs on:
+
+- RobustNorm / BatchNorm2d   <= 1.2   (RobustNorm costs at most 20% more than BatchNorm)
+- straightforward / RobustNorm >= 1.5 (RobustNorm at least 1.5x faster)
+
+per shape and as the geometric mean over the shapes.
+
+With ``--threads`` at all cores (the default), other processes using the CPU at the
+same time hurt every multi-threaded kernel far more than their share, and RobustNorm,
+which launches more (smaller) parallel kernels than BatchNorm, a little more than
+BatchNorm: the load average is printed before and after, measure on an idle machine (or
+compare with ``--threads 1``).
+
+Run from the repository root: ``python benchmarks/bench_norms.py [--reps 31] [--iters 5]
+[--threads N] [--json-out FILE]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `trainables` without an install
+
+from trainables.norms import RobustNorm  # noqa: E402
+
+BATCH = 128
+SHAPES = [(16, 32, 32), (32, 16, 16), (64, 8, 8)]  # ResNet-20's three stages
+POWER, EPS, MOMENTUM = 0.2, 1e-5, 0.1
+TARGET_RN_VS_BN = 1.2  # RobustNorm / BatchNorm2d at most
+TARGET_ST_VS_RN = 1.5  # straightforward / RobustNorm at least
+IMPLS = ("batchnorm", "robustnorm", "straightforward")
+
+
+class StraightforwardRobustNorm(nn.Module):
+    """RobustNorm as the paper's code writes it; autograd does the backward."""
+
+    def __init__(self, num_features: int, power: float = POWER, eps: float = EPS, momentum: float = MOMENTUM) -> None:
+        super().__init__()
+        self.power, self.eps, self.momentum = power, eps, momentum
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_range", torch.ones(num_features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, c = x.shape[:2]
+        y = x.transpose(0, 1).contiguous().view(c, -1)  # (C, N*H*W)
+        mu = y.mean(dim=1)
+        rng = y.max(dim=1)[0] - y.min(dim=1)[0]
+        with torch.no_grad():
+            self.running_mean.lerp_(mu, self.momentum)
+            self.running_range.lerp_(rng, self.momentum)
+        y = (y - mu.view(c, 1)) / (rng.view(c, 1) ** self.power + self.eps)
+        y = y * self.weight.view(c, 1) + self.bias.view(c, 1)
+        return y.view(c, n, *x.shape[2:]).transpose(0, 1)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def default_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def load_average() -> float:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
+def make_step(layer: nn.Module, x: Tensor, grad: Tensor) -> Callable[[], object]:
+    """One forward + backward: gradients of input, weight and bias."""
+    inputs = [x, layer.weight, layer.bias]
+
+    def step() -> object:
+        return torch.autograd.grad(layer(x), inputs, grad)
+
+    return step
+
+
+def time_shape(c: int, h: int, w: int, reps: int, iters: int, warmup: int) -> dict[str, object]:
+    torch.manual_seed(0)
+    x = (torch.randn(BATCH, c, h, w) * 2 + 0.5).requires_grad_()
+    grad = torch.randn(BATCH, c, h, w)
+    layers: dict[str, nn.Module] = {
+        "batchnorm": nn.BatchNorm2d(c, eps=EPS, momentum=MOMENTUM),
+        "robustnorm": RobustNorm(c, power=POWER, momentum=MOMENTUM, eps=EPS),
+        "straightforward": StraightforwardRobustNorm(c),
+    }
+    for layer in layers.values():
+        layer.train()
+    # the two RobustNorm forms compute the same thing
+    y_rn, y_st = layers["robustnorm"](x), layers["straightforward"](x)
+    torch.testing.assert_close(y_rn, y_st, rtol=1e-4, atol=1e-4)
+    steps = {name: make_step(layer, x, grad) for name, layer in layers.items()}
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    samples: dict[str, list[float]] = {name: [] for name in IMPLS}
+    gc.collect()
+    gc.disable()
+    try:
+        for rep in range(reps):
+            k = rep % len(IMPLS)
+            for name in IMPLS[k:] + IMPLS[:k]:  # rotate the order every repetition
+                step = steps[name]
+                start = time.perf_counter()
+                for _ in range(iters):
+                    step()
+                samples[name].append((time.perf_counter() - start) / iters * 1e3)
+    finally:
+        gc.enable()
+    med = {name: statistics.median(v) for name, v in samples.items()}
+    return {
+        "shape": [BATCH, c, h, w],
+        "median_ms": med,
+        "rn_over_bn": med["robustnorm"] / med["batchnorm"],
+        "st_over_rn": med["straightforward"] / med["robustnorm"],
+        "samples_ms": samples,
+    }
+
+
+def geomean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reps", type=int, default=31, help="interleaved repetitions per shape (default 31)")
+    parser.add_argument("--iters", type=int, default=5, help="timed iterations per implementation per repetition (default 5)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed iterations per implementation first (default 5)")
+    parser.add_argument("--threads", type=int, default=default_threads(), help="torch threads (default: all cores)")
+    parser.add_argument("--json-out", type=Path, help="write the figures to this JSON file")
+    args = parser.parse_args(argv)
+    if args.reps < 1 or args.iters < 1 or args.threads < 1:
+        parser.error("--reps, --iters and --threads must be >= 1")
+
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    load_before = load_average()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU: {cpu_model()} ({os.cpu_count()} cores), "
+          f"load average {load_before:.2f}")
+    print(f"batch {BATCH}, training mode (batch statistics), forward + backward; "
+          f"{args.reps} interleaved reps x {args.iters} iters, medians")
+    print()
+    header = f"{'C x H x W':<12}{'batchnorm':>12}{'robustnorm':>12}{'straightfwd':>13}{'RN/BN':>9}{'ST/RN':>9}"
+    print(header)
+    print(f"{'':<12}{'(ms)':>12}{'(ms)':>12}{'(ms)':>13}{'<=1.2':>9}{'>=1.5':>9}")
+    results = []
+    for c, h, w in SHAPES:
+        res = time_shape(c, h, w, args.reps, args.iters, args.warmup)
+        results.append(res)
+        med = res["median_ms"]
+        print(
+            f"{f'{c}x{h}x{w}':<12}{med['batchnorm']:>12.3f}{med['robustnorm']:>12.3f}{med['straightforward']:>13.3f}"
+            f"{res['rn_over_bn']:>9.2f}{res['st_over_rn']:>9.2f}",
+            flush=True,
+        )
+    rn_bn = geomean([r["rn_over_bn"] for r in results])
+    st_rn = geomean([r["st_over_rn"] for r in results])
+    print(f"{'geomean':<12}{'':>37}{rn_bn:>9.2f}{st_rn:>9.2f}")
+    worst_rn_bn = max(r["rn_over_bn"] for r in results)
+    worst_st_rn = min(r["st_over_rn"] for r in results)
+    met_bn = worst_rn_bn <= TARGET_RN_VS_BN
+    met_st = worst_st_rn >= TARGET_ST_VS_RN
+    print()
+    print(f"RobustNorm / BatchNorm2d: geomean {rn_bn:.2f}, worst shape {worst_rn_bn:.2f} "
+          f"(target <= {TARGET_RN_VS_BN}): {'met' if met_bn else 'MISSED'}")
+    print(f"straightforward / RobustNorm: geomean {st_rn:.2f}, worst shape {worst_st_rn:.2f} "
+          f"(target >= {TARGET_ST_VS_RN}): {'met' if met_st else 'MISSED'}")
+    seconds = time.perf_counter() - started
+    load_after = load_average()
+    print(f"({seconds:.0f} s; load average before {load_before:.2f}, after {load_after:.2f})")
+    if args.json_out:
+        out = {
+            "benchmark": "norms",
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpu": cpu_model(),
+            "reps": args.reps,
+            "iters": args.iters,
+            "batch": BATCH,
+            "shapes": results,
+            "geomean_rn_over_bn": rn_bn,
+            "geomean_st_over_rn": st_rn,
+            "targets": {"rn_over_bn_max": TARGET_RN_VS_BN, "st_over_rn_min": TARGET_ST_VS_RN},
+            "targets_met": {"rn_over_bn": met_bn, "st_over_rn": met_st},
+            "load_average": {"before": load_before, "after": load_after},
+            "seconds": seconds,
+        }
+        args.json_out.write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {args.json_out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
