@@ -16,6 +16,8 @@ import click
 import yaml
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
+
 
 def _console(stderr: bool) -> Console:
     """Rich console; when output is not a terminal, wide enough for results tables."""
@@ -33,7 +35,14 @@ class UsageFailure(click.ClickException):
     exit_code = 2
 
     def show(self, file: Any = None) -> None:
-        console.print(f"[bold red]error:[/] {self.message}", markup=True, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(self.message)}", soft_wrap=True)
+
+
+class TrialFailure(click.ClickException):
+    """A trial that started and failed (NaN loss, missing files, ...): the reason, exit code 1."""
+
+    def show(self, file: Any = None) -> None:
+        console.print(f"[bold red]trial failed:[/] {escape(self.message)}", soft_wrap=True)
 
 
 class KnobsCommand(click.Command):
@@ -120,7 +129,10 @@ def trial(
     checkpoint = None
     last = checkpoint_dir / "last.pt" if checkpoint_dir else None
     if resume and last and last.exists():
-        checkpoint = load_checkpoint(last)
+        try:
+            checkpoint = load_checkpoint(last)
+        except ValueError as exc:
+            raise UsageFailure(str(exc)) from exc
         console.print(f"resuming from {last} (epoch {checkpoint['epoch']})")
 
     def on_epoch(epoch: int, metrics: dict[str, float], state: dict[str, Any]) -> None:
@@ -128,7 +140,12 @@ def trial(
             save_checkpoint(state, last)
 
     console.print(f"trial: {cfg.model} / {cfg.norm} / {cfg.regime} on {cfg.dataset}, {cfg.epochs} epochs")
-    result = run_trial(cfg, on_epoch=on_epoch, checkpoint=checkpoint, progress=progress, log=lambda line: out.print(line, soft_wrap=True))
+    try:
+        result = run_trial(cfg, on_epoch=on_epoch, checkpoint=checkpoint, progress=progress,
+                           log=lambda line: out.print(line, soft_wrap=True))
+    except (FloatingPointError, OSError, ValueError, RuntimeError) as exc:
+        saved = f" (last good checkpoint: {last})" if last and last.exists() else ""
+        raise TrialFailure(f"{type(exc).__name__}: {exc}{saved}") from exc
     out.print(final_table(result.final, cfg.eval_attacks, cfg.eval_eps, result.eval_batch_size))
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)

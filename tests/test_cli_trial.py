@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +70,13 @@ def test_bad_input_is_exit_code_2_with_field_and_choices(tmp_path):
     assert proc.returncode == 2 and "expected a mapping" in proc.stderr
     proc = normlab("trial", "epochs")
     assert proc.returncode == 2 and "KEY=VALUE" in proc.stderr
+
+
+def test_a_failing_trial_says_why_without_a_traceback(tmp_path):
+    proc = normlab("trial", "epochs=3", "train_subset=256", "lr=1e12", "momentum=0", "weight_decay=0",
+                   "eval_attacks=fgsm", "eval_eps=[0.1]", "--checkpoint-dir", str(tmp_path))
+    err = " ".join(proc.stderr.split())
+    assert proc.returncode == 1 and "Traceback" not in err
+    assert re.search(r"trial failed: NonFiniteLossError: non-finite training loss \(\w+\) at epoch \d, step \d/2", err)
+    proc = normlab("trial", "regime=bn_finetune_adv", f"init_from={tmp_path / 'nope.pt'}")
+    assert proc.returncode == 1 and "checkpoint not found" in proc.stderr and "nope.pt" in proc.stderr
