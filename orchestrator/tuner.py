@@ -124,7 +124,9 @@ def search_algorithm(space: SearchSpace) -> Searcher | BasicVariantGenerator:
         from ray.tune.search.optuna import OptunaSearch
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        return OptunaSearch(space=OptunaSpace(space), sampler=optuna.samplers.TPESampler(seed=s.sampler_seed))
+        # a define-by-run space takes metric and mode here, not from TuneConfig
+        return OptunaSearch(space=OptunaSpace(space), metric=s.metric, mode=s.mode,
+                            sampler=optuna.samplers.TPESampler(seed=s.sampler_seed))
     return BasicVariantGenerator(random_state=s.sampler_seed)
 
 
@@ -133,8 +135,11 @@ def scheduler(space: SearchSpace) -> TrialScheduler:
     if sched.type == "fifo":
         return FIFOScheduler()
     max_t = sched.max_t or int(space.fixed.get("epochs", max(space.grid["epochs"].values) if "epochs" in space.grid else 10))
+    # with Optuna, metric and mode go to the searcher and the scheduler, not to TuneConfig (Ray refuses both)
+    own = {"metric": space.search.metric, "mode": space.search.mode} if space.search.algorithm == "optuna" else {}
     return ASHAScheduler(
-        time_attr="training_iteration", max_t=max_t, grace_period=sched.grace_period, reduction_factor=sched.reduction_factor
+        time_attr="training_iteration", max_t=max_t, grace_period=sched.grace_period,
+        reduction_factor=sched.reduction_factor, **own,
     )
 
 
@@ -170,12 +175,13 @@ def build_tuner(
 ) -> tune.Tuner:
     """A ``tune.Tuner`` running ``space`` under ``storage_path/experiment``."""
     s = space.search
+    optuna = s.algorithm == "optuna"
     return tune.Tuner(
         trainable(space, tracker),
-        param_space=param_space(space) if s.algorithm != "optuna" else {},
+        param_space={} if optuna else param_space(space),
         tune_config=tune.TuneConfig(
-            metric=s.metric,
-            mode=s.mode,
+            metric=None if optuna else s.metric,
+            mode=None if optuna else s.mode,
             search_alg=search_algorithm(space),
             scheduler=scheduler(space),
             num_samples=s.num_samples,

@@ -24,7 +24,7 @@ from ray import tune
 
 from trainables.checkpoints import load_checkpoint, save_checkpoint
 from trainables.config import TrialConfig
-from trainables.trial import run_trial
+from trainables.trial import is_final_metric, run_trial
 
 CHECKPOINT_FILE = "checkpoint.pt"
 RUN_ID_KEY = "mlflow_run_id"
@@ -116,6 +116,8 @@ def train(
         previous = checkpoint.get(RUN_ID_KEY) if checkpoint else None
         run_id = tracker.start(cfg.model_dump(mode="json"), context.get_trial_id(), context.get_trial_name(), previous)
 
+    finished: list[int] = []  # the last epoch's, once the run is closed
+
     def on_epoch(epoch: int, metrics: dict[str, float], state: dict[str, Any]) -> None:
         if tracker is not None:
             tracker.log_epoch(run_id, epoch, metrics)
@@ -128,19 +130,29 @@ def train(
         with tempfile.TemporaryDirectory(prefix="normlab-ckpt-") as folder:
             file = save_checkpoint(state, Path(folder) / CHECKPOINT_FILE)
             if last and tracker is not None:
+                # the run is complete before the last report: a scheduler may end the
+                # trial inside that report (ASHA does at max_t)
                 tracker.log_checkpoint(run_id, file)
+                tracker.finish(run_id, summary(state, metrics, cfg))
+                finished.append(epoch)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
         _prune(storage, keep_checkpoints)
 
     try:
-        result = run_trial(cfg, on_epoch=on_epoch, checkpoint=checkpoint)
+        run_trial(cfg, on_epoch=on_epoch, checkpoint=checkpoint)
     except SystemExit:  # tune.report's way of ending a trial that the scheduler stopped
-        if tracker is not None:
+        if tracker is not None and not finished:
             tracker.stopped(run_id, "stopped early by the scheduler")
         raise
     except BaseException as error:
         if tracker is not None:
             tracker.fail(run_id, error)
         raise
-    if tracker is not None:
-        tracker.finish(run_id, result.to_dict())
+
+
+def summary(state: dict[str, Any], metrics: dict[str, float], cfg: TrialConfig) -> dict[str, Any]:
+    """The trial's result as ``TrialResult.to_dict()`` lays it out, from its last epoch."""
+    final = {k: v for k, v in metrics.items() if is_final_metric(k)}
+    return {"config": state["config"], "history": state["history"], "final": final,
+            "eval_batch_size": cfg.eval_batch_size}
+

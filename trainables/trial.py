@@ -71,6 +71,11 @@ def adv_metric(attack: str, eps: float, suffix: str = "") -> str:
     return f"adv_acc_{attack}_eps{eps:g}{suffix}"
 
 
+def is_final_metric(name: str) -> bool:
+    """Metrics of the final sweep (``final_*``, ``adv_acc_<attack>_eps<eps>[_batchstats]``)."""
+    return name.startswith(("final_", "adv_acc_"))
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> the first CUDA device if there is one, else the CPU."""
     if name == "auto":
