@@ -14,9 +14,9 @@ implementations:
   doing the backward.
 
 Every figure is a ratio of medians measured in the same run: each repetition times a
-few iterations of each implementation, in a rotating order, so load from other
-processes hits all three alike; the median over repetitions is taken per
-implementation. Targets on the machine it runs on:
+few iterations of each implementation at each shape, in rotating orders, so load from
+other processes (and the state the other shapes leave behind) hits all alike; the
+median over repetitions is taken per implementation and shape. Targets on the machine it runs on:
 
 - RobustNorm / BatchNorm2d   <= 1.2   (RobustNorm costs at most 20% more than BatchNorm)
 - straightforward / RobustNorm >= 1.5 (RobustNorm at least 1.5x faster)
@@ -40,7 +40,6 @@ import gc
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -52,6 +51,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `trainables` without an install
 
+from _machine import cpu_model, default_threads, load_average
 from trainables.norms import RobustNorm  # noqa: E402
 
 BATCH = 128
@@ -86,27 +86,6 @@ class StraightforwardRobustNorm(nn.Module):
         return y.view(c, n, *x.shape[2:]).transpose(0, 1)
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def default_threads() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def load_average() -> float:
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-
-
 def make_step(layer: nn.Module, x: Tensor, grad: Tensor) -> Callable[[], object]:
     """One forward + backward: gradients of input, weight and bias."""
     inputs = [x, layer.weight, layer.bias]
@@ -117,7 +96,8 @@ def make_step(layer: nn.Module, x: Tensor, grad: Tensor) -> Callable[[], object]
     return step
 
 
-def time_shape(c: int, h: int, w: int, reps: int, iters: int, warmup: int) -> dict[str, object]:
+def make_steps(c: int, h: int, w: int) -> dict[str, Callable[[], object]]:
+    """The three implementations' training steps on one (BATCH, c, h, w) input."""
     torch.manual_seed(0)
     x = (torch.randn(BATCH, c, h, w) * 2 + 0.5).requires_grad_()
     grad = torch.randn(BATCH, c, h, w)
@@ -131,32 +111,49 @@ def time_shape(c: int, h: int, w: int, reps: int, iters: int, warmup: int) -> di
     # the two RobustNorm forms compute the same thing
     y_rn, y_st = layers["robustnorm"](x), layers["straightforward"](x)
     torch.testing.assert_close(y_rn, y_st, rtol=1e-4, atol=1e-4)
-    steps = {name: make_step(layer, x, grad) for name, layer in layers.items()}
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    samples: dict[str, list[float]] = {name: [] for name in IMPLS}
+    return {name: make_step(layer, x, grad) for name, layer in layers.items()}
+
+
+def time_all(reps: int, iters: int, warmup: int) -> list[dict[str, object]]:
+    """Median ms per step of every implementation at every shape.
+
+    Each repetition times ``iters`` steps of every (shape, implementation) pair, both
+    orders rotating from one repetition to the next, so every pair sees the same mix of
+    load and of process state (cache, allocator) as in a network, where the shapes
+    alternate: measured one shape after the other, a shape's figures depended on which
+    shapes had run before it.
+    """
+    steps = {shape: make_steps(*shape) for shape in SHAPES}
+    for per_shape in steps.values():
+        for step in per_shape.values():
+            for _ in range(warmup):
+                step()
+    samples = {shape: {name: [] for name in IMPLS} for shape in SHAPES}
     gc.collect()
     gc.disable()
     try:
         for rep in range(reps):
-            k = rep % len(IMPLS)
-            for name in IMPLS[k:] + IMPLS[:k]:  # rotate the order every repetition
-                step = steps[name]
-                start = time.perf_counter()
-                for _ in range(iters):
-                    step()
-                samples[name].append((time.perf_counter() - start) / iters * 1e3)
+            k, j = rep % len(SHAPES), rep % len(IMPLS)
+            for shape in SHAPES[k:] + SHAPES[:k]:
+                for name in IMPLS[j:] + IMPLS[:j]:
+                    step = steps[shape][name]
+                    start = time.perf_counter()
+                    for _ in range(iters):
+                        step()
+                    samples[shape][name].append((time.perf_counter() - start) / iters * 1e3)
     finally:
         gc.enable()
-    med = {name: statistics.median(v) for name, v in samples.items()}
-    return {
-        "shape": [BATCH, c, h, w],
-        "median_ms": med,
-        "rn_over_bn": med["robustnorm"] / med["batchnorm"],
-        "st_over_rn": med["straightforward"] / med["robustnorm"],
-        "samples_ms": samples,
-    }
+    results = []
+    for (c, h, w), per_impl in samples.items():
+        med = {name: statistics.median(v) for name, v in per_impl.items()}
+        results.append({
+            "shape": [BATCH, c, h, w],
+            "median_ms": med,
+            "rn_over_bn": med["robustnorm"] / med["batchnorm"],
+            "st_over_rn": med["straightforward"] / med["robustnorm"],
+            "samples_ms": per_impl,
+        })
+    return results
 
 
 def geomean(values: list[float]) -> float:
@@ -165,7 +162,7 @@ def geomean(values: list[float]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reps", type=int, default=31, help="interleaved repetitions per shape (default 31)")
+    parser.add_argument("--reps", type=int, default=31, help="interleaved repetitions (default 31)")
     parser.add_argument("--iters", type=int, default=5, help="timed iterations per implementation per repetition (default 5)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed iterations per implementation first (default 5)")
     parser.add_argument("--threads", type=int, default=default_threads(), help="torch threads (default: all cores)")
@@ -185,10 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     header = f"{'C x H x W':<12}{'batchnorm':>12}{'robustnorm':>12}{'straightfwd':>13}{'RN/BN':>9}{'ST/RN':>9}"
     print(header)
     print(f"{'':<12}{'(ms)':>12}{'(ms)':>12}{'(ms)':>13}{'<=1.2':>9}{'>=1.5':>9}")
-    results = []
-    for c, h, w in SHAPES:
-        res = time_shape(c, h, w, args.reps, args.iters, args.warmup)
-        results.append(res)
+    results = time_all(args.reps, args.iters, args.warmup)
+    for res in results:
+        _, c, h, w = res["shape"]
         med = res["median_ms"]
         print(
             f"{f'{c}x{h}x{w}':<12}{med['batchnorm']:>12.3f}{med['robustnorm']:>12.3f}{med['straightforward']:>13.3f}"

@@ -26,7 +26,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `trainables` without an install
 
+from _machine import cpu_model, default_threads, load_average
 from trainables.config import TrialConfig  # noqa: E402
 from trainables.data import augment  # noqa: E402
 from trainables.models import create_model  # noqa: E402
@@ -57,27 +57,6 @@ COMMON: dict[str, Any] = {
     # many epochs, so the cosine schedule keeps a non-zero learning rate throughout
     "epochs": 1000,
 }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def default_threads() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def load_average() -> float:
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
 def bare_loop(trial: _Trial) -> Callable[[int], int]:

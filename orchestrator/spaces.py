@@ -25,7 +25,6 @@ each with the file, the key path and what is allowed, before anything starts.
 from __future__ import annotations
 
 import difflib
-import itertools
 import re
 from importlib import resources
 from pathlib import Path
