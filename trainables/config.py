@@ -13,7 +13,7 @@ import re
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from trainables.attacks import ATTACKS
 from trainables.data import AUGMENTATIONS, DATASETS
@@ -26,6 +26,11 @@ from trainables.registry import Registry
 Eps = Annotated[float, Field(ge=0.0, le=1.0)]
 _FILE_DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn", "imagefolder")
 _NONE = ("none", "null", "~")
+# fields whose value is a registry name
+_REGISTRY_FIELDS: dict[str, Registry] = {
+    "dataset": DATASETS, "model": MODELS, "norm": NORMS, "regime": REGIMES,
+    "optimizer": OPTIMIZERS, "lr_schedule": LR_SCHEDULES,
+}
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -115,40 +120,15 @@ class TrialConfig(BaseModel):
                         data[key] = None
         return data
 
-    @field_validator("dataset")
+    @field_validator(*_REGISTRY_FIELDS)
     @classmethod
-    def _dataset(cls, v: str) -> str:
-        return _known(DATASETS, v)
+    def _registered(cls, v: str, info: ValidationInfo) -> str:
+        return _known(_REGISTRY_FIELDS[info.field_name], v)
 
     @field_validator("augment")
     @classmethod
     def _augment(cls, v: str) -> str:
         return v if v == "auto" else _known(AUGMENTATIONS, v)
-
-    @field_validator("model")
-    @classmethod
-    def _model(cls, v: str) -> str:
-        return _known(MODELS, v)
-
-    @field_validator("norm")
-    @classmethod
-    def _norm(cls, v: str) -> str:
-        return _known(NORMS, v)
-
-    @field_validator("regime")
-    @classmethod
-    def _regime(cls, v: str) -> str:
-        return _known(REGIMES, v)
-
-    @field_validator("optimizer")
-    @classmethod
-    def _optimizer(cls, v: str) -> str:
-        return _known(OPTIMIZERS, v)
-
-    @field_validator("lr_schedule")
-    @classmethod
-    def _lr_schedule(cls, v: str) -> str:
-        return _known(LR_SCHEDULES, v)
 
     @field_validator("eval_attacks", "eval_eps", "lr_milestones", mode="before")
     @classmethod
