@@ -300,7 +300,9 @@ def report(name: str, tracking_uri: str | None, run_id: str | None, fmt: str, pl
 @click.option("--tracking-uri", help="MLflow store to show (default: $MLFLOW_TRACKING_URI, else normlab_runs/mlflow.db).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; 0.0.0.0 exposes the UI to the network.")
 @click.option("--port", default=5000, show_default=True, type=int)
-def ui(tracking_uri: str | None, host: str, port: int) -> None:
+@click.option("--workers", default=1, show_default=True, type=int, help="Server worker processes.")
+@click.option("--allowed-hosts", help="Host names the UI may be reached by, when --host exposes it (MLflow refuses others).")
+def ui(tracking_uri: str | None, host: str, port: int, workers: int, allowed_hosts: str | None) -> None:
     """Open the MLflow UI on the normlab store (a parent run per search, a child run per trial)."""
     import os
     import shutil
@@ -309,7 +311,9 @@ def ui(tracking_uri: str | None, host: str, port: int) -> None:
 
     target = resolve_tracking(tracking_uri)
     mlflow_bin = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow") or "mlflow"
-    cmd = [mlflow_bin, "ui", "--backend-store-uri", target.uri, "--host", host, "--port", str(port)]
+    cmd = [mlflow_bin, "ui", "--backend-store-uri", target.uri, "--host", host, "--port", str(port), "--workers", str(workers)]
+    if allowed_hosts:
+        cmd += ["--allowed-hosts", allowed_hosts]
     if target.artifact_root:
         cmd += ["--default-artifact-root", target.artifact_root]
     console.print(f"MLflow UI on http://{host}:{port}  (store {target.uri}; Ctrl-C to stop)")
