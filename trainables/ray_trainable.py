@@ -139,7 +139,7 @@ def train(
         _prune(storage, keep_checkpoints)
 
     try:
-        run_trial(cfg, on_epoch=on_epoch, checkpoint=checkpoint)
+        result = run_trial(cfg, on_epoch=on_epoch, checkpoint=checkpoint)
     except SystemExit:  # tune.report's way of ending a trial that the scheduler stopped
         if tracker is not None and not finished:
             tracker.stopped(run_id, "stopped early by the scheduler")
@@ -148,6 +148,8 @@ def train(
         if tracker is not None:
             tracker.fail(run_id, error)
         raise
+    if tracker is not None and not finished:  # resumed from the last epoch's checkpoint: no epoch left to run
+        tracker.finish(run_id, result.to_dict())
 
 
 def summary(state: dict[str, Any], metrics: dict[str, float], cfg: TrialConfig) -> dict[str, Any]:
