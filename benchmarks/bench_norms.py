@@ -16,7 +16,8 @@ implementations:
 Every figure is a ratio of medians measured in the same run: each repetition times a
 few iterations of each implementation at each shape, in rotating orders, so load from
 other processes (and the state the other shapes leave behind) hits all alike; the
-median over repetitions is taken per implementation and shape. Targets on the machine it runs on:
+median over repetitions is taken per implementation and shape. Targets on the machine
+it runs on:
 
 - RobustNorm / BatchNorm2d   <= 1.2   (RobustNorm costs at most 20% more than BatchNorm)
 - straightforward / RobustNorm >= 1.5 (RobustNorm at least 1.5x faster)

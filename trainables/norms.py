@@ -62,6 +62,19 @@ def _fast_dtypes(x: Tensor, *per_channel: Tensor | None) -> bool:
     return x.dtype in (torch.float32, torch.float64) and all(t is None or t.dtype == x.dtype for t in per_channel)
 
 
+def _channel_mean(x3: Tensor) -> Tensor:
+    """Per-channel mean of (N, C, L) over N and L.
+
+    float32/float64: summed over L first, then over N, like the max and min passes that
+    follow (whole RobustNorm training steps measured 10-20% faster than with one
+    reduction over (0, 2), two threads, ResNet-20 shapes). Half precision keeps the one
+    reduction, whose partial sums are not rounded to half precision.
+    """
+    if x3.dtype in (torch.float32, torch.float64):
+        return x3.sum(dim=2).sum(dim=0).div_(x3.shape[0] * x3.shape[2])
+    return x3.mean(dim=(0, 2))
+
+
 def _normalize(x: Tensor, mean: Tensor, s: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
     """``(x - mean) / s * weight + bias`` per channel of (N, C, *), a fresh tensor.
 
@@ -117,7 +130,7 @@ class _RobustNormFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, fixed_mean, power: float, eps: float, running=None):  # type: ignore[override]
         x3 = _as_ncl(x)
         batch_mean = fixed_mean is None
-        mu = x3.mean(dim=(0, 2)) if batch_mean else fixed_mean
+        mu = _channel_mean(x3) if batch_mean else fixed_mean
         # max and min over the contiguous last dim, then over N: fast vectorized passes
         # (a max/min with indices, or torch.aminmax, is several times slower)
         hi, hi_n = x3.amax(dim=2).max(dim=0)

@@ -185,7 +185,8 @@ class _Trial:
             correct += (logits.detach().argmax(1) == y).sum()
             if (step + 1) % check_every == 0 or step + 1 == len(batches):
                 self._check_finite(losses[: step + 1], epoch)
-                bar.set_postfix(loss=f"{losses[step].item():.4f}", refresh=False)
+                if progress:
+                    bar.set_postfix(loss=f"{losses[step].item():.4f}", refresh=False)
             bar.update()
         bar.close()
         seconds = time.perf_counter() - start
