@@ -1,7 +1,8 @@
-"""What every benchmark prints about the machine it ran on."""
+"""What every benchmark reports about the machine it ran on, and its JSON output."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from pathlib import Path
@@ -26,3 +27,12 @@ def default_threads() -> int:
 
 def load_average() -> float:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
+def write_json(path: Path, benchmark: str, **figures: object) -> None:
+    """The figures of one benchmark run, with torch version, threads and CPU model."""
+    import torch
+
+    out = {"benchmark": benchmark, "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_model(), **figures}
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {path}")

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
 import statistics
@@ -52,7 +51,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `trainables` without an install
 
-from _machine import cpu_model, default_threads, load_average
+from _machine import cpu_model, default_threads, load_average, write_json
 from trainables.norms import RobustNorm  # noqa: E402
 
 BATCH = 128
@@ -208,24 +207,20 @@ def main(argv: list[str] | None = None) -> int:
     load_after = load_average()
     print(f"({seconds:.0f} s; load average before {load_before:.2f}, after {load_after:.2f})")
     if args.json_out:
-        out = {
-            "benchmark": "norms",
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "cpu": cpu_model(),
-            "reps": args.reps,
-            "iters": args.iters,
-            "batch": BATCH,
-            "shapes": results,
-            "geomean_rn_over_bn": rn_bn,
-            "geomean_st_over_rn": st_rn,
-            "targets": {"rn_over_bn_max": TARGET_RN_VS_BN, "st_over_rn_min": TARGET_ST_VS_RN},
-            "targets_met": {"rn_over_bn": met_bn, "st_over_rn": met_st},
-            "load_average": {"before": load_before, "after": load_after},
-            "seconds": seconds,
-        }
-        args.json_out.write_text(json.dumps(out, indent=2) + "\n")
-        print(f"wrote {args.json_out}")
+        write_json(
+            args.json_out,
+            "norms",
+            reps=args.reps,
+            iters=args.iters,
+            batch=BATCH,
+            shapes=results,
+            geomean_rn_over_bn=rn_bn,
+            geomean_st_over_rn=st_rn,
+            targets={"rn_over_bn_max": TARGET_RN_VS_BN, "st_over_rn_min": TARGET_ST_VS_RN},
+            targets_met={"rn_over_bn": met_bn, "st_over_rn": met_st},
+            load_average={"before": load_before, "after": load_after},
+            seconds=seconds,
+        )
     return 0
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import statistics
 import sys
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `trainables` without an install
 
-from _machine import cpu_model, default_threads, load_average
+from _machine import cpu_model, default_threads, load_average, write_json
 from trainables.config import TrialConfig  # noqa: E402
 from trainables.data import augment  # noqa: E402
 from trainables.models import create_model  # noqa: E402
@@ -159,20 +158,16 @@ def main(argv: list[str] | None = None) -> int:
     load_after = load_average()
     print(f"({seconds:.0f} s; load average before {load_before:.2f}, after {load_after:.2f})")
     if args.json_out:
-        out = {
-            "benchmark": "trial",
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "cpu": cpu_model(),
-            "reps": args.reps,
-            "configs": results,
-            "target_min_ratio": TARGET,
-            "target_met": met,
-            "load_average": {"before": load_before, "after": load_after},
-            "seconds": seconds,
-        }
-        args.json_out.write_text(json.dumps(out, indent=2) + "\n")
-        print(f"wrote {args.json_out}")
+        write_json(
+            args.json_out,
+            "trial",
+            reps=args.reps,
+            configs=results,
+            target_min_ratio=TARGET,
+            target_met=met,
+            load_average={"before": load_before, "after": load_after},
+            seconds=seconds,
+        )
     return 0
 
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
+from orchestrator.tracking import PARENT_TAG, TAG_SEARCH
 from trainables.trial import adv_metric
 
 if TYPE_CHECKING:
@@ -16,7 +17,6 @@ if TYPE_CHECKING:
     from orchestrator.tracking import TrackingTarget
 
 ALWAYS_SHOWN = ("norm", "regime")
-PARENT_TAG = "mlflow.parentRunId"
 
 
 def final_table(final: dict[str, float], attacks: Sequence[str], eps_values: Sequence[float], eval_batch_size: int) -> Table:
@@ -74,7 +74,7 @@ def _parent_run(client: Any, experiment_id: str, name: str, run_id: str | None) 
     if run_id:
         return client.get_run(run_id)
     parents = client.search_runs(
-        [experiment_id], filter_string=f"tags.`normlab.search` = '{name}'", order_by=["attributes.start_time DESC"], max_results=200
+        [experiment_id], filter_string=f"tags.`{TAG_SEARCH}` = '{name}'", order_by=["attributes.start_time DESC"], max_results=200
     )
     parents = [r for r in parents if PARENT_TAG not in r.data.tags]
     if not parents:

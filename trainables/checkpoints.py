@@ -29,18 +29,23 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(source: str | Path | BinaryIO, name: str | None = None) -> dict[str, Any]:
-    """Load a checkpoint dict onto the CPU from a file (or an open binary stream called
-    ``name``); a missing or unreadable one is a clear error."""
+def read_state(source: str | Path | BinaryIO, name: str | None = None) -> Any:
+    """``torch.load`` (weights only, onto the CPU) of a file, or an open binary stream called
+    ``name``; a missing or unreadable one is a clear error."""
     if isinstance(source, (str, Path)):
-        source = Path(source)
+        source = Path(source).expanduser()
         if not source.is_file():
             raise FileNotFoundError(f"checkpoint not found: {source}")
     name = name or str(source)
     try:
-        state = torch.load(source, map_location="cpu", weights_only=True)
+        return torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"{name} is not a readable normlab checkpoint: {exc}") from exc
+        raise ValueError(f"{name} is not a readable PyTorch checkpoint: {exc}") from exc
+
+
+def load_checkpoint(source: str | Path | BinaryIO, name: str | None = None) -> dict[str, Any]:
+    """A normlab checkpoint dict (see ``read_state``); anything without a model is an error."""
+    state = read_state(source, name)
     if not isinstance(state, dict) or "model" not in state:
-        raise ValueError(f"{name} is not a normlab checkpoint (no 'model' entry)")
+        raise ValueError(f"{name or source} is not a normlab checkpoint (no 'model' entry)")
     return state

@@ -23,15 +23,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
 import torch.nn.functional as F
 import torchattacks
 from torch import Tensor, nn
 
 from trainables.attacks import eval_mode
+from trainables.checkpoints import read_state
 from trainables.norms import is_norm_layer, norm_parameters
 from trainables.registry import Registry
 
@@ -142,18 +141,12 @@ def load_initial_weights(model: nn.Module, path: str | None) -> None:
     """Load model weights from a normlab checkpoint (``{"model": ...}``) or a bare state dict."""
     if not path:
         raise ValueError("init_from is not set")
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise FileNotFoundError(f"init_from checkpoint not found: {file}")
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"init_from={file} is not a readable PyTorch checkpoint: {exc}") from exc
+    state = read_state(path, f"init_from={path}")
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict):
-        raise ValueError(f"init_from={file} holds a {type(state).__name__}, not a state dict")
+        raise ValueError(f"init_from={path} holds a {type(state).__name__}, not a state dict")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ValueError(f"init_from={file} does not fit this model (same model and norm needed): {exc}") from exc
+        raise ValueError(f"init_from={path} does not fit this model (same model and norm needed): {exc}") from exc

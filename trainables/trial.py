@@ -156,7 +156,7 @@ class _Trial:
             num_classes=self.data.num_classes,
             seed=cfg.seed,
         )
-        self.has_stats_modes = bool(stats_mode_layers(self.model))
+        self.stats_layers = stats_mode_layers(self.model)
 
     # --- one epoch of training --------------------------------------------------------
     def train_epoch(self, epoch: int, progress: bool) -> dict[str, float]:
@@ -224,10 +224,12 @@ class _Trial:
             ),
         }
 
-    def _sweep(self, suffix: str) -> dict[str, float]:
+    def _sweep(self, suffix: str, clean_acc: float | None = None) -> dict[str, float]:
         cfg = self.cfg
         x, y = self._adv_subset(cfg.final_adv_samples)
-        out = {f"final_clean_acc{suffix}": clean_accuracy(self.model, self.data.test_x, self.data.test_y, cfg.eval_batch_size)}
+        if clean_acc is None:
+            clean_acc = clean_accuracy(self.model, self.data.test_x, self.data.test_y, cfg.eval_batch_size)
+        out = {f"final_clean_acc{suffix}": clean_acc}
         for attack in cfg.eval_attacks:
             for eps in cfg.eval_eps:
                 out[adv_metric(attack, eps, suffix)] = robust_accuracy(
@@ -236,13 +238,15 @@ class _Trial:
         out[f"final_adv_acc{suffix}"] = out[adv_metric(cfg.primary_attack, cfg.primary_eps, suffix)]
         return out
 
-    def evaluate_final(self) -> dict[str, float]:
-        """Every attack x eps pair; with batch statistics too for norms that have modes."""
+    def evaluate_final(self, clean_acc: float | None = None) -> dict[str, float]:
+        """Every attack x eps pair; with batch statistics too for norms that have modes.
+
+        ``clean_acc``: the model's clean test accuracy if already measured (this epoch).
+        """
         self.model.eval()
-        final = self._sweep("")
-        if self.has_stats_modes:
-            layers = stats_mode_layers(self.model)
-            if all(layer.stats_mode == "batch" for layer in layers):
+        final = self._sweep("", clean_acc)
+        if self.stats_layers:
+            if all(layer.stats_mode == "batch" for layer in self.stats_layers):
                 final.update({f"{k}_batchstats": v for k, v in list(final.items())})
             else:
                 with stats_mode(self.model, "batch"):
@@ -314,7 +318,7 @@ def run_trial(
         metrics: dict[str, float] = {"epoch": epoch, **trial.train_epoch(epoch, progress)}
         metrics.update(trial.evaluate_epoch())
         if epoch == cfg.epochs:
-            final = trial.evaluate_final()
+            final = trial.evaluate_final(clean_acc=metrics["clean_acc"])
             metrics.update(final)
         history.append(metrics)
         if log:
