@@ -11,7 +11,10 @@ implementations:
 - ``straightforward``: the same RobustNorm formula written here the way the paper's
   code writes it (transpose to (C, N*H*W), mean, max(dim=1), min(dim=1),
   ``(y - mu) / (range ** p + eps) * w + b``, view back and transpose) with autograd
-  doing the backward.
+  doing the backward;
+- ``generic``: RobustNorm forced onto its generic kernel path (broadcasting ops, the
+  path CUDA, half precision and autocast take), for its cost relative to the fused
+  CPU path (no target: informational).
 
 Every figure is a ratio of medians measured in the same run: each repetition times a
 few iterations of each implementation at each shape, in rotating orders, so load from
@@ -52,14 +55,14 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `trainables` without an install
 
 from _machine import cpu_model, default_threads, load_average, write_json
-from trainables.norms import RobustNorm  # noqa: E402
+from trainables.norms import RobustNorm, force_kernel_path  # noqa: E402
 
 BATCH = 128
 SHAPES = [(16, 32, 32), (32, 16, 16), (64, 8, 8)]  # ResNet-20's three stages
 POWER, EPS, MOMENTUM = 0.2, 1e-5, 0.1
 TARGET_RN_VS_BN = 1.2  # RobustNorm / BatchNorm2d at most
 TARGET_ST_VS_RN = 1.5  # straightforward / RobustNorm at least
-IMPLS = ("batchnorm", "robustnorm", "straightforward")
+IMPLS = ("batchnorm", "robustnorm", "straightforward", "generic")
 
 
 class StraightforwardRobustNorm(nn.Module):
@@ -86,12 +89,13 @@ class StraightforwardRobustNorm(nn.Module):
         return y.view(c, n, *x.shape[2:]).transpose(0, 1)
 
 
-def make_step(layer: nn.Module, x: Tensor, grad: Tensor) -> Callable[[], object]:
-    """One forward + backward: gradients of input, weight and bias."""
+def make_step(layer: nn.Module, x: Tensor, grad: Tensor, path: str | None = None) -> Callable[[], object]:
+    """One forward + backward: gradients of input, weight and bias (RobustNorm: on ``path``)."""
     inputs = [x, layer.weight, layer.bias]
 
     def step() -> object:
-        return torch.autograd.grad(layer(x), inputs, grad)
+        with force_kernel_path(path):
+            return torch.autograd.grad(layer(x), inputs, grad)
 
     return step
 
@@ -105,13 +109,14 @@ def make_steps(c: int, h: int, w: int) -> dict[str, Callable[[], object]]:
         "batchnorm": nn.BatchNorm2d(c, eps=EPS, momentum=MOMENTUM),
         "robustnorm": RobustNorm(c, power=POWER, momentum=MOMENTUM, eps=EPS),
         "straightforward": StraightforwardRobustNorm(c),
+        "generic": RobustNorm(c, power=POWER, momentum=MOMENTUM, eps=EPS),
     }
     for layer in layers.values():
         layer.train()
     # the two RobustNorm forms compute the same thing
     y_rn, y_st = layers["robustnorm"](x), layers["straightforward"](x)
     torch.testing.assert_close(y_rn, y_st, rtol=1e-4, atol=1e-4)
-    return {name: make_step(layer, x, grad) for name, layer in layers.items()}
+    return {name: make_step(layer, x, grad, "generic" if name == "generic" else None) for name, layer in layers.items()}
 
 
 def time_all(reps: int, iters: int, warmup: int) -> list[dict[str, object]]:
@@ -151,6 +156,7 @@ def time_all(reps: int, iters: int, warmup: int) -> list[dict[str, object]]:
             "median_ms": med,
             "rn_over_bn": med["robustnorm"] / med["batchnorm"],
             "st_over_rn": med["straightforward"] / med["robustnorm"],
+            "generic_over_rn": med["generic"] / med["robustnorm"],
             "samples_ms": per_impl,
         })
     return results
@@ -179,21 +185,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"batch {BATCH}, training mode (batch statistics), forward + backward; "
           f"{args.reps} interleaved reps x {args.iters} iters, medians")
     print()
-    header = f"{'C x H x W':<12}{'batchnorm':>12}{'robustnorm':>12}{'straightfwd':>13}{'RN/BN':>9}{'ST/RN':>9}"
+    header = f"{'C x H x W':<12}{'batchnorm':>12}{'robustnorm':>12}{'straightfwd':>13}{'generic':>10}{'RN/BN':>9}{'ST/RN':>9}{'G/RN':>7}"
     print(header)
-    print(f"{'':<12}{'(ms)':>12}{'(ms)':>12}{'(ms)':>13}{'<=1.2':>9}{'>=1.5':>9}")
+    print(f"{'':<12}{'(ms)':>12}{'(ms)':>12}{'(ms)':>13}{'(ms)':>10}{'<=1.2':>9}{'>=1.5':>9}{'':>7}")
     results = time_all(args.reps, args.iters, args.warmup)
     for res in results:
         _, c, h, w = res["shape"]
         med = res["median_ms"]
         print(
             f"{f'{c}x{h}x{w}':<12}{med['batchnorm']:>12.3f}{med['robustnorm']:>12.3f}{med['straightforward']:>13.3f}"
-            f"{res['rn_over_bn']:>9.2f}{res['st_over_rn']:>9.2f}",
+            f"{med['generic']:>10.3f}{res['rn_over_bn']:>9.2f}{res['st_over_rn']:>9.2f}{res['generic_over_rn']:>7.2f}",
             flush=True,
         )
     rn_bn = geomean([r["rn_over_bn"] for r in results])
     st_rn = geomean([r["st_over_rn"] for r in results])
-    print(f"{'geomean':<12}{'':>37}{rn_bn:>9.2f}{st_rn:>9.2f}")
+    g_rn = geomean([r["generic_over_rn"] for r in results])
+    print(f"{'geomean':<12}{'':>47}{rn_bn:>9.2f}{st_rn:>9.2f}{g_rn:>7.2f}")
     worst_rn_bn = max(r["rn_over_bn"] for r in results)
     worst_st_rn = min(r["st_over_rn"] for r in results)
     met_bn = worst_rn_bn <= TARGET_RN_VS_BN
@@ -216,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             shapes=results,
             geomean_rn_over_bn=rn_bn,
             geomean_st_over_rn=st_rn,
+            geomean_generic_over_rn=g_rn,
             targets={"rn_over_bn_max": TARGET_RN_VS_BN, "st_over_rn_min": TARGET_ST_VS_RN},
             targets_met={"rn_over_bn": met_bn, "st_over_rn": met_st},
             load_average={"before": load_before, "after": load_after},

@@ -106,6 +106,7 @@ class TrialConfig(BaseModel):
     seed: int = Field(0, ge=0, description="random seed")
     device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:N, mps")
     threads: int | None = Field(None, gt=0, description="torch CPU threads (None: torch's default)")
+    amp: bool = Field(False, description="mixed-precision training steps (torch.autocast: bfloat16 on CPU, float16 with a gradient scaler on CUDA); evaluation stays float32")
 
     @model_validator(mode="before")
     @classmethod

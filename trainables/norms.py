@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -55,53 +55,113 @@ def _as_ncl(x: Tensor) -> Tensor:
 
 _BN_BACKWARD = torch.ops.aten.native_batch_norm_backward.default
 
+# --- kernel paths ---------------------------------------------------------------------
+# RobustNorm's per-channel passes can run on batch norm's own kernels ("fused"): the
+# forward as eval-mode ``batch_norm`` with variance ``s ** 2`` and eps 0, the backward's
+# reductions as ``native_batch_norm_backward`` in eval mode with no saved statistics.
+# That backward call is only valid on the CPU: PyTorch's CUDA kernel requires the saved
+# mean and inverse std whenever weight or bias gradients are asked for (DESIGN.md,
+# known traps), and half precision would overflow or underflow ``s ** 2``. Everywhere
+# else RobustNorm takes the "generic" path: plain broadcasting ops that autograd's own
+# formulas would use, with per-channel statistics accumulated in at least float32.
+KERNEL_PATHS = ("fused", "generic")
+_FUSED_DTYPES = (torch.float32, torch.float64)
+_forced_path: str | None = None
 
-def _fast_dtypes(x: Tensor, *per_channel: Tensor | None) -> bool:
-    """Whether batch norm's kernels can stand in: float32 or float64 throughout (in half
-    precision ``s ** 2`` would overflow or underflow too easily)."""
-    return x.dtype in (torch.float32, torch.float64) and all(t is None or t.dtype == x.dtype for t in per_channel)
+
+def fused_path_valid(device_type: str, dtypes: Iterable[torch.dtype]) -> bool:
+    """Whether batch norm's CPU kernels may stand in: CPU tensors, all float32 or all float64."""
+    dtypes = set(dtypes)
+    return device_type == "cpu" and len(dtypes) == 1 and dtypes <= set(_FUSED_DTYPES)
 
 
-def _channel_mean(x3: Tensor) -> Tensor:
-    """Per-channel mean of (N, C, L) over N and L.
+def kernel_path(x: Tensor, *per_channel: Tensor | None) -> str:
+    """``fused`` where ``fused_path_valid``, else ``generic``; ``force_kernel_path`` overrides."""
+    dtype, device = x.dtype, x.device
+    valid = device.type == "cpu" and dtype in _FUSED_DTYPES and all(
+        t is None or (t.dtype == dtype and t.device == device) for t in per_channel
+    )
+    if _forced_path is None:
+        return "fused" if valid else "generic"
+    if _forced_path == "fused" and not valid:
+        raise RuntimeError(
+            f"the fused kernel path was forced, but it is not valid for {dtype} on {device.type} "
+            f"(only CPU tensors, all float32 or all float64)"
+        )
+    return _forced_path
 
-    float32/float64: summed over L first, then over N, like the max and min passes that
-    follow (whole RobustNorm training steps measured 10-20% faster than with one
-    reduction over (0, 2), two threads, ResNet-20 shapes). Half precision keeps the one
-    reduction, whose partial sums are not rounded to half precision.
+
+@contextmanager
+def force_kernel_path(path: str | None) -> Iterator[None]:
+    """Inside the block, RobustNorm takes ``path`` (``fused``/``generic``; None: automatic).
+
+    For tests and benchmarks: every path is checked on the CPU by forcing it. Forcing
+    ``fused`` where it is not valid is an error, never a silent wrong gradient.
     """
-    if x3.dtype in (torch.float32, torch.float64):
+    global _forced_path
+    if path is not None and path not in KERNEL_PATHS:
+        raise ValueError(f"unknown kernel path {path!r}; known: {', '.join(KERNEL_PATHS)}")
+    saved, _forced_path = _forced_path, path
+    try:
+        yield
+    finally:
+        _forced_path = saved
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Per-channel statistics of half and bfloat16 inputs are kept in float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _per_channel(v: Tensor, ndim: int) -> Tensor:
+    return v.view((1, -1) + (1,) * (ndim - 2))
+
+
+def _channel_mean(x3: Tensor, path: str) -> Tensor:
+    """Per-channel mean of (N, C, L) over N and L, in float32 or wider.
+
+    fused: summed over L first, then over N, like the max and min passes that follow
+    (whole RobustNorm training steps measured 10-20% faster than with one reduction over
+    (0, 2), two threads, ResNet-20 shapes). generic: one reduction, accumulated in the
+    statistics dtype.
+    """
+    if path == "fused":
         return x3.sum(dim=2).sum(dim=0).div_(x3.shape[0] * x3.shape[2])
-    return x3.mean(dim=(0, 2))
+    return x3.mean(dim=(0, 2), dtype=_acc_dtype(x3.dtype))
 
 
-def _normalize(x: Tensor, mean: Tensor, s: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-    """``(x - mean) / s * weight + bias`` per channel of (N, C, *), a fresh tensor.
+def _normalize(x: Tensor, mean: Tensor, s: Tensor, weight: Tensor | None, bias: Tensor | None, path: str) -> Tensor:
+    """``(x - mean) / s * weight + bias`` per channel of (N, C, *), a fresh tensor of x's dtype.
 
-    Batch norm's eval-mode kernel with variance ``s ** 2`` and eps 0 (its ``1 / sqrt(s ** 2)``
-    is ``1 / s`` up to rounding): one fused pass, about twice as fast on the CPU as
-    broadcasting ops. Other dtypes, and mixed ones (which that kernel refuses), take
-    broadcasting ops with their type promotion.
+    fused: batch norm's eval-mode kernel with variance ``s ** 2`` and eps 0 (its
+    ``1 / sqrt(s ** 2)`` is ``1 / s`` up to rounding): one pass, about twice as fast on the
+    CPU as broadcasting ops. generic: ``(x - mean) * (weight / s) + bias`` in the
+    statistics dtype, cast back to x's dtype.
     """
-    if _fast_dtypes(x, mean, s, weight, bias):
+    if path == "fused":
         return torch.batch_norm(x, weight, bias, mean, s * s, False, 0.0, 0.0, False)
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    y = (x - mean.view(shape)) / s.view(shape)
-    if weight is not None:
-        y = y * weight.view(shape)
-    return y if bias is None else y + bias.view(shape)
+    acc = mean.dtype
+    scale = 1.0 / s if weight is None else weight.to(acc) / s
+    y = (x.to(acc) - _per_channel(mean, x.dim())) * _per_channel(scale, x.dim())
+    if bias is not None:
+        y = y + _per_channel(bias.to(acc), x.dim())
+    return y.to(x.dtype)
 
 
-def _normalize_grad_sums(g3: Tensor, x3: Tensor, mean: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
-    """Per channel of (N, C, L): ``sum(g * (x - mean)) / s`` and ``sum(g)``.
+def _normalize_grad_sums(g3: Tensor, x3: Tensor, mean: Tensor, s: Tensor, path: str) -> tuple[Tensor, Tensor]:
+    """Per channel of (N, C, L): ``sum(g * (x - mean)) / s`` and ``sum(g)``, in the statistics dtype.
 
-    One pass: batch norm's eval-mode backward reduction (its weight and bias gradients).
+    fused: one pass of batch norm's eval-mode backward reduction (its weight and bias
+    gradients). generic: two reductions over broadcasting ops, (x - mean) formed first so
+    a large mean cannot cancel the sum.
     """
-    if _fast_dtypes(x3, g3, mean, s):
+    if path == "fused":
         _, g_xhat, sum_g = _BN_BACKWARD(g3, x3, None, mean, s * s, None, None, False, 0.0, [False, True, True])
         return g_xhat, sum_g
-    sum_g = g3.sum(dim=(0, 2))
-    return ((g3 * x3).sum(dim=(0, 2)) - mean * sum_g) / s, sum_g
+    acc = mean.dtype
+    g = g3.to(acc)
+    sum_g = g.sum(dim=(0, 2))
+    return (g * (x3.to(acc) - mean.view(1, -1, 1))).sum(dim=(0, 2)) / s, sum_g
 
 
 class _RobustNormFn(torch.autograd.Function):
@@ -112,9 +172,10 @@ class _RobustNormFn(torch.autograd.Function):
         mu = mean (or ``fixed_mean`` when given), r = max - min, s = r ** p + eps
         y  = (x - mu) / s * w + b
 
-    Forward is three vectorized reductions (mean, max, min) and one fused pass; backward
-    one fused reduction and one fused pass (batch norm's own eval-mode kernels, see
-    ``_normalize``), with few small ops around them, so little per-call overhead.
+    Forward is three vectorized reductions (mean, max, min) and one pass; backward one
+    reduction and one pass, with few small ops around them, so little per-call overhead.
+    Which kernels run those passes is chosen per call (``kernel_path``): batch norm's
+    own on the CPU in float32/float64, broadcasting ops everywhere else.
 
     The gradient through ``r`` reaches one arg-max and one arg-min element per channel
     (the first sample holding the extremum, and the first position in it: the
@@ -128,43 +189,47 @@ class _RobustNormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, fixed_mean, power: float, eps: float, running=None):  # type: ignore[override]
+        path = kernel_path(x, weight, bias, fixed_mean)
         x3 = _as_ncl(x)
         batch_mean = fixed_mean is None
-        mu = _channel_mean(x3) if batch_mean else fixed_mean
+        acc = x.dtype if path == "fused" else _acc_dtype(x.dtype)
+        mu = _channel_mean(x3, path) if batch_mean else fixed_mean.to(acc)
         # max and min over the contiguous last dim, then over N: fast vectorized passes
-        # (a max/min with indices, or torch.aminmax, is several times slower)
+        # (a max/min with indices, or torch.aminmax, is several times slower); exact in any dtype
         hi, hi_n = x3.amax(dim=2).max(dim=0)
         lo, lo_n = x3.amin(dim=2).min(dim=0)
-        r = hi - lo
+        r = hi.to(acc) - lo.to(acc)
         s = r.pow(power) + eps
-        y = _normalize(x, mu, s, weight, bias)
+        y = _normalize(x, mu, s, weight, bias, path)
         ctx.save_for_backward(x, weight, mu, s, r, hi_n, lo_n)
-        ctx.power, ctx.batch_mean, ctx.has_bias = power, batch_mean, bias is not None
+        ctx.power, ctx.batch_mean, ctx.has_bias, ctx.path = power, batch_mean, bias is not None, path
         if running is not None:
             running_mean, running_range, momentum = running
-            running_mean.lerp_(mu, momentum)
-            running_range.lerp_(r, momentum)
+            running_mean.lerp_(mu.to(running_mean.dtype), momentum)
+            running_range.lerp_(r.to(running_range.dtype), momentum)
         return y
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
         x, weight, mu, s, r, hi_n, lo_n = ctx.saved_tensors
+        path = ctx.path
         x3, g3 = _as_ncl(x), _as_ncl(g)
-        g_xhat, sum_g = _normalize_grad_sums(g3, x3, mu, s)  # sum(g * xhat), xhat = (x - mu) / s
+        g_xhat, sum_g = _normalize_grad_sums(g3, x3, mu, s, path)  # sum(g * xhat), xhat = (x - mu) / s
         mean_g = sum_g / (x3.shape[0] * x3.shape[2]) if ctx.batch_mean else torch.zeros_like(sum_g)
-        gx = _normalize(g3, mean_g, s, weight, None)  # (g - mean(g)) * w / s: fresh (N, C, L)
+        acc = mu.dtype
+        gx = _normalize(g3 if path == "fused" else g3.to(acc), mean_g, s, weight, None, path)  # (g - mean(g)) * w / s
         # through the range: d loss / d r = d loss / d s * p * r ** (p - 1), d loss / d s = -w * sum(g * xhat) / s
         p = ctx.power
-        w_g_xhat = g_xhat if weight is None else weight * g_xhat
+        w_g_xhat = g_xhat if weight is None else weight.to(acc) * g_xhat
         g_r = torch.where(r > 0, r.pow(p - 1) * w_g_xhat / s * -p, 0.0)
         channels = torch.arange(r.numel(), device=r.device)
         hi_l = x3[hi_n, channels].argmax(dim=1)
         lo_l = x3[lo_n, channels].argmin(dim=1)
-        gx.index_put_((hi_n, channels, hi_l), g_r, accumulate=True)
-        gx.index_put_((lo_n, channels, lo_l), g_r.neg_(), accumulate=True)
-        g_weight = g_xhat if weight is not None and ctx.needs_input_grad[1] else None
-        g_bias = sum_g if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return gx.view_as(x), g_weight, g_bias, None, None, None, None
+        gx.index_put_((hi_n, channels, hi_l), g_r.to(gx.dtype), accumulate=True)
+        gx.index_put_((lo_n, channels, lo_l), g_r.neg().to(gx.dtype), accumulate=True)
+        g_weight = g_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        g_bias = sum_g.to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx.view_as(x).to(x.dtype), g_weight, g_bias, None, None, None, None
 
 
 class RobustNorm(nn.Module):
@@ -197,11 +262,12 @@ class RobustNorm(nn.Module):
         if x.dim() < 2 or x.shape[1] != self.num_features:
             raise ValueError(f"RobustNorm({self.num_features}) got input of shape {tuple(x.shape)}")
         if not self.training and self.stats_mode == "tracked":
+            # one affine pass with per-channel scale and shift, valid on every device
             inv = 1.0 / (self.running_range.pow(self.power) + self.eps)
             scale = inv if self.weight is None else self.weight * inv
             shift = -self.running_mean * scale if self.bias is None else self.bias - self.running_mean * scale
-            shape = (1, -1) + (1,) * (x.dim() - 2)
-            return torch.addcmul(shift.view(shape), x, scale.view(shape))
+            y = torch.addcmul(_per_channel(shift, x.dim()), x, _per_channel(scale, x.dim()))
+            return y.to(x.dtype)  # half inputs with float32 buffers (autocast) stay half
         fixed_mean = self.running_mean if (not self.training and self.stats_mode == "mixed") else None
         running = (self.running_mean, self.running_range, self.momentum) if self.training else None
         y = _RobustNormFn.apply(x, self.weight, self.bias, fixed_mean, self.power, self.eps, running)
@@ -246,13 +312,15 @@ class BatchNorm(_BatchNorm):
         self._check_input_dim(x)
         if self.stats_mode == "batch":
             return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        # mixed: broadcasting ops (valid on every device), statistics in float32 or wider
+        acc = _acc_dtype(x.dtype)
+        xa = x.to(acc)
         dims = [0] + list(range(2, x.dim()))
-        var = x.var(dim=dims, unbiased=False)
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        y = (x - self.running_mean.view(shape)) * torch.rsqrt(var + self.eps).view(shape)
+        var = xa.var(dim=dims, unbiased=False)
+        y = (xa - _per_channel(self.running_mean.to(acc), x.dim())) * _per_channel(torch.rsqrt(var + self.eps), x.dim())
         if self.affine:
-            y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y
+            y = y * _per_channel(self.weight.to(acc), x.dim()) + _per_channel(self.bias.to(acc), x.dim())
+        return y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", stats_mode={self.stats_mode}"

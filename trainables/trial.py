@@ -36,7 +36,7 @@ from trainables.regimes import REGIMES
 CHECKPOINT_FORMAT = "normlab.checkpoint/1"
 # fields that may change between an interrupted run and its resumption
 RESUMABLE_CHANGES = ("device", "threads")
-STATE_KEYS = frozenset({"format", "epoch", "model", "optimizer", "scheduler", "rng", "config", "history"})
+STATE_KEYS = frozenset({"format", "epoch", "model", "optimizer", "scheduler", "scaler", "rng", "config", "history"})
 
 EpochCallback = Callable[[int, dict[str, float], dict[str, Any]], None]
 
@@ -157,6 +157,10 @@ class _Trial:
             seed=cfg.seed,
         )
         self.stats_layers = stats_mode_layers(self.model)
+        # mixed precision: autocast for the training step (adversarial examples included);
+        # float16 needs a gradient scaler against underflow, bfloat16 (the CPU's) does not
+        self.amp_dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp and self.amp_dtype == torch.float16)
 
     # --- one epoch of training --------------------------------------------------------
     def train_epoch(self, epoch: int, progress: bool) -> dict[str, float]:
@@ -174,12 +178,15 @@ class _Trial:
             x, y = data.train_x[idx], data.train_y[idx]
             if self.augment != "none":
                 x = augment(x, self.augment, gen)
-            loss, logits = self.loss_fn(x, y)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=cfg.amp):
+                loss, logits = self.loss_fn(x, y)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            self.scaler.scale(loss).backward()
             if cfg.grad_clip:
+                self.scaler.unscale_(self.optimizer)
                 nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)  # skipped (and the scale lowered) on inf/NaN gradients
+            self.scaler.update()
             self.scheduler.step()
             losses[step] = loss.detach()
             correct += (logits.detach().argmax(1) == y).sum()
@@ -262,6 +269,7 @@ class _Trial:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
             "config": self.cfg.model_dump(mode="json"),
             "history": list(history),
@@ -271,6 +279,8 @@ class _Trial:
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
+        if checkpoint.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(checkpoint["scaler"])
         set_rng_state(checkpoint["rng"])
 
 
