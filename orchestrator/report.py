@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
+from orchestrator.figures import robustness_figure  # noqa: F401  (re-exported: one trial's plot)
 from orchestrator.tracking import PARENT_TAG, TAG_SEARCH
 from trainables.trial import adv_metric
 
@@ -40,31 +41,6 @@ def final_table(final: dict[str, float], attacks: Sequence[str], eps_values: Seq
     for attack in attacks:
         table.add_row(attack, *[cell(adv_metric(attack, eps)) for eps in eps_values])
     return table
-
-
-def robustness_figure(final: dict[str, float], attacks: Sequence[str], eps_values: Sequence[float]):  # noqa: ANN201
-    """Accuracy against eps per attack (eps 0 = clean); dashed: with batch statistics."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 4), layout="constrained")
-    ax = fig.add_subplot()
-    eps_sorted = sorted(eps_values)
-    suffixes = [("", "-", "model's statistics")]
-    if "final_clean_acc_batchstats" in final:
-        suffixes.append(("_batchstats", "--", "batch statistics"))
-    for i, attack in enumerate(attacks):
-        for suffix, style, label in suffixes:
-            ys = [final[f"final_clean_acc{suffix}"]] + [final[adv_metric(attack, e, suffix)] for e in eps_sorted]
-            ax.plot([0.0, *eps_sorted], ys, style, marker="o", color=f"C{i}", label=f"{attack} ({label})")
-    ax.set_xlabel("eps (pixel scale)")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    return fig
 
 
 # ------------------------------------------------------------------ searches in MLflow

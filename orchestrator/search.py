@@ -27,7 +27,8 @@ from orchestrator.tracking import (
     search_running,
     start_search_run,
 )
-from orchestrator.tuner import CloseRunsCallback, TrialResolver, build_tuner, init_ray, storage_uri, trainable
+from orchestrator.callbacks import TrialRunsCallback
+from orchestrator.tuner import TrialResolver, build_tuner, init_ray, storage_uri, trainable
 
 RESULT_COLUMNS = ("final_clean_acc", "final_adv_acc")
 
@@ -114,7 +115,7 @@ def run_search(
     tracker = start_search_run(target, space.name, experiment, params=params, spec=spec, spec_file=space_file, tags=tags)
     with search_running(tracker):
         tuner = build_tuner(space, storage_path=storage, experiment=experiment, tracker=tracker,
-                            callbacks=[CloseRunsCallback(tracker)])
+                            callbacks=[TrialRunsCallback(tracker)])
         _write_record(experiment_path, SearchRecord(spec, str(space_file), target.uri, target.artifact_root, tracker))
         grid = tuner.fit()
     return _summarise(grid, space, experiment_path, console)

@@ -1,11 +1,10 @@
-"""MLflow tracking: one parent run per search, one child run per trial.
+"""MLflow tracking: where runs go, and one parent run per search.
 
 The driver opens the parent run (the spec, the resolved file, the git commit, the Ray
-address) and hands every trial a picklable ``MlflowTrialTracker``; the trial itself
-logs to MLflow, so it works on any node that can reach the tracking server. The child
-run's id travels in the trial's checkpoint, so a trial resumed after a failure keeps
-writing to the same run; without a checkpoint, the run is found again by its Ray trial
-id tag.
+address) and hands every trial a picklable ``MlflowTrialTracker`` (``trial_runs``); the
+trial itself logs to MLflow, so it works on any node that can reach the tracking server.
+Every call goes through ``retry``: an outage of the server delays records, it never
+ends a search.
 
 Default store: ``normlab_runs/mlflow.db`` (SQLite) and ``normlab_runs/mlartifacts`` in the
 working directory; ``--tracking-uri`` or ``MLFLOW_TRACKING_URI`` point elsewhere (on a
@@ -14,6 +13,7 @@ cluster: an ``mlflow server`` every node can reach).
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import time
@@ -23,16 +23,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-DEFAULT_DIR = "normlab_runs"
-TAG_SEARCH = "normlab.search"
-TAG_TRIAL_ID = "normlab.trial_id"
-TAG_ERROR = "normlab.error"
-PARENT_TAG = "mlflow.parentRunId"
-RUNTIME_FIELDS = ("device", "threads")  # may differ between attempts: tags, not params
+from orchestrator.retry import TrackingError, mask_uri, retrying, scrub, strip_credentials
+from orchestrator.trial_runs import (  # noqa: F401  (tag names, re-exported for report and search)
+    PARENT_TAG,
+    TAG_ERROR,
+    TAG_SEARCH,
+    TAG_TRIAL_ID,
+    MlflowTrialTracker,
+    client,
+    trial_params,
+)
 
-# MLflow's HTTP client retries for minutes by default; a trial should fail fast and say why.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+DEFAULT_DIR = "normlab_runs"
+DRIVER_BUDGET_S = float(os.environ.get("NORMLAB_TRACKING_DRIVER_WAIT_S", 60))
+log = logging.getLogger("normlab.tracking")
 
 
 class TrackingUnreachable(RuntimeError):
@@ -51,58 +55,64 @@ class TrackingTarget:
         return self.uri.startswith(("sqlite:", "file:")) or "://" not in self.uri
 
 
+CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
+
 def resolve_tracking(uri: str | None, workdir: Path | None = None) -> TrackingTarget:
-    """``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else the SQLite store in the working directory."""
+    """``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else the SQLite store in the working directory.
+
+    Credentials in the URI (``http://user:password@host``) move to MLflow's own environment
+    variables (``MLFLOW_TRACKING_USERNAME``/``_PASSWORD``) unless those are set: the URI that
+    is printed, stored in the search record and shipped to trials carries none.
+    """
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
-        return TrackingTarget(uri)
+        bare, user, password = strip_credentials(uri)
+        if user is not None:
+            os.environ.setdefault("MLFLOW_TRACKING_USERNAME", user)
+        if password is not None:
+            os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", password)
+        return TrackingTarget(bare)
     base = (workdir or Path.cwd()).resolve() / DEFAULT_DIR
     base.mkdir(parents=True, exist_ok=True)
     return TrackingTarget(f"sqlite:///{base / 'mlflow.db'}", (base / "mlartifacts").as_uri())
 
 
-def _client(uri: str):  # noqa: ANN202 - mlflow type imported lazily
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
+def credentials_env() -> dict[str, str]:
+    """The tracking credentials of this process, for trials on other nodes (never stored)."""
+    return {k: os.environ[k] for k in CREDENTIAL_ENV if os.environ.get(k)}
 
 
 def check_reachable(target: TrackingTarget, timeout: float = 10.0) -> None:
     """Fail fast, before any trial starts, if the tracking store cannot be used."""
+    shown = mask_uri(target.uri)
     if target.uri.startswith(("http://", "https://")):
         import requests
 
         try:
             response = requests.get(target.uri.rstrip("/") + "/health", timeout=timeout)
         except requests.RequestException as exc:
-            raise TrackingUnreachable(f"MLflow tracking server {target.uri} is unreachable: {exc}") from exc
+            raise TrackingUnreachable(f"MLflow tracking server {shown} is unreachable: {scrub(str(exc))}") from exc
         if response.status_code != 200:
-            raise TrackingUnreachable(f"MLflow tracking server {target.uri} answered {response.status_code} on /health")
+            raise TrackingUnreachable(f"MLflow tracking server {shown} answered {response.status_code} on /health")
     # also creates a new SQLite store's tables, once, before trials open it concurrently
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=str(int(timeout)))
     try:
-        _client(target.uri).search_experiments(max_results=1)
-    except Exception as exc:
-        raise TrackingUnreachable(f"MLflow tracking store {target.uri} cannot be used: {exc}") from exc
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        retrying("open the tracking store", lambda: client(target.uri).search_experiments(max_results=1),
+                 time.monotonic() + timeout)
+    except TrackingError as exc:
+        raise TrackingUnreachable(f"MLflow tracking store {shown} cannot be used: {exc}") from exc
 
 
 def ensure_experiment(target: TrackingTarget, name: str) -> str:
     """The id of experiment ``name``, created (with the default artifact folder) if missing."""
-    client = _client(target.uri)
-    experiment = client.get_experiment_by_name(name)
+    c = client(target.uri)
+    experiment = c.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=target.artifact_root)
+        return c.create_experiment(name, artifact_location=target.artifact_root)
     except Exception:  # created concurrently by another process
-        experiment = client.get_experiment_by_name(name)
+        experiment = c.get_experiment_by_name(name)
         if experiment is None:
             raise
         return experiment.experiment_id
@@ -121,16 +131,6 @@ def git_commit(path: Path | None = None) -> str:
         return "unknown"
 
 
-def trial_params(config: dict[str, Any]) -> dict[str, str]:
-    """Every TrialConfig field as an MLflow param (lists comma-joined), runtime fields excluded."""
-    out = {}
-    for key, value in config.items():
-        if key in RUNTIME_FIELDS:
-            continue
-        out[key] = ",".join(str(v) for v in value) if isinstance(value, list) else str(value)
-    return out
-
-
 def start_search_run(
     target: TrackingTarget,
     experiment: str,
@@ -144,23 +144,44 @@ def start_search_run(
     """Open the parent run of a search; return the tracker that trials use for child runs."""
     from mlflow.entities import Param
 
-    client = _client(target.uri)
-    experiment_id = ensure_experiment(target, experiment)
+    deadline = time.monotonic() + DRIVER_BUDGET_S
     all_tags = {TAG_SEARCH: experiment, "mlflow.source.git.commit": git_commit(), **tags}
-    run_id = client.create_run(experiment_id, run_name=run_name, tags=all_tags).info.run_id
-    client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()][:100])
-    client.log_dict(run_id, spec, "search_space.resolved.json")
-    client.log_artifact(run_id, str(spec_file))
+    try:
+        experiment_id = retrying("open the search's experiment", lambda: ensure_experiment(target, experiment), deadline)
+        c = client(target.uri)
+        run_id = retrying("create the search's run", lambda: c.create_run(experiment_id, run_name=run_name, tags=all_tags),
+                          deadline).info.run_id
+        retrying("log the search's settings", lambda: (
+            c.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()][:100]),
+            c.log_dict(run_id, spec, "search_space.resolved.json"),
+            c.log_artifact(run_id, str(spec_file)),
+        ), deadline)
+    except TrackingError as exc:
+        raise TrackingUnreachable(f"MLflow tracking store {mask_uri(target.uri)}: {exc}") from exc
     return MlflowTrialTracker(target.uri, experiment_id, run_id, experiment)
+
+
+def _set_parent(tracker: MlflowTrialTracker, what: str, call: Any, budget_s: float) -> None:
+    """A driver-side call on the parent run that never raises: retried, then a warning."""
+    try:
+        retrying(what, call, time.monotonic() + budget_s)
+    except TrackingError as exc:
+        log.warning("search run %s: could not %s: %s", tracker.parent_run_id, what, exc)
 
 
 @contextmanager
 def search_running(tracker: MlflowTrialTracker, *, resumed: bool = False) -> Iterator[MlflowTrialTracker]:
-    """While the search runs: the parent run is RUNNING; after, FINISHED (KILLED on Ctrl-C, FAILED on error)."""
-    client = _client(tracker.tracking_uri)
+    """While the search runs: the parent run is RUNNING; after, FINISHED (KILLED on Ctrl-C, FAILED on error).
+
+    The tracking server may be down at either end: the calls wait for it (a bounded time,
+    ``NORMLAB_TRACKING_DRIVER_WAIT_S``), then warn; they never end the search.
+    """
+    c = client(tracker.tracking_uri)
     if resumed:
-        client.update_run(tracker.parent_run_id, status="RUNNING")
-        client.set_tag(tracker.parent_run_id, "normlab.resumed_at", time.strftime("%Y-%m-%d %H:%M:%S"))
+        _set_parent(tracker, "mark it resumed", lambda: (
+            c.update_run(tracker.parent_run_id, status="RUNNING"),
+            c.set_tag(tracker.parent_run_id, "normlab.resumed_at", time.strftime("%Y-%m-%d %H:%M:%S")),
+        ), DRIVER_BUDGET_S)
     status = "FAILED"
     try:
         yield tracker
@@ -169,96 +190,4 @@ def search_running(tracker: MlflowTrialTracker, *, resumed: bool = False) -> Ite
         status = "KILLED"
         raise
     finally:
-        client.set_terminated(tracker.parent_run_id, status)
-
-
-@dataclass(frozen=True)
-class MlflowTrialTracker:
-    """What a trial needs to log its child run; picklable, so Ray ships it to any node."""
-
-    tracking_uri: str
-    experiment_id: str
-    parent_run_id: str
-    search_name: str
-
-    def _client(self):  # noqa: ANN202
-        return _client(self.tracking_uri)
-
-    def find_run(self, trial_id: str) -> str | None:
-        """The child run already logged for a Ray trial id, if any."""
-        runs = self._client().search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and tags.`{TAG_TRIAL_ID}` = '{trial_id}'",
-            max_results=1,
-        )
-        return runs[0].info.run_id if runs else None
-
-    def start(self, config: dict[str, Any], trial_id: str, trial_name: str, run_id: str | None = None) -> str:
-        """Open the trial's child run, or re-attach to ``run_id`` (or the run found by trial id)."""
-        from mlflow.entities import Param, RunTag
-
-        client = self._client()
-        run_id = run_id or self.find_run(trial_id)
-        runtime = [RunTag(f"normlab.{k}", str(config.get(k))) for k in RUNTIME_FIELDS]
-        if run_id is not None:
-            client.update_run(run_id, status="RUNNING")
-            client.log_batch(run_id, tags=[*runtime, RunTag("normlab.resumed", "true")])
-            return run_id
-        tags = {
-            PARENT_TAG: self.parent_run_id,
-            TAG_SEARCH: self.search_name,
-            TAG_TRIAL_ID: trial_id,
-            "normlab.trial_name": trial_name,
-            "normlab.norm": str(config.get("norm")),
-            "normlab.regime": str(config.get("regime")),
-        }
-        run = client.create_run(self.experiment_id, run_name=trial_name, tags=tags)
-        params = [Param(k, v) for k, v in trial_params(config).items()]
-        client.log_batch(run.info.run_id, params=params, tags=runtime)
-        return run.info.run_id
-
-    def log_epoch(self, run_id: str, epoch: int, metrics: dict[str, float]) -> None:
-        """Every numeric metric of one epoch, at ``step=epoch``."""
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, epoch) for k, v in metrics.items() if isinstance(v, (int, float))]
-        client = self._client()
-        for i in range(0, len(batch), 1000):
-            client.log_batch(run_id, metrics=batch[i : i + 1000])
-
-    def log_checkpoint(self, run_id: str, checkpoint_file: Path) -> None:
-        """The trial's final checkpoint, as an artifact."""
-        self._client().log_artifact(run_id, str(checkpoint_file), "checkpoint")
-
-    def finish(self, run_id: str, result: dict[str, Any]) -> None:
-        """Final artifacts (result JSON, robust-accuracy-vs-eps plot) and status FINISHED."""
-        from orchestrator.report import robustness_figure
-
-        client = self._client()
-        client.log_dict(run_id, result, "result.json")
-        figure = robustness_figure(result["final"], result["config"]["eval_attacks"], result["config"]["eval_eps"])
-        client.log_figure(run_id, figure, "robust_accuracy_vs_eps.png")
-        client.set_terminated(run_id, "FINISHED")
-
-    def fail(self, run_id: str, error: BaseException) -> None:
-        """Status FAILED, with the reason as a tag."""
-        client = self._client()
-        client.set_tag(run_id, TAG_ERROR, f"{type(error).__name__}: {error}"[:5000])
-        client.set_terminated(run_id, "FAILED")
-
-    def stopped(self, run_id: str, reason: str) -> None:
-        """Status KILLED: the trial was ended on purpose (e.g. by an early-stopping scheduler)."""
-        client = self._client()
-        client.set_tag(run_id, "normlab.stopped", reason[:5000])
-        client.set_terminated(run_id, "KILLED")
-
-    def close_if_running(self, trial_id: str, status: str, reason: str) -> None:
-        """Driver side: close a child run its trial could not close (its process died)."""
-        run_id = self.find_run(trial_id)
-        if run_id is None:
-            return
-        client = self._client()
-        if client.get_run(run_id).info.status == "RUNNING":
-            client.set_tag(run_id, "normlab.stopped", reason[:5000])
-            client.set_terminated(run_id, status)
+        _set_parent(tracker, f"mark it {status}", lambda: c.set_terminated(tracker.parent_run_id, status), DRIVER_BUDGET_S * 5)

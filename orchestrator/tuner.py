@@ -137,8 +137,10 @@ def scheduler(space: SearchSpace) -> TrialScheduler:
     max_t = sched.max_t or int(space.fixed.get("epochs", max(space.grid["epochs"].values) if "epochs" in space.grid else 10))
     # with Optuna, metric and mode go to the searcher and the scheduler, not to TuneConfig (Ray refuses both)
     own = {"metric": space.search.metric, "mode": space.search.mode} if space.search.algorithm == "optuna" else {}
+    # time is the trial's own epoch counter, which survives restarts exactly (Tune's iteration
+    # count restarts from the checkpoint Tune remembers, which may be older than the newest one)
     return ASHAScheduler(
-        time_attr="training_iteration", max_t=max_t, grace_period=sched.grace_period,
+        time_attr="epoch", max_t=max_t, grace_period=sched.grace_period,
         reduction_factor=sched.reduction_factor, **own,
     )
 
@@ -191,19 +193,6 @@ def build_tuner(
     )
 
 
-class CloseRunsCallback(tune.Callback):
-    """Driver side: close MLflow child runs whose trial could not (its process died)."""
-
-    def __init__(self, tracker: Any) -> None:
-        self.tracker = tracker
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.tracker.close_if_running(trial.trial_id, "FAILED", f"trial errored; see {trial.path}")
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.tracker.close_if_running(trial.trial_id, "KILLED", "trial ended before reporting its end")
-
-
 # ------------------------------------------------------------------- connecting
 
 
@@ -226,15 +215,18 @@ def init_ray(address: str | None, *, num_cpus: int | None = None) -> str:
     if ray.is_initialized():
         return "already connected"
     address = address or os.environ.get("RAY_ADDRESS")  # e.g. inside `ray job submit`
+    from orchestrator.tracking import credentials_env
+
+    secrets = credentials_env()  # tracking credentials reach trials through Ray, never through storage
     if address:
         check_ray_head(address)
-        ray.init(address=address, logging_level="WARNING")
+        ray.init(address=address, logging_level="WARNING", runtime_env={"env_vars": secrets} if secrets else None)
         return address
     user_proxies = {k: os.environ.get(k, "") for k in _PROXY_VARS}
     os.environ.update(_LOOPBACK_PROXY)
     try:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING",
-                 runtime_env={"env_vars": user_proxies})
+                 runtime_env={"env_vars": {**user_proxies, **secrets}})
     finally:
         for key, value in user_proxies.items():
             if value:

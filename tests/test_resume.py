@@ -45,7 +45,6 @@ def test_a_killed_search_resumes_from_checkpoints_into_the_same_runs(tmp_path):
                 break
             time.sleep(0.2)
         assert driver.poll() is None, "the search ended before it could be killed:\n" + (tmp_path / "submit.log").read_text()[-3000:]
-        time.sleep(2.5)  # let Tune snapshot its state (TUNE_GLOBAL_CHECKPOINT_S=2), as a long run would have
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started: nothing shuts down cleanly
         driver.wait(timeout=30)
     finally:
@@ -67,7 +66,8 @@ def test_a_killed_search_resumes_from_checkpoints_into_the_same_runs(tmp_path):
     for child in children:
         assert child.info.status == "FINISHED", child.data.tags
         assert child.data.tags["normlab.resumed"] == "true"
-        steps = [m.step for m in client.get_metric_history(child.info.run_id, "train_loss")]
-        assert set(steps) == set(range(1, 9))
-        assert steps.count(1) == 1  # resumed from a checkpoint, not retrained from scratch
+        # every epoch's metrics exactly once: whatever the kill interrupted was neither lost nor logged twice
+        for metric in ("epoch", "train_loss", "train_acc", "clean_acc", "adv_acc", "lr"):
+            steps = sorted(m.step for m in client.get_metric_history(child.info.run_id, metric))
+            assert steps == list(range(1, 9)), (metric, steps)
         assert "final_adv_acc" in child.data.metrics

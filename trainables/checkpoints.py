@@ -1,51 +1,235 @@
-"""Checkpoint files: one plain dict per file, written atomically.
+"""Checkpoint files: one plain dict per file, with a manifest that proves it complete.
 
-``save_checkpoint`` writes to a temporary file in the same folder and renames it, so a
-trial killed mid-write never leaves a truncated checkpoint behind.
+A checkpoint is two files side by side: ``NAME.pt`` (``torch.save`` of the state dict)
+and ``NAME.json``, its manifest: the format, the epoch, the byte count and SHA-256 of
+the ``.pt`` file, and the per-epoch metric history. ``save_checkpoint`` writes each file
+to a temporary name in the same folder, flushes and fsyncs it, renames it into place and
+fsyncs the folder: the ``.pt`` first, the manifest last, so a manifest only ever
+describes a complete file. A reader trusts a ``.pt`` only when its manifest's size and
+digest match (``CorruptCheckpointError`` otherwise): a truncated copy, a half-written
+upload or a flipped bit is detected, where ``torch.load`` alone loads a corrupt tensor
+without complaint.
+
+The same pair lives in Ray Tune's checkpoint folders in a trial's storage (any pyarrow
+filesystem: local, NFS, S3); ``stored_checkpoints`` lists them newest first from their
+manifests and ``read_stored_checkpoint`` loads one after checking it, so the trainable
+restores from the newest *complete* checkpoint and the driver can read a trial's
+history (the manifest) without loading its weights.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
 
+FORMAT = "normlab.checkpoint/1"
+CHECKPOINT_FILE = "checkpoint.pt"
+MANIFEST_FILE = "checkpoint.json"
 
-def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
-    """``torch.save`` ``state`` to ``path`` atomically; returns the path."""
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file that is missing, truncated or does not match its manifest."""
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not every filesystem lets a folder be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` whole or not at all: temp file, fsync, rename, fsync of the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
     return path
 
 
-def read_state(source: str | Path | BinaryIO, name: str | None = None) -> Any:
-    """``torch.load`` (weights only, onto the CPU) of a file, or an open binary stream called
-    ``name``; a missing or unreadable one is a clear error."""
-    if isinstance(source, (str, Path)):
-        source = Path(source).expanduser()
-        if not source.is_file():
-            raise FileNotFoundError(f"checkpoint not found: {source}")
-    name = name or str(source)
+def manifest_path(path: str | Path) -> Path:
+    """``NAME.json`` beside ``NAME.pt``."""
+    return Path(path).with_suffix(".json")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a checkpoint file holds, readable without loading it."""
+
+    epoch: int
+    sha256: str
+    bytes: int
+    format: str = FORMAT
+    history: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.__dict__, allow_nan=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, name: str) -> Manifest:
+        try:
+            raw = json.loads(data)
+            manifest = cls(**raw)
+        except (ValueError, TypeError) as exc:
+            raise CorruptCheckpointError(f"{name}: unreadable checkpoint manifest ({exc})") from exc
+        if not isinstance(manifest.epoch, int) or not isinstance(manifest.sha256, str) or not isinstance(manifest.bytes, int):
+            raise CorruptCheckpointError(f"{name}: checkpoint manifest has wrong field types")
+        return manifest
+
+
+def encode_checkpoint(state: dict[str, Any], extra: dict[str, Any] | None = None) -> tuple[bytes, Manifest]:
+    """``torch.save`` bytes of ``state`` and their manifest (``extra``: small JSON facts, e.g. the run id)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
+    epoch = state.get("epoch", 0)
+    history = state.get("history", [])
+    manifest = Manifest(epoch=int(epoch) if isinstance(epoch, int) else 0, sha256=hashlib.sha256(data).hexdigest(),
+                        bytes=len(data), history=list(history) if isinstance(history, list) else [], extra=dict(extra or {}))
+    return data, manifest
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Save ``state`` to ``path`` and its manifest beside it, each atomically and fsynced; returns ``path``."""
+    data, manifest = encode_checkpoint(state, extra)
+    path = write_atomic(path, data)
+    write_atomic(manifest_path(path), manifest.to_json())
+    return path
+
+
+def verify(data: bytes, manifest: Manifest, name: str) -> None:
+    """Raise ``CorruptCheckpointError`` unless ``data`` is what ``manifest`` describes."""
+    if len(data) != manifest.bytes:
+        raise CorruptCheckpointError(f"{name}: {len(data)} bytes, its manifest says {manifest.bytes} (truncated or overwritten)")
+    if hashlib.sha256(data).hexdigest() != manifest.sha256:
+        raise CorruptCheckpointError(f"{name}: SHA-256 does not match its manifest (corrupt)")
+
+
+def decode_state(data: bytes | BinaryIO, name: str) -> Any:
+    """``torch.load`` (weights only, onto the CPU); an unreadable file is a ``CorruptCheckpointError``."""
+    stream = io.BytesIO(data) if isinstance(data, bytes) else data
     try:
-        return torch.load(source, map_location="cpu", weights_only=True)
+        return torch.load(stream, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"{name} is not a readable PyTorch checkpoint: {exc}") from exc
+        raise CorruptCheckpointError(f"{name} is not a readable PyTorch checkpoint: {exc}") from exc
+
+
+def read_state(source: str | Path | BinaryIO, name: str | None = None) -> Any:
+    """``torch.load`` of a file (checked against its manifest when one lies beside it), or
+    of an open binary stream called ``name``; a missing or unreadable one is a clear error."""
+    if isinstance(source, (str, Path)):
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        name = name or str(path)
+        data = path.read_bytes()
+        manifest = manifest_path(path)
+        if path.suffix == ".pt" and manifest.is_file():
+            verify(data, Manifest.from_json(manifest.read_bytes(), str(manifest)), name)
+        return decode_state(data, name)
+    return decode_state(source, name or "checkpoint stream")
 
 
 def load_checkpoint(source: str | Path | BinaryIO, name: str | None = None) -> dict[str, Any]:
     """A normlab checkpoint dict (see ``read_state``); anything without a model is an error."""
     state = read_state(source, name)
     if not isinstance(state, dict) or "model" not in state:
-        raise ValueError(f"{name or source} is not a normlab checkpoint (no 'model' entry)")
+        raise CorruptCheckpointError(f"{name or source} is not a normlab checkpoint (no 'model' entry)")
     return state
+
+
+# ------------------------------------------------------------ checkpoints in a trial's storage
+
+
+@dataclass(frozen=True)
+class StoredCheckpoint:
+    """One checkpoint folder of a trial in its storage filesystem, as its manifest describes it."""
+
+    folder: str
+    manifest: Manifest
+
+    @property
+    def file(self) -> str:
+        return f"{self.folder}/{CHECKPOINT_FILE}"
+
+    @property
+    def epoch(self) -> int:
+        return self.manifest.epoch
+
+
+def _read_bytes(fs: Any, path: str) -> bytes:
+    with fs.open_input_stream(path) as fh:
+        return fh.read()
+
+
+def stored_checkpoints(fs: Any, trial_path: str) -> tuple[list[StoredCheckpoint], list[str]]:
+    """Checkpoint folders under ``trial_path`` with a readable manifest, newest epoch first,
+    and a note for each folder whose manifest is missing or unreadable (an incomplete copy)."""
+    from pyarrow import fs as pafs
+
+    infos = fs.get_file_info(pafs.FileSelector(trial_path, allow_not_found=True))
+    folders = sorted(i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+    found = {info.path: info for info in fs.get_file_info([f"{f}/{MANIFEST_FILE}" for f in folders])}
+    found.update({info.path: info for info in fs.get_file_info([f"{f}/{CHECKPOINT_FILE}" for f in folders])})
+    stored, notes = [], []
+    for folder in folders:
+        has_manifest = found[f"{folder}/{MANIFEST_FILE}"].type == pafs.FileType.File
+        has_file = found[f"{folder}/{CHECKPOINT_FILE}"].type == pafs.FileType.File
+        if not has_manifest:
+            if has_file:
+                notes.append(f"{folder}: {CHECKPOINT_FILE} without its manifest (an incomplete copy)")
+            continue  # pruned folders hold nothing
+        try:
+            manifest = Manifest.from_json(_read_bytes(fs, f"{folder}/{MANIFEST_FILE}"), f"{folder}/{MANIFEST_FILE}")
+        except (CorruptCheckpointError, OSError) as exc:
+            notes.append(str(exc))
+            continue
+        stored.append(StoredCheckpoint(folder, manifest))
+    stored.sort(key=lambda s: (s.epoch, s.folder), reverse=True)
+    return stored, notes
+
+
+def read_stored_checkpoint(fs: Any, stored: StoredCheckpoint) -> dict[str, Any]:
+    """Load one stored checkpoint after checking it against its manifest."""
+    try:
+        data = _read_bytes(fs, stored.file)
+    except OSError as exc:
+        raise CorruptCheckpointError(f"{stored.file}: cannot be read ({exc})") from exc
+    verify(data, stored.manifest, stored.file)
+    state = decode_state(data, stored.file)
+    if not isinstance(state, dict) or "model" not in state:
+        raise CorruptCheckpointError(f"{stored.file} is not a normlab checkpoint (no 'model' entry)")
+    return state
+
+
+def delete_stored_checkpoint(fs: Any, stored: StoredCheckpoint) -> None:
+    """Remove a checkpoint's payload and manifest (the folder stays: Ray's state may name it)."""
+    for path in (stored.file, f"{stored.folder}/{MANIFEST_FILE}"):
+        try:
+            fs.delete_file(path)
+        except FileNotFoundError:
+            pass

@@ -2,44 +2,121 @@
 
 ``train(config, resolve=..., tracker=...)`` is the function trainable: it turns Ray's
 config into a ``TrialConfig`` (``resolve`` merges the search's fixed keys), takes threads
-and device from the resources Ray gave the trial, restores from ``tune.get_checkpoint()``,
-runs the trial and calls ``tune.report(metrics, checkpoint=...)`` after every epoch.
+and device from the resources Ray gave the trial, restores from the newest *complete*
+checkpoint in the trial's storage, runs the trial and calls ``tune.report(metrics,
+checkpoint=...)`` after every epoch.
 
-Tracking is injected: ``tracker`` (any object with the ``TrialTracker`` methods, e.g.
-orchestrator's MLflow tracker) opens or re-attaches the trial's run. Its id is stored in
-the checkpoint, so a trial resumed after a failure keeps logging to the same run. This
-module imports ray but nothing from orchestrator.
+Exactly-once tracking. Every checkpoint carries a manifest with the trial's whole metric
+history (``trainables.checkpoints``); the tracker (any object with the ``TrialTracker``
+methods, e.g. orchestrator's MLflow tracker, injected so this module imports nothing
+from orchestrator) makes the trial's run match a ``TrialRecord``: it logs only the epochs
+the run does not hold yet. So whatever dies when, a restarted trial re-logs nothing it
+logged before and catches up on what it had not, and a tracking server that is down only
+delays metrics: they stay in the record and the checkpoint, and the next sync (the next
+epoch, the driver when the trial ends, ``normlab resume``) writes them.
+
+Restore ignores which checkpoint Ray remembers: a worker or driver killed between
+persisting a checkpoint and Ray's bookkeeping leaves a newer complete one in storage,
+and a truncated or corrupt newest one (its manifest does not match) falls back to the
+newest complete one, noted on the run.
+
+Failures are handled by kind (``trainables.failures``): a non-retryable one (NaN loss,
+bad configuration, foreign checkpoint, full storage) is recorded on the run and in a
+marker in the trial's storage, so a restart Ray attempts anyway fails at once with the
+same reason instead of training again. This module imports ray but nothing from
+orchestrator.
 """
 
 from __future__ import annotations
 
-import io
+import json
 import logging
+import os
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from pydantic import ValidationError
 from ray import tune
 
-from trainables.checkpoints import load_checkpoint, save_checkpoint
-from trainables.config import TrialConfig
+from trainables import faults
+from trainables.checkpoints import (
+    CHECKPOINT_FILE,
+    MANIFEST_FILE,
+    CorruptCheckpointError,
+    delete_stored_checkpoint,
+    read_stored_checkpoint,
+    save_checkpoint,
+    stored_checkpoints,
+)
+from trainables.config import TrialConfig, format_validation_error
+from trainables.failures import NonRetryableError, StorageFullError, TrialConfigError, describe, is_disk_full, is_retryable
 from trainables.trial import is_final_metric, run_trial
 
-CHECKPOINT_FILE = "checkpoint.pt"
 RUN_ID_KEY = "mlflow_run_id"
+FATAL_FILE = "normlab_fatal.json"
 SHOWN_FIRST = ("clean_acc", "adv_acc", "train_loss", "train_acc")
+log = logging.getLogger("normlab.trial")
+
+
+def _seconds(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+# How long a trial waits for the tracking server: per epoch, then at the end. After that
+# it carries on; what it could not log waits in its checkpoints for the next sync.
+EPOCH_SYNC_S = _seconds("NORMLAB_TRACKING_RETRY_S", 20.0)
+FINAL_SYNC_S = _seconds("NORMLAB_TRACKING_FINAL_WAIT_S", 120.0)
+
+
+@dataclass
+class TrialRecord:
+    """What a trial's tracking run must show: its config, run, per-epoch history and facts.
+
+    ``config`` is the validated config (or the raw values when they did not validate);
+    ``epochs`` the number the trial trains (None when unknown). The record travels in each
+    checkpoint's manifest, so the driver can bring the run up to date without the trial.
+    """
+
+    trial_id: str
+    trial_name: str
+    config: dict[str, Any]
+    epochs: int | None = None
+    run_id: str | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        """The last epoch, with its final sweep, is in the history."""
+        return bool(self.history) and self.epochs is not None and self.history[-1].get("epoch") == self.epochs
+
+    @property
+    def final(self) -> dict[str, float]:
+        return {k: v for k, v in self.history[-1].items() if is_final_metric(k)} if self.finished else {}
+
+    def manifest_extra(self) -> dict[str, Any]:
+        return {"record": {k: v for k, v in self.__dict__.items() if k != "history"}}
+
+    @classmethod
+    def from_manifest(cls, extra: dict[str, Any], history: list[dict[str, Any]]) -> TrialRecord:
+        return cls(**extra["record"], history=list(history))
 
 
 class TrialTracker(Protocol):
-    """Where a trial records itself (e.g. an MLflow child run)."""
+    """Where a trial records itself (e.g. an MLflow child run). ``sync`` opens or re-attaches
+    the run (setting ``record.run_id``), logs the epochs it lacks and, with ``finish`` on a
+    finished record, closes it; ``fail`` closes it with a reason. Neither raises for an
+    unreachable server: they return False after ``budget_s`` seconds of trying."""
 
-    def start(self, config: dict[str, Any], trial_id: str, trial_name: str, run_id: str | None = None) -> str: ...
-    def log_epoch(self, run_id: str, epoch: int, metrics: dict[str, float]) -> None: ...
-    def log_checkpoint(self, run_id: str, checkpoint_file: Path) -> None: ...
-    def finish(self, run_id: str, result: dict[str, Any]) -> None: ...
-    def fail(self, run_id: str, error: BaseException) -> None: ...
-    def stopped(self, run_id: str, reason: str) -> None: ...
+    def sync(self, record: TrialRecord, *, budget_s: float, checkpoint_file: Path | None = None,
+             finish: bool = False) -> bool: ...
+    def fail(self, record: TrialRecord, reason: str, *, retryable: bool, budget_s: float) -> bool: ...
 
 
 def runtime_settings(values: dict[str, Any], cpus: float, gpus: float) -> dict[str, Any]:
@@ -48,50 +125,97 @@ def runtime_settings(values: dict[str, Any], cpus: float, gpus: float) -> dict[s
     if values.get("threads") is None:
         out["threads"] = max(1, int(cpus))
     if values.get("device", "auto") == "auto":
-        out["device"] = "cuda" if gpus > 0 else "cpu"
+        out["device"] = auto_device(gpus)
     return out
 
 
-# Checkpoint payloads are pruned here, not by Ray: Ray deletes old checkpoint folders
-# while its last experiment snapshot may still point at one of them, so after a hard kill
-# of the driver a restore could ask for a folder that is gone. The folders stay (empty
-# once pruned); only the newest ``keep`` hold a checkpoint file, and a restore pointed at
-# a pruned folder falls back to the newest complete checkpoint of the trial.
+def auto_device(gpus: float) -> str:
+    """What ``device=auto`` means for a trial given ``gpus`` of a GPU by Ray: ``cuda`` (Ray makes
+    its GPUs the only visible ones, so device 0 is its share) or ``cpu``."""
+    return "cuda" if gpus > 0 else "cpu"
 
 
-def _checkpoint_files(storage: Any) -> list[str]:
-    """``checkpoint.pt`` files in this trial's storage folder, oldest first."""
-    from pyarrow import fs as pafs
+def runtime_tags(values: dict[str, Any], gpus: float) -> dict[str, str]:
+    """Facts of this attempt for the run: device, threads, node, GPU ids and share."""
+    import ray
 
-    infos = storage.storage_filesystem.get_file_info(pafs.FileSelector(storage.trial_fs_path, allow_not_found=True))
-    folders = sorted(i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
-    files = [f"{folder}/{CHECKPOINT_FILE}" for folder in folders]
-    found = storage.storage_filesystem.get_file_info(files)
-    return [info.path for info in found if info.type == pafs.FileType.File]
-
-
-def _read(storage: Any, path: str) -> dict[str, Any]:
-    with storage.storage_filesystem.open_input_file(path) as fh:
-        return load_checkpoint(io.BytesIO(fh.read()), name=path)
-
-
-def _restore(storage: Any) -> dict[str, Any] | None:
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as folder:
-        file = Path(folder) / CHECKPOINT_FILE
-        if file.is_file():
-            return load_checkpoint(file)
-    files = _checkpoint_files(storage)
-    if not files:
-        raise FileNotFoundError(f"cannot resume: {checkpoint.path} has no {CHECKPOINT_FILE}, and no other checkpoint of this trial is left")
-    return _read(storage, files[-1])
+    context = ray.get_runtime_context()
+    return {
+        "normlab.device": str(values.get("device")),
+        "normlab.device_auto": auto_device(gpus),
+        "normlab.threads": str(values.get("threads")),
+        "normlab.node_id": context.get_node_id(),
+        "normlab.node_ip": ray.util.get_node_ip_address(),
+        "normlab.gpu_share": f"{gpus:g}",
+        "normlab.gpu_ids": ",".join(str(i) for i in ray.get_gpu_ids()),
+        "normlab.cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+    }
 
 
-def _prune(storage: Any, keep: int) -> None:
-    for path in _checkpoint_files(storage)[:-keep]:
-        storage.storage_filesystem.delete_file(path)
+# ----------------------------------------------------------------- trial storage
+
+
+class TrialStorage:
+    """This trial's folder in the search's storage (any pyarrow filesystem)."""
+
+    def __init__(self, fs: Any, path: str) -> None:
+        self.fs, self.path = fs, path
+
+    def restore(self) -> tuple[dict[str, Any] | None, list[str]]:
+        """The newest complete checkpoint (None: start fresh), and a note per checkpoint skipped."""
+        stored, notes = stored_checkpoints(self.fs, self.path)
+        for candidate in stored:
+            try:
+                state = read_stored_checkpoint(self.fs, candidate)
+            except CorruptCheckpointError as exc:
+                notes.append(str(exc))
+                continue
+            if notes:
+                notes.append(f"resumed from epoch {candidate.epoch} ({candidate.folder})")
+            return state, notes
+        if notes:
+            notes.append("no complete checkpoint left: started from scratch")
+        return None, notes
+
+    def prune(self, keep: int) -> None:
+        """Keep the newest ``keep`` complete checkpoints; drop older ones and incomplete copies."""
+        stored, _ = stored_checkpoints(self.fs, self.path)
+        for old in stored[keep:]:
+            delete_stored_checkpoint(self.fs, old)
+
+    def fsync(self) -> None:
+        """Flush persisted checkpoint files to disk when the storage is a local filesystem."""
+        if type(self.fs).__name__ != "LocalFileSystem":
+            return
+        for stored in stored_checkpoints(self.fs, self.path)[0][:1]:
+            for name in (CHECKPOINT_FILE, MANIFEST_FILE):
+                try:
+                    fd = os.open(f"{stored.folder}/{name}", os.O_RDONLY)
+                except OSError:
+                    continue
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+
+    def fatal(self) -> dict[str, Any] | None:
+        """The non-retryable failure recorded by an earlier attempt, if any."""
+        try:
+            with self.fs.open_input_stream(f"{self.path}/{FATAL_FILE}") as fh:
+                return json.loads(fh.read())
+        except (FileNotFoundError, OSError, ValueError):
+            return None
+
+    def record_fatal(self, reason: str) -> None:
+        try:
+            self.fs.create_dir(self.path)
+            with self.fs.open_output_stream(f"{self.path}/{FATAL_FILE}") as fh:
+                fh.write(json.dumps({"error": reason}).encode())
+        except OSError as exc:  # e.g. the storage is full: the run's tag still says why
+            log.warning("could not record the failure in %s: %s", self.path, exc)
+
+
+# ------------------------------------------------------------------- the trainable
 
 
 def train(
@@ -106,55 +230,94 @@ def train(
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a line per checkpoint
     context = tune.get_context()
     resources = context.get_trial_resources().required_resources
+    storage_context = context.get_storage()
+    storage = TrialStorage(storage_context.storage_filesystem, storage_context.trial_fs_path)
+    record = TrialRecord(context.get_trial_id(), context.get_trial_name(), config={})
+    earlier = storage.fatal()
+    if earlier:  # Ray restarts every failure; this one would only fail again
+        raise NonRetryableError(f"{earlier['error']} (a non-retryable failure of an earlier attempt; not retried)")
+
     values = resolve(config) if resolve else dict(config)
     values.update(runtime_settings(values, resources.get("CPU", 1), resources.get("GPU", 0)))
-    cfg = TrialConfig.model_validate(values)
-    storage = context.get_storage()
-    checkpoint = _restore(storage)
-    run_id = None
+    record.config = values
+    try:
+        cfg = TrialConfig.model_validate(values)
+    except ValidationError as exc:
+        _fail(record, tracker, storage, TrialConfigError("invalid trial configuration: " +
+                                                         format_validation_error(exc).replace("\n", "; ")))
+    record.config, record.epochs = cfg.model_dump(mode="json"), cfg.epochs
+    record.tags = runtime_tags(values, resources.get("GPU", 0))
+    checkpoint, notes = storage.restore()
+    if notes:
+        record.tags["normlab.checkpoint_fallback"] = "; ".join(notes)[:5000]
+        log.warning("trial %s: %s", record.trial_name, "; ".join(notes))
+    if checkpoint is not None:
+        record.run_id = checkpoint.get(RUN_ID_KEY)
+        record.history = list(checkpoint.get("history", []))
     if tracker is not None:
-        previous = checkpoint.get(RUN_ID_KEY) if checkpoint else None
-        run_id = tracker.start(cfg.model_dump(mode="json"), context.get_trial_id(), context.get_trial_name(), previous)
-
-    finished: list[int] = []  # the last epoch's, once the run is closed
+        tracker.sync(record, budget_s=EPOCH_SYNC_S)  # opens the run; catches up what the checkpoint holds
+    faults.training(record.trial_name, len(record.history) + 1)
 
     def on_epoch(epoch: int, metrics: dict[str, float], state: dict[str, Any]) -> None:
-        if tracker is not None:
-            tracker.log_epoch(run_id, epoch, metrics)
-        metrics = {k: metrics[k] for k in SHOWN_FIRST if k in metrics} | metrics  # Tune's table shows the first few
+        record.history = list(state["history"])
         last = epoch == cfg.epochs
-        if epoch % checkpoint_every and not last:
-            tune.report(metrics)
-            return
-        state[RUN_ID_KEY] = run_id
+        faults.maybe_kill("before_sync", record.trial_name, epoch)
+        if tracker is not None:  # before the checkpoint: a kill between the two re-logs nothing (see module doc)
+            tracker.sync(record, budget_s=EPOCH_SYNC_S)
+        save = last or epoch % checkpoint_every == 0
         with tempfile.TemporaryDirectory(prefix="normlab-ckpt-") as folder:
-            file = save_checkpoint(state, Path(folder) / CHECKPOINT_FILE)
+            file = None
+            if save:
+                state[RUN_ID_KEY] = record.run_id
+                file = _save(state, Path(folder) / CHECKPOINT_FILE, record, epoch)
             if last and tracker is not None:
-                # the run is complete before the last report: a scheduler may end the
-                # trial inside that report (ASHA does at max_t)
-                tracker.log_checkpoint(run_id, file)
-                tracker.finish(run_id, summary(state, metrics, cfg))
-                finished.append(epoch)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
-        _prune(storage, keep_checkpoints)
+                # the run is complete before the last report: a scheduler may end the trial
+                # inside that report (ASHA does at max_t), and nothing after it would run
+                tracker.sync(record, budget_s=FINAL_SYNC_S, checkpoint_file=file, finish=True)
+            faults.maybe_kill("after_sync", record.trial_name, epoch)
+            shown = {k: metrics[k] for k in SHOWN_FIRST if k in metrics} | metrics  # Tune's table shows the first few
+            try:
+                tune.report(shown, checkpoint=tune.Checkpoint.from_directory(folder) if save else None)
+            except OSError as exc:
+                if is_disk_full(exc):
+                    raise StorageFullError(f"no space left on the storage path while saving the epoch {epoch} checkpoint "
+                                           f"({exc}); free space, then `normlab resume`") from exc
+                raise
+        if save:
+            storage.fsync()
+            faults.maybe_kill("after_report", record.trial_name, epoch)
+            storage.prune(keep_checkpoints)
+        faults.training(record.trial_name, epoch + 1)
 
     try:
-        result = run_trial(cfg, on_epoch=on_epoch, checkpoint=checkpoint)
-    except SystemExit:  # tune.report's way of ending a trial that the scheduler stopped
-        if tracker is not None and not finished:
-            tracker.stopped(run_id, "stopped early by the scheduler")
+        run_trial(cfg, on_epoch=on_epoch, checkpoint=checkpoint)
+    except SystemExit:  # tune.report's way of ending a trial the scheduler stopped: the driver closes its run
         raise
     except BaseException as error:
-        if tracker is not None:
-            tracker.fail(run_id, error)
+        _fail(record, tracker, storage, error)
+    if tracker is not None and checkpoint is not None and int(checkpoint["epoch"]) >= cfg.epochs:
+        # resumed from the last epoch's checkpoint: nothing left to train, only to record
+        with tempfile.TemporaryDirectory(prefix="normlab-ckpt-") as folder:
+            file = _save(checkpoint, Path(folder) / CHECKPOINT_FILE, record, int(checkpoint["epoch"]))
+            tracker.sync(record, budget_s=FINAL_SYNC_S, checkpoint_file=file, finish=True)
+
+
+def _save(state: dict[str, Any], path: Path, record: TrialRecord, epoch: int) -> Path:
+    try:
+        return save_checkpoint(state, path, extra=record.manifest_extra())
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise StorageFullError(f"no space left on this node's temporary folder while saving the epoch {epoch} "
+                                   f"checkpoint ({exc})") from exc
         raise
-    if tracker is not None and not finished:  # resumed from the last epoch's checkpoint: no epoch left to run
-        tracker.finish(run_id, result.to_dict())
 
 
-def summary(state: dict[str, Any], metrics: dict[str, float], cfg: TrialConfig) -> dict[str, Any]:
-    """The trial's result as ``TrialResult.to_dict()`` lays it out, from its last epoch."""
-    final = {k: v for k, v in metrics.items() if is_final_metric(k)}
-    return {"config": state["config"], "history": state["history"], "final": final,
-            "eval_batch_size": cfg.eval_batch_size}
-
+def _fail(record: TrialRecord, tracker: TrialTracker | None, storage: TrialStorage, error: BaseException) -> None:
+    """Record why the trial failed (run tag, and a marker when retrying cannot help), then raise."""
+    retryable = is_retryable(error)
+    reason = describe(error)
+    if not retryable:
+        storage.record_fatal(reason)
+    if tracker is not None:
+        tracker.fail(record, reason, retryable=retryable, budget_s=EPOCH_SYNC_S)
+    raise error

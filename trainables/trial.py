@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from trainables.attacks import AttackSettings, clean_accuracy, robust_accuracy
 from trainables.config import TrialConfig
 from trainables.data import DEFAULT_AUGMENTATION, TensorData, augment, batch_indices, load_dataset
+from trainables.failures import NonRetryableError, TrialConfigError
 from trainables.models import create_model
 from trainables.norms import norm_layer_factory, stats_mode, stats_mode_layers
 from trainables.optim import build_optimizer, build_scheduler
@@ -41,11 +42,11 @@ STATE_KEYS = frozenset({"format", "epoch", "model", "optimizer", "scheduler", "s
 EpochCallback = Callable[[int, dict[str, float], dict[str, Any]], None]
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(NonRetryableError, FloatingPointError):
     """The training loss became NaN or infinite; the message names epoch and step."""
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(NonRetryableError, ValueError):
     """A checkpoint was made by a trial with a different configuration."""
 
 
@@ -132,7 +133,7 @@ class _Trial:
             device=self.device,
         )
         if len(self.data.train_x) < cfg.batch_size:
-            raise ValueError(f"batch_size={cfg.batch_size} is larger than the training set ({len(self.data.train_x)})")
+            raise TrialConfigError(f"batch_size={cfg.batch_size} is larger than the training set ({len(self.data.train_x)})")
         self.model: nn.Module = create_model(
             cfg.model,
             num_classes=self.data.num_classes,
@@ -335,8 +336,9 @@ def run_trial(
             log(format_epoch(metrics, cfg.epochs))
         if on_epoch:
             on_epoch(epoch, metrics, trial.state(epoch, history, extra))
-    if not final:  # resumed from a checkpoint of a trial that had finished training
-        final = trial.evaluate_final()
+    if not final:  # resumed from the checkpoint of a trial that had finished: its last epoch measured it
+        final = {k: v for k, v in history[-1].items() if is_final_metric(k)} if history else {}
+        final = final or trial.evaluate_final()
     return TrialResult(
         config=cfg.model_dump(mode="json"),
         history=history,

@@ -1,0 +1,155 @@
+"""Driver-side Tune callback: every trial's MLflow run ends complete and closed.
+
+A trial records itself, but it cannot always finish the job: its process may die (a
+killed worker, a lost node), the tracking server may be down when it ends, a scheduler
+may stop it inside ``tune.report``. So when a trial ends, the driver reads the trial's
+newest checkpoint manifest (history and run id, not the weights) from storage and syncs
+the run from it, then closes a run its trial left open: FINISHED when the last epoch is
+in, KILLED when a scheduler stopped it, FAILED with the reason when it errored. The work
+runs on one background thread so that a slow or absent server never stalls Tune's event
+loop; ``on_experiment_end`` waits for it (``NORMLAB_TRACKING_DRAIN_S``, default 600 s)
+and then syncs every trial not yet synced by this driver (a resumed search's earlier
+trials). Nothing here raises: at worst it warns, and ``normlab resume`` syncs again.
+
+It also enforces non-retryable failures: when a failed trial left a fatal marker in its
+storage, its remaining retries are cancelled (the one restart Ray has already queued
+fails at once, see ``trainables.ray_trainable``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from orchestrator.trial_runs import MlflowTrialTracker
+from trainables.checkpoints import CorruptCheckpointError, read_stored_checkpoint, save_checkpoint, stored_checkpoints
+from trainables.ray_trainable import FATAL_FILE, TrialRecord
+
+log = logging.getLogger("normlab.tracking")
+DRAIN_S = float(os.environ.get("NORMLAB_TRACKING_DRAIN_S", 600))
+CLOSE_BUDGET_S = 30.0
+
+
+def trial_record(trial: Any) -> tuple[TrialRecord, Any, Any]:
+    """The record of a Tune trial from its newest checkpoint manifest (history, run id,
+    config), with the storage filesystem and that checkpoint (None if it has none)."""
+    fs, path = trial.storage.storage_filesystem, trial.storage.trial_fs_path
+    stored, _ = stored_checkpoints(fs, path)
+    for candidate in stored:
+        if "record" in candidate.manifest.extra:
+            return TrialRecord.from_manifest(candidate.manifest.extra, candidate.manifest.history), fs, candidate
+    return TrialRecord(trial.trial_id, str(trial), config={}), fs, None
+
+
+def fatal_reason(trial: Any) -> str | None:
+    """The non-retryable failure a trial recorded in its storage, if any."""
+    import json
+
+    try:
+        with trial.storage.storage_filesystem.open_input_stream(f"{trial.storage.trial_fs_path}/{FATAL_FILE}") as fh:
+            return json.loads(fh.read())["error"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def tune_error(trial: Any) -> str:
+    """The last line of Tune's error file for ``trial`` (the exception's message)."""
+    try:
+        lines = [line.strip() for line in Path(trial.error_file).read_text().splitlines() if line.strip()]
+    except (OSError, TypeError):
+        return "the trial failed (no error recorded)"
+    return lines[-1][:2000] if lines else "the trial failed"
+
+
+class TrialRunsCallback(tune.Callback):
+    """Sync and close each trial's run when it ends; cancel retries of non-retryable failures."""
+
+    def __init__(self, tracker: MlflowTrialTracker) -> None:
+        self.tracker = tracker
+        self._setup()
+
+    def _setup(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: dict[str, tuple[Future, Any, str, str]] = {}
+        self._done: set[str] = set()
+
+    def __getstate__(self) -> dict[str, Any]:  # Tune pickles callbacks with the experiment
+        return {"tracker": self.tracker}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.tracker = state["tracker"]
+        self._setup()
+
+    # --------------------------------------------------------------- Tune events
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        reason = fatal_reason(trial)
+        if reason is not None:
+            log.warning("trial %s failed without hope of a retry (%s): not retried", trial, reason)
+            trial.max_failures = trial.run_metadata.num_failures  # the restart already queued is the last
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._submit(trial, "KILLED", "the trial ended before its last epoch (stopped by the scheduler)")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._submit(trial, "FAILED", fatal_reason(trial) or tune_error(trial))
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        deadline = time.monotonic() + DRAIN_S
+        for trial in trials:
+            if trial.status in ("TERMINATED", "ERROR") and trial.trial_id not in self._pending and trial.trial_id not in self._done:
+                status = "FAILED" if trial.status == "ERROR" else "KILLED"
+                self._submit(trial, status, tune_error(trial) if status == "FAILED" else "stopped before its last epoch")
+        while self._pending and time.monotonic() < deadline:
+            for trial_id, (future, trial, status, reason) in list(self._pending.items()):
+                if not future.done():
+                    continue
+                del self._pending[trial_id]
+                if future.result():
+                    self._done.add(trial_id)
+                elif time.monotonic() < deadline:  # the server is still down: try again
+                    self._submit(trial, status, reason)
+            time.sleep(0.2)
+        for future, trial, _, _ in self._pending.values():
+            future.cancel()
+            log.warning("trial %s: its MLflow run could not be brought up to date before the search ended; "
+                        "its metrics are safe in its checkpoints: `normlab resume` syncs them", trial)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    # --------------------------------------------------------------- the work
+    def _submit(self, trial: Any, status: str, reason: str) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="normlab-runs")
+        self._done.discard(trial.trial_id)
+        self._pending[trial.trial_id] = (self._pool.submit(self._close, trial, status, reason), trial, status, reason)
+
+    def _close(self, trial: Any, status: str, reason: str) -> bool:
+        try:
+            record, fs, stored = trial_record(trial)
+        except Exception as exc:  # storage unreadable: close the run by trial id alone
+            log.warning("trial %s: cannot read its checkpoints (%s)", trial, exc)
+            record, fs, stored = TrialRecord(trial.trial_id, str(trial), config={}), None, None
+        with tempfile.TemporaryDirectory(prefix="normlab-close-") as folder:
+
+            def checkpoint() -> Path | None:  # read only if the run still needs its final checkpoint
+                if stored is None or not record.finished:
+                    return None
+                try:
+                    return save_checkpoint(read_stored_checkpoint(fs, stored), Path(folder) / "checkpoint.pt")
+                except (CorruptCheckpointError, OSError) as exc:
+                    log.warning("trial %s: its final checkpoint is unreadable (%s)", trial, exc)
+                    return None
+
+            try:
+                return self.tracker.close(record, status, reason, budget_s=CLOSE_BUDGET_S, checkpoint_file=checkpoint)
+            except Exception as exc:  # never let tracking end a search
+                log.warning("trial %s: closing its run failed: %s", trial, exc)
+                return False

@@ -1,0 +1,61 @@
+"""Test-only fault injection: SIGKILL this worker at a named point of a trial.
+
+Inactive unless the environment variable ``NORMLAB_FAULTS`` names a JSON plan::
+
+    {"kills": [{"trial": "00001", "epoch": 2, "point": "after_sync"}, ...],
+     "state_dir": "/tmp/faults"}
+
+``trial`` is a substring of the Ray trial name (``"*"``: any trial). Points, in the
+order an epoch passes them: ``before_sync`` (the epoch is trained, nothing recorded),
+``after_sync`` (its metrics are in MLflow, its checkpoint is not yet saved),
+``after_report`` (checkpoint persisted, old ones not yet pruned). Each kill fires once:
+a marker in ``state_dir`` records it before the signal, so the retried trial passes.
+``state_dir/<trial name>.json`` always holds the worker's pid and the epoch it is
+training, so a test can also kill a worker from outside in the middle of an epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+ENV = "NORMLAB_FAULTS"
+POINTS = ("before_sync", "after_sync", "after_report")
+
+
+def _plan() -> dict | None:
+    path = os.environ.get(ENV)
+    if not path:
+        return None
+    return json.loads(Path(path).read_text())
+
+
+def training(trial_name: str, epoch: int) -> None:
+    """Record that this worker (pid) is now training ``epoch`` of ``trial_name``."""
+    plan = _plan()
+    if plan is None:
+        return
+    state = Path(plan["state_dir"])
+    state.mkdir(parents=True, exist_ok=True)
+    tmp = state / f".{trial_name}.json.tmp"
+    tmp.write_text(json.dumps({"pid": os.getpid(), "epoch": epoch, "time": time.time()}))
+    os.replace(tmp, state / f"{trial_name}.json")
+
+
+def maybe_kill(point: str, trial_name: str, epoch: int) -> None:
+    """SIGKILL this process if the plan says so for (trial, epoch, point) and it has not fired yet."""
+    plan = _plan()
+    if plan is None:
+        return
+    for kill in plan.get("kills", []):
+        if kill["point"] != point or kill["epoch"] != epoch or not (kill["trial"] == "*" or kill["trial"] in trial_name):
+            continue
+        marker = Path(plan["state_dir"]) / f"killed-{trial_name}-{point}-{epoch}"
+        if marker.exists():
+            continue
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGKILL)
