@@ -279,11 +279,13 @@ def status(name: str | None, storage_path: str | None) -> None:
 def report(name: str, tracking_uri: str | None, run_id: str | None, fmt: str, plot: Path | None) -> None:
     """The results of search NAME from MLflow: one row per trial."""
     from orchestrator.report import render, search_results, tradeoff_figure
-    from orchestrator.tracking import resolve_tracking
+    from orchestrator.tracking import TrackingUnreachable, check_reachable, resolve_tracking
 
+    target = resolve_tracking(tracking_uri)
     try:
-        frame = search_results(resolve_tracking(tracking_uri), name, run_id)
-    except LookupError as exc:
+        check_reachable(target, timeout=5)
+        frame = search_results(target, name, run_id)
+    except (LookupError, TrackingUnreachable) as exc:
         raise UsageFailure(str(exc)) from exc
     rendered = render(frame, fmt)
     if fmt == "table":

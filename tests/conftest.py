@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -40,3 +42,65 @@ def free_port() -> int:
 @pytest.fixture
 def port() -> int:
     return free_port()
+
+
+BIN = Path(sys.executable).parent
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a server and every process it started (they share its process group)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    try:  # children that outlived their parent
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def wait_for(check, timeout: float, what: str, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if check():
+                return
+        except Exception:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{what} not ready after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 over a SQLite store in ``root``; stop and start it at will."""
+
+    def __init__(self, root: Path, port: int | None = None, env: dict[str, str] | None = None) -> None:
+        self.root, self.port, self.env = root, port or free_port(), env
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self) -> MlflowServer:
+        import requests
+
+        self.starts += 1
+        log = self.root / f"mlflow-{self.starts}.log"
+        self.proc = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}", "--artifacts-destination",
+             str(self.root / "server-artifacts")],
+            env=self.env or normlab_env(), stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        wait_for(lambda: requests.get(f"{self.uri}/health", timeout=2).status_code == 200, 120, "mlflow server",
+                 self.proc, log)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+            self.proc = None

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import free_port, run_normlab
+from conftest import BIN, free_port, run_normlab, stop, wait_for
 from mlflow.tracking import MlflowClient
 
-BIN = Path(sys.executable).parent
 SPACE = """
 name: cluster_smoke
 fixed: {dataset: digits, epochs: 2, train_subset: 256, batch_size: 64, eval_attacks: [fgsm],
@@ -37,35 +36,6 @@ def loopback_env(home: Path) -> dict[str, str]:
         http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9", no_proxy="127.0.0.1,localhost,::1",
     )
     return env
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """Stop a server and every process it started (they share its process group)."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-    try:  # children that outlived their parent
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def wait_for(check, timeout: float, what: str, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if check():
-                return
-        except Exception:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{what} not ready after {timeout}s:\n{log.read_text()[-3000:]}")
 
 
 @pytest.fixture(scope="module")
