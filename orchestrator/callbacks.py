@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -59,13 +60,31 @@ def fatal_reason(trial: Any) -> str | None:
         return None
 
 
-def tune_error(trial: Any) -> str:
-    """The last line of Tune's error file for ``trial`` (the exception's message)."""
+def tune_error(trial: Any, default: str = "the trial failed (no error recorded)") -> str:
+    """The last line of Tune's error file for ``trial`` (the exception's message), read from
+    the driver's staging folder or the trial's storage, whichever has it."""
+    name = getattr(trial.run_metadata, "error_filename", None) or "error.txt"
+    text = None
     try:
-        lines = [line.strip() for line in Path(trial.error_file).read_text().splitlines() if line.strip()]
-    except (OSError, TypeError):
-        return "the trial failed (no error recorded)"
-    return lines[-1][:2000] if lines else "the trial failed"
+        text = Path(trial.error_file).read_text()
+    except Exception:  # no staging folder (Ray not running, another machine): the storage copy
+        try:
+            with trial.storage.storage_filesystem.open_input_stream(f"{trial.storage.trial_fs_path}/{name}") as fh:
+                text = fh.read().decode(errors="replace")
+        except Exception:
+            return default
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:2000] if lines else default
+
+
+def trial_error(trial: Any) -> str:
+    """Why a trial errored, one line: its non-retryable reason, else Tune's last error line
+    (without the exception's module path)."""
+    reason = fatal_reason(trial)
+    if reason is not None:
+        return f"{reason} (non-retryable: not retried)"
+    line = tune_error(trial)
+    return re.sub(r"^(?:[A-Za-z_][\w]*\.)+(?=[A-Za-z_]\w*(?:Error|Exception)\b)", "", line)
 
 
 class TrialRunsCallback(tune.Callback):
@@ -98,14 +117,14 @@ class TrialRunsCallback(tune.Callback):
         self._submit(trial, "KILLED", "the trial ended before its last epoch (stopped by the scheduler)")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._submit(trial, "FAILED", fatal_reason(trial) or tune_error(trial))
+        self._submit(trial, "FAILED", trial_error(trial))
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         deadline = time.monotonic() + DRAIN_S
         for trial in trials:
             if trial.status in ("TERMINATED", "ERROR") and trial.trial_id not in self._pending and trial.trial_id not in self._done:
                 status = "FAILED" if trial.status == "ERROR" else "KILLED"
-                self._submit(trial, status, tune_error(trial) if status == "FAILED" else "stopped before its last epoch")
+                self._submit(trial, status, trial_error(trial) if status == "FAILED" else "stopped before its last epoch")
         while self._pending and time.monotonic() < deadline:
             for trial_id, (future, trial, status, reason) in list(self._pending.items()):
                 if not future.done():

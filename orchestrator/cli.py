@@ -200,7 +200,7 @@ def submit(space: str, overrides: tuple[str, ...], address: str | None, tracking
     from orchestrator.rayenv import prepare_environment
 
     prepare_environment(local_ray=not (address or os.environ.get("RAY_ADDRESS")))
-    from orchestrator.search import run_search
+    from orchestrator.search import SearchStorageError, run_search
     from orchestrator.tracking import TrackingUnreachable, check_reachable, resolve_tracking
 
     spec, path = _load_space(space, overrides)
@@ -219,8 +219,11 @@ def submit(space: str, overrides: tuple[str, ...], address: str | None, tracking
     if address and target.is_local_file_store:
         console.print(f"[yellow]warning:[/] tracking store {target.uri} is a local file: trials on other nodes "
                       "cannot write to it; pass --tracking-uri http://... of an MLflow server")
-    outcome = run_search(spec, path, target, address=address, storage_path=storage_path, num_cpus=num_cpus,
-                         console=console)
+    try:
+        outcome = run_search(spec, path, target, address=address, storage_path=storage_path, num_cpus=num_cpus,
+                             console=console)
+    except SearchStorageError as exc:
+        raise TrialFailure(str(exc)) from exc
     out.print(outcome.table)
     if outcome.failed:
         console.print(f"[red]{outcome.failed} trial(s) failed[/]; see the errors above, then "
@@ -245,7 +248,7 @@ def resume(search: str, address: str | None, storage_path: str | None, num_cpus:
     from orchestrator.rayenv import prepare_environment
 
     prepare_environment(local_ray=not (address or os.environ.get("RAY_ADDRESS")))
-    from orchestrator.search import find_experiment, resume_search
+    from orchestrator.search import SearchStorageError, find_experiment, resume_search
     from orchestrator.tracking import TrackingUnreachable
 
     try:
@@ -253,6 +256,8 @@ def resume(search: str, address: str | None, storage_path: str | None, num_cpus:
         outcome = resume_search(folder, address=address, num_cpus=num_cpus, console=console)
     except (LookupError, TrackingUnreachable, ConnectionError) as exc:
         raise UsageFailure(str(exc)) from exc
+    except SearchStorageError as exc:
+        raise TrialFailure(str(exc)) from exc
     out.print(outcome.table)
     if outcome.failed:
         console.print(f"[red]{outcome.failed} trial(s) failed again[/]; see the errors above.")

@@ -27,7 +27,7 @@ from orchestrator.tracking import (
     search_running,
     start_search_run,
 )
-from orchestrator.callbacks import TrialRunsCallback
+from orchestrator.callbacks import TrialRunsCallback, trial_error
 from orchestrator.tuner import TrialResolver, build_tuner, init_ray, storage_uri, trainable
 
 RESULT_COLUMNS = ("final_clean_acc", "final_adv_acc")
@@ -71,6 +71,28 @@ def _row(result: Any, resolver: TrialResolver, keys: list[str]) -> dict[str, Any
     if result.error:
         row["error"] = str(result.error).strip().splitlines()[-1][:200]
     return row
+
+
+class SearchStorageError(RuntimeError):
+    """The search ran, but its results could not be read back from the storage path."""
+
+
+def _fit(tuner: Any, experiment_path: str) -> Any:
+    """``tuner.fit()``; a storage that broke under the search (full, unmounted) is one clear error.
+
+    Tune keeps running trials when it cannot save its state, and reads every trial's
+    (possibly truncated) error file back only at the end.
+    """
+    import pickle
+
+    try:
+        return tuner.fit()
+    except (OSError, EOFError, pickle.UnpicklingError) as exc:
+        raise SearchStorageError(
+            f"the search ended, but its results could not be read back from {experiment_path} "
+            f"({type(exc).__name__}: {exc}). Is the storage full or gone? `normlab status` lists the trials; "
+            f"free space, then `normlab resume {experiment_path}`"
+        ) from exc
 
 
 def _summarise(grid: Any, space: SearchSpace, experiment_path: str, console: Console) -> SearchOutcome:
@@ -117,7 +139,7 @@ def run_search(
         tuner = build_tuner(space, storage_path=storage, experiment=experiment, tracker=tracker,
                             callbacks=[TrialRunsCallback(tracker)])
         _write_record(experiment_path, SearchRecord(spec, str(space_file), target.uri, target.artifact_root, tracker))
-        grid = tuner.fit()
+        grid = _fit(tuner, experiment_path)
     return _summarise(grid, space, experiment_path, console)
 
 
@@ -181,12 +203,40 @@ def resume_search(
     check_reachable(TrackingTarget(record.tracking_uri, record.artifact_root))
     where = init_ray(address, num_cpus=num_cpus)
     console.print(f"resuming search {folder.name} on Ray {where}; MLflow {record.tracking_uri}")
+    retried = clear_fatal_markers(str(folder))
+    if retried:
+        console.print(f"retrying {len(retried)} trial(s) that failed with a non-retryable error: {', '.join(retried)}")
     with search_running(record.tracker, resumed=True):
         tuner = tune.Tuner.restore(
             str(folder), trainable=trainable(space, record.tracker), resume_unfinished=True, resume_errored=True
         )
-        grid = tuner.fit()
+        grid = _fit(tuner, str(folder))
     return _summarise(grid, space, str(folder), console)
+
+
+def _filesystem(path: str) -> tuple[Any, str]:
+    from pyarrow import fs as pafs
+
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), str(Path(path).resolve())
+
+
+def clear_fatal_markers(experiment_path: str) -> list[str]:
+    """Forget the non-retryable failures recorded in a search's trial folders (a resume is
+    the user's request to try them again); returns the trial folders that had one."""
+    from pyarrow import fs as pafs
+
+    from trainables.ray_trainable import FATAL_FILE
+
+    fs, root = _filesystem(experiment_path)
+    cleared = []
+    for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+        marker = f"{info.path}/{FATAL_FILE}"
+        if info.type == pafs.FileType.Directory and fs.get_file_info(marker).type == pafs.FileType.File:
+            fs.delete_file(marker)
+            cleared.append(info.base_name.split("_")[2] if info.base_name.count("_") >= 2 else info.base_name)
+    return cleared
 
 
 def experiment_dirs(storage_path: str | None, name: str | None = None) -> list[Path]:
@@ -208,12 +258,13 @@ def search_status(storage_path: str | None, name: str | None = None) -> list[Tab
     for folder in experiment_dirs(storage_path, name):
         analysis = ExperimentAnalysis(str(folder))
         table = Table(title=f"{folder.name}  ({folder})")
-        for column in ("trial", "state", "epochs", "clean_acc", "adv_acc", "final_adv_acc"):
+        for column in ("trial", "state", "epochs", "clean_acc", "adv_acc", "final_adv_acc", "error"):
             table.add_column(column)
         for trial in sorted(analysis.trials, key=lambda t: str(t)):
             last = trial.last_result or {}
             table.add_row(str(trial), trial.status, _fmt(last.get("epoch")), _fmt(last.get("clean_acc")),
-                          _fmt(last.get("adv_acc")), _fmt(last.get("final_adv_acc")))
+                          _fmt(last.get("adv_acc")), _fmt(last.get("final_adv_acc")),
+                          trial_error(trial)[:200] if trial.status == "ERROR" else "")
         tables.append(table)
     if not tables:
         table = Table(title=f"no searches{' named ' + repr(name) if name else ''} in {storage_uri(storage_path)}")

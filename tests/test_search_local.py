@@ -143,6 +143,7 @@ def test_status_lists_trials_from_the_storage_path(search):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("TERMINATED") == 2 and proc.stdout.count("ERROR") == 2
     assert "smoke-" in proc.stdout
+    assert proc.stdout.count("NonFiniteLossError: non-finite training loss") == 2  # why, in the status table
 
 
 def report(*args: str, workdir: Path) -> tuple[int, str, str]:
