@@ -13,6 +13,8 @@ from typing import Any, BinaryIO
 
 import torch
 
+from trainables.problems import clip
+
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """``torch.save`` ``state`` to ``path`` atomically; returns the path."""
@@ -40,7 +42,15 @@ def read_state(source: str | Path | BinaryIO, name: str | None = None) -> Any:
     try:
         return torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"{name} is not a readable PyTorch checkpoint: {exc}") from exc
+        raise ValueError(f"{name} is not a readable PyTorch checkpoint: {_load_error(exc)}") from exc
+
+
+def _load_error(exc: Exception) -> str:
+    """The gist of a ``torch.load`` error on one short line (weights-only errors are paragraphs)."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:  # the rest is advice about weights_only=False, which we never use
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+    return clip(" ".join(text.split()), 200)
 
 
 def load_checkpoint(source: str | Path | BinaryIO, name: str | None = None) -> dict[str, Any]:
