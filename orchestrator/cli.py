@@ -8,12 +8,12 @@ exit code 2 before any work starts.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import click
-import yaml
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
@@ -29,20 +29,31 @@ console = _console(stderr=True)
 out = _console(stderr=False)
 
 
+MAX_MESSAGE_LINES = 18
+
+
+def _bounded(message: str) -> str:
+    """At most ``MAX_MESSAGE_LINES`` lines of at most 500 characters (messages quote user input)."""
+    lines = [line if len(line) <= 500 else line[:497] + "..." for line in message.splitlines()]
+    if len(lines) > MAX_MESSAGE_LINES:
+        lines = [*lines[: MAX_MESSAGE_LINES - 1], f"... and {len(lines) - MAX_MESSAGE_LINES + 1} more lines"]
+    return "\n".join(lines)
+
+
 class UsageFailure(click.ClickException):
     """A user error: printed without a traceback, exit code 2."""
 
     exit_code = 2
 
     def show(self, file: Any = None) -> None:
-        console.print(f"[bold red]error:[/] {escape(self.message)}", soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(_bounded(self.message))}", soft_wrap=True)
 
 
 class TrialFailure(click.ClickException):
     """A trial that started and failed (NaN loss, missing files, ...): the reason, exit code 1."""
 
     def show(self, file: Any = None) -> None:
-        console.print(f"[bold red]trial failed:[/] {escape(self.message)}", soft_wrap=True)
+        console.print(f"[bold red]trial failed:[/] {escape(_bounded(self.message))}", soft_wrap=True)
 
 
 class KnobsCommand(click.Command):
@@ -62,10 +73,14 @@ class KnobsCommand(click.Command):
 
 
 def _read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """A ``--config`` file, read with the bounded YAML reader; any refusal is a UsageFailure."""
+    from trainables.safe_yaml import YamlRefused, load_yaml_file
+
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise UsageFailure(f"{path}: cannot read YAML: {exc}") from exc
+        data = load_yaml_file(path)
+    except YamlRefused as exc:
+        raise UsageFailure(f"cannot read trial configuration\n{exc}") from exc
+    data = {} if data is None else data
     if not isinstance(data, dict):
         raise UsageFailure(f"{path}: expected a mapping of trial knobs, got {type(data).__name__}")
     return data
@@ -79,7 +94,7 @@ def build_trial_config(config_file: Path | None, overrides: tuple[str, ...]) -> 
     try:
         values.update(parse_overrides(list(overrides)))
     except ValueError as exc:
-        raise UsageFailure(str(exc)) from exc
+        raise UsageFailure(f"invalid trial configuration\ncommand line: {exc}") from exc
     source = str(config_file) if config_file else "command line"
     try:
         return TrialConfig.model_validate(values)
@@ -121,7 +136,7 @@ def trial(
     """
     from orchestrator.report import final_table
     from trainables.checkpoints import load_checkpoint, save_checkpoint
-    from trainables.trial import run_trial
+    from trainables.trial import check_checkpoint, run_trial
 
     cfg = build_trial_config(config_file, overrides)
     if resume and not checkpoint_dir:
@@ -131,8 +146,9 @@ def trial(
     if resume and last and last.exists():
         try:
             checkpoint = load_checkpoint(last)
-        except ValueError as exc:
-            raise UsageFailure(str(exc)) from exc
+            check_checkpoint(cfg, checkpoint, str(last))
+        except (OSError, ValueError) as exc:
+            raise UsageFailure(f"cannot resume\n{exc}") from exc
         console.print(f"resuming from {last} (epoch {checkpoint['epoch']})")
 
     def on_epoch(epoch: int, metrics: dict[str, float], state: dict[str, Any]) -> None:
@@ -231,6 +247,27 @@ def submit(space: str, overrides: tuple[str, ...], address: str | None, tracking
         raise SystemExit(1)
 
 
+def _check_resume_arguments(search: str, storage_path: str | None) -> None:
+    """Refuse, before Ray starts, a SEARCH path or a local --storage-path that is no folder."""
+    looks_like_path = search.startswith((".", "~")) or "/" in search or os.sep in search
+    checks = (
+        ("SEARCH", search if looks_like_path else None, "give the search's folder (printed by `normlab submit`) or its name"),
+        ("--storage-path", storage_path, "give the folder searches were stored in, or an s3:// URI"),
+    )
+    for label, value, hint in checks:
+        if not value or "://" in value:
+            continue
+        try:
+            path = Path(value).expanduser()
+            exists, is_dir = path.exists(), path.is_dir()
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise UsageFailure(f"{label} {value}: not a usable path ({exc})") from exc
+        if not exists:
+            raise UsageFailure(f"{label} {value}: no such folder; {hint}")
+        if not is_dir:
+            raise UsageFailure(f"{label} {value}: a file, not a folder; {hint}")
+
+
 @main.command()
 @click.argument("search")
 @click.option("--address", help="Ray cluster to resume on (default: a local Ray on 127.0.0.1).")
@@ -243,10 +280,9 @@ def resume(search: str, address: str | None, storage_path: str | None, num_cpus:
     in the storage path). Unfinished and failed trials continue from their last
     checkpoints; each keeps writing to its own MLflow run.
     """
-    import os
-
     from orchestrator.rayenv import prepare_environment
 
+    _check_resume_arguments(search, storage_path)
     prepare_environment(local_ray=not (address or os.environ.get("RAY_ADDRESS")))
     from orchestrator.search import SearchStorageError, find_experiment, resume_search
     from orchestrator.tracking import TrackingUnreachable

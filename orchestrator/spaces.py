@@ -20,33 +20,45 @@ Every trial key must be a ``TrialConfig`` field and every value one it accepts; 
 with a ``when`` condition is only set for trials whose fixed or grid keys match it,
 others keep the ``TrialConfig`` default. ``load_space`` reports every problem at once,
 each with the file, the key path and what is allowed, before anything starts.
+
+Files are read with the bounded reader of ``trainables.safe_yaml``; the grid is counted,
+never built, before its size is checked (at most ``MAX_GRID_COMBINATIONS`` combinations
+and ``MAX_TRIALS`` trials), so no file makes validation slow or large.
 """
 
 from __future__ import annotations
 
 import difflib
+import itertools
+import math
 import re
+from collections import Counter
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from trainables.config import TrialConfig, format_validation_error, parse_overrides
+from trainables.config import TrialConfig, format_validation_error, is_integer_knob, parse_overrides
+from trainables.problems import MAX_PROBLEMS, Problem, problem_lines, short_repr
+from trainables.safe_yaml import YamlRefused, load_yaml_file
 
 PER_EPOCH_METRICS = ("adv_acc", "clean_acc", "train_acc", "train_loss")
 MAX_VALIDATED_COMBINATIONS = 2000
+MAX_GRID_COMBINATIONS = 10_000
+MAX_TRIALS = 100_000
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_Strict = ConfigDict(extra="forbid")
+_Strict = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class SpaceError(ValueError):
-    """Every problem found in a search-space file, one ``file: path: message`` per line."""
+    """Every problem found in a search-space file, one ``file: path: message`` per line
+    (at most ``MAX_PROBLEMS``, then ``... and N more``; ``problems`` keeps them all)."""
 
-    def __init__(self, source: str, problems: list[tuple[str, str]]) -> None:
+    def __init__(self, source: str, problems: list[Problem]) -> None:
         self.source, self.problems = source, problems
-        super().__init__("\n".join(f"{source}: {path}: {msg}" if path else f"{source}: {msg}" for path, msg in problems))
+        super().__init__(problem_lines(source, problems))
 
 
 class GridKey(BaseModel):
@@ -63,7 +75,7 @@ DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
 class SampleKey(BaseModel):
     """A sampled key: exactly one distribution (``int`` bounds are inclusive), optionally conditional."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
     uniform: tuple[float, float] | None = None
     loguniform: tuple[float, float] | None = None
     randint: tuple[int, int] | None = Field(None, alias="int")
@@ -117,7 +129,7 @@ class Search(BaseModel):
     def _metric(cls, v: str) -> str:
         if v not in PER_EPOCH_METRICS:
             raise ValueError(
-                f"unknown metric {v!r}; the search metric must be reported every epoch (for schedulers and "
+                f"unknown metric {short_repr(v)}; the search metric must be reported every epoch (for schedulers and "
                 f"Optuna): one of {', '.join(PER_EPOCH_METRICS)}. adv_acc is the first of eval_attacks at the "
                 "first of eval_eps; final_* metrics are measured once, after the last epoch"
             )
@@ -154,7 +166,7 @@ class SearchSpace(BaseModel):
     @classmethod
     def _name(cls, v: str) -> str:
         if not _NAME.match(v):
-            raise ValueError(f"name {v!r} must be letters, digits, '_', '.', '-' (it names folders and MLflow experiments)")
+            raise ValueError(f"name {short_repr(v)} must be letters, digits, '_', '.', '-' (it names folders and MLflow experiments)")
         return v
 
     @field_validator("grid", mode="before")
@@ -168,34 +180,95 @@ class SearchSpace(BaseModel):
     def conditional_keys(self) -> set[str]:
         return {k for k, g in self.grid.items() if g.when} | {k for k, s in self.sample.items() if s.when}
 
+    def iter_grid_combinations(self) -> Iterator[dict[str, Any]]:
+        """Every combination of grid values, in order; conditional keys only where their condition holds.
+
+        The first key varies slowest; a key whose condition fails is left out of the combination.
+        """
+        items = list(self.grid.items())
+        stack: list[tuple[int, dict[str, Any]]] = [(0, {})]
+        while stack:
+            index, combo = stack.pop()
+            if index == len(items):
+                yield combo
+                continue
+            key, spec = items[index]
+            if matches(spec.when, {**self.fixed, **combo}):
+                stack.extend((index + 1, {**combo, key: value}) for value in reversed(spec.values))
+            else:
+                stack.append((index + 1, combo))
+
     def grid_combinations(self) -> list[dict[str, Any]]:
-        """Every combination of grid values; conditional keys only where their condition holds."""
-        combos: list[dict[str, Any]] = [{}]
-        for key, spec in self.grid.items():
-            expanded = []
-            for combo in combos:
-                if matches(spec.when, {**self.fixed, **combo}):
-                    expanded.extend({**combo, key: value} for value in spec.values)
-                else:
-                    expanded.append(combo)
-            combos = expanded
-        return combos
+        """``iter_grid_combinations`` as a list (check ``combination_count`` first: it can be huge)."""
+        return list(self.iter_grid_combinations())
+
+    def combination_count(self, limit: int = MAX_GRID_COMBINATIONS) -> int | None:
+        """``len(self.grid_combinations())`` without building them; None if clearly over ``limit``."""
+        return count_grid_combinations(self.grid, self.fixed, limit)
 
     def trial_count(self) -> int:
         """Trials the search will run: grid combinations x num_samples, or Optuna's budget."""
         if self.search.algorithm == "optuna":
             return self.search.num_samples
-        return self.search.num_samples * len(self.grid_combinations())
+        count = self.combination_count()
+        if count is None:
+            raise ValueError(f"more than {MAX_GRID_COMBINATIONS:,} grid combinations")
+        return self.search.num_samples * count
 
     def trial_keys(self) -> list[str]:
         """Keys that vary between trials, in file order (for tables)."""
         return [*self.grid, *self.sample]
 
 
+def default_of(key: str) -> Any:
+    """TrialConfig's default of ``key`` as a condition sees it (None for unknown keys)."""
+    field = TrialConfig.model_fields.get(key)
+    return field.default if field is not None else None
+
+
 def matches(when: dict[str, list[Any]], values: dict[str, Any]) -> bool:
     """Whether every ``when`` key has one of its listed values in ``values`` (defaults otherwise)."""
-    defaults = TrialConfig.model_fields
-    return all(values.get(k, defaults[k].default if k in defaults else None) in allowed for k, allowed in when.items())
+    return all(values.get(k, default_of(k)) in allowed for k, allowed in when.items())
+
+
+def count_grid_combinations(grid: dict[str, GridKey], fixed: dict[str, Any], limit: int) -> int | None:
+    """How many combinations ``SearchSpace.grid_combinations`` makes, without making them.
+
+    A ``when`` condition sees an earlier grid key's value where that key was chosen, else
+    the fixed value or TrialConfig's default. So the count is a dynamic program over
+    states that record, for each key some condition tests, which of those tests its
+    current value passes; unconditional keys just multiply. Every state stands for at
+    least one combination, so there are never more states than combinations: None as
+    soon as there are more than ``limit`` states (and so more than ``limit`` combinations).
+    """
+    tests: dict[str, list[list[Any]]] = {}  # tested key -> the allowed lists of its tests
+    checks: dict[str, list[tuple[str, int]]] = {}  # grid key -> its tests, as (tested key, test)
+    for name, spec in grid.items():
+        for key, allowed in spec.when.items():
+            tests.setdefault(key, []).append(allowed)
+            checks.setdefault(name, []).append((key, len(tests[key]) - 1))
+    slots = {key: i for i, key in enumerate(tests)}
+
+    def passes(key: str, value: Any) -> tuple[bool, ...]:
+        return tuple(value in allowed for allowed in tests[key])
+
+    states: Counter[tuple[tuple[bool, ...], ...]] = Counter({tuple(passes(k, fixed.get(k, default_of(k))) for k in tests): 1})
+    for name, spec in grid.items():
+        slot = slots.get(name)
+        kinds = Counter(passes(name, value) for value in spec.values) if slot is not None else None
+        following: Counter[tuple[tuple[bool, ...], ...]] = Counter()
+        for state, n in states.items():
+            if not all(state[slots[key]][test] for key, test in checks.get(name, ())):
+                following[state] += n
+            elif kinds is None:
+                following[state] += n * len(spec.values)
+            else:
+                for kind, m in kinds.items():
+                    following[(*state[:slot], kind, *state[slot + 1:])] += n * m
+            if len(following) > limit:
+                return None
+        states = following
+    return sum(states.values())
 
 
 # --------------------------------------------------------------------- validation
@@ -215,25 +288,54 @@ def _field_problems(values: dict[str, Any], keys: list[str]) -> dict[str, str]:
     return {}
 
 
-def _unknown_key(key: str) -> str:
-    close = difflib.get_close_matches(key, list(TrialConfig.model_fields), n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return f"{key!r} is not a trial knob{hint} (`normlab trial --help` lists them all)"
+def _unknown_key(key: str, hint: bool = True) -> str:
+    """An unknown knob, with the closest names (``hint``: they cost a string comparison per knob)."""
+    close = difflib.get_close_matches(key, list(TrialConfig.model_fields), n=3) if hint else []
+    hint_text = f"; did you mean {', '.join(close)}?" if close else ""
+    return f"{short_repr(key)} is not a trial knob{hint_text} (`normlab trial --help` lists them all)"
 
 
-def semantic_problems(space: SearchSpace) -> list[tuple[str, str]]:
-    """Problems beyond the file's structure: unknown knobs, bad values, impossible combinations."""
-    problems: list[tuple[str, str]] = []
+def _grid_size(count: int | None) -> str:
+    if count is None:
+        return f"more than {MAX_GRID_COMBINATIONS:,}"
+    return f"{count:,}" if count < 10**15 else f"about 10^{int(math.log10(count))}"
+
+
+def size_problems(space: SearchSpace) -> list[Problem]:
+    """A grid over ``MAX_GRID_COMBINATIONS`` combinations or a search over ``MAX_TRIALS`` trials."""
+    if space.search.algorithm == "optuna":
+        if space.search.num_samples > MAX_TRIALS:
+            return [("search.num_samples", f"{space.search.num_samples:,} trials; at most {MAX_TRIALS:,}")]
+        return []
+    count = space.combination_count()
+    if count is None or count > MAX_GRID_COMBINATIONS:
+        reason = (f"{_grid_size(count)} combinations of grid values; at most {MAX_GRID_COMBINATIONS:,} "
+                  "(list fewer values, add when: conditions, or sample keys with algorithm random or optuna)")
+        return [("grid", reason)]
+    trials = count * space.search.num_samples
+    if trials > MAX_TRIALS:
+        reason = f"{trials:,} trials ({count:,} grid combinations x {space.search.num_samples:,} samples); at most {MAX_TRIALS:,}"
+        return [("search.num_samples", reason)]
+    return []
+
+
+def semantic_problems(space: SearchSpace) -> list[Problem]:
+    """Problems beyond the file's structure: unknown knobs, sizes, bad values, impossible combinations."""
+    problems: list[Problem] = []
     known = set(TrialConfig.model_fields)
     sections = {"fixed": list(space.fixed), "grid": list(space.grid), "sample": list(space.sample)}
     seen: dict[str, str] = {}
     for section, keys in sections.items():
         for key in keys:
             if key not in known:
-                problems.append((f"{section}.{key}", _unknown_key(key)))
+                problems.append((f"{section}.{key}", _unknown_key(key, hint=len(problems) < MAX_PROBLEMS)))
             elif key in seen:
                 problems.append((f"{section}.{key}", f"also set in {seen[key]}: a key belongs to one section"))
             seen.setdefault(key, section)
+    if all(key in known for key in space.grid):  # at most one grid key per knob: counting is quick
+        too_big = size_problems(space)
+        if too_big:
+            return too_big + problems
     fixed = {k: v for k, v in space.fixed.items() if k in known}
     grid = {k: v for k, v in space.grid.items() if k in known}
     sample = {k: v for k, v in space.sample.items() if k in known}
@@ -251,6 +353,9 @@ def semantic_problems(space: SearchSpace) -> list[tuple[str, str]]:
         for i, value in enumerate(spec.values):
             check_value(f"grid.{key}[{i}]", key, value)
     for key, spec in sample.items():
+        if spec.kind in ("uniform", "loguniform") and is_integer_knob(key):
+            problems.append((f"sample.{key}.{spec.kind}", f"draws fractional numbers, but {key} is a whole number: use int: [low, high]"))
+            continue
         for i, value in enumerate(spec.probe_values()):
             check_value(f"sample.{key}.{spec.kind}[{i}]", key, value)
     for section, specs in (("grid", grid), ("sample", sample)):
@@ -258,7 +363,7 @@ def semantic_problems(space: SearchSpace) -> list[tuple[str, str]]:
             for cond_key, allowed in spec.when.items():
                 path = f"{section}.{key}.when.{cond_key}"
                 if cond_key not in known:
-                    problems.append((path, _unknown_key(cond_key)))
+                    problems.append((path, _unknown_key(cond_key, hint=len(problems) < MAX_PROBLEMS)))
                 elif cond_key in space.sample:
                     problems.append((path, "a condition can only test fixed or grid keys, not sampled ones"))
                 elif cond_key == key:
@@ -273,21 +378,21 @@ def semantic_problems(space: SearchSpace) -> list[tuple[str, str]]:
     return _combination_problems(space, base)
 
 
-def _combination_problems(space: SearchSpace, base: dict[str, Any]) -> list[tuple[str, str]]:
+def _combination_problems(space: SearchSpace, base: dict[str, Any]) -> list[Problem]:
     """Whole trial configurations, so cross-field rules (e.g. regime needs init_from) are checked."""
-    problems: list[tuple[str, str]] = []
-    combos = space.grid_combinations()
+    problems: list[Problem] = []
+    combos = itertools.islice(space.iter_grid_combinations(), MAX_VALIDATED_COMBINATIONS)
     probe = {k: s.probe_values()[0] for k, s in space.sample.items() if not s.when}
-    for i, combo in enumerate(combos[:MAX_VALIDATED_COMBINATIONS]):
+    for i, combo in enumerate(combos):
         values = {**base, **probe, **combo}
         try:
             cfg = TrialConfig.model_validate(values)
         except ValidationError as err:
-            label = ", ".join(f"{k}={v}" for k, v in combo.items()) or "fixed keys"
+            label = ", ".join(f"{k}={v if isinstance(v, str) else short_repr(v)}" for k, v in combo.items()) or "fixed keys"
             detail = format_validation_error(err).replace("(config): ", "").replace("\n", "; ")
             problems.append((f"grid combination {i + 1} ({label})", detail))
             if len(problems) >= 5:
-                problems.append(("", f"(further combinations not listed; {len(combos)} in all)"))
+                problems.append(("", f"(further combinations not listed; {space.combination_count()} in all)"))
                 break
             continue
         if space.search.scheduler.type == "asha" and (space.search.scheduler.max_t or cfg.epochs) < space.search.scheduler.grace_period:
@@ -316,21 +421,25 @@ SEARCH_OVERRIDES = {
 
 
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Command-line ``KEY=VALUE``: search settings by their short name, or a trial key fixed for every trial."""
+    """Command-line ``KEY=VALUE``: search settings by their short name, or a trial key fixed for every trial.
+
+    A section of the file that is not a mapping is left as it is, for validation to report.
+    """
     raw = dict(raw)
     for key, value in overrides.items():
-        if key in SEARCH_OVERRIDES:
-            *parents, leaf = SEARCH_OVERRIDES[key]
-            node = raw
-            for p in parents:
-                node[p] = dict(node.get(p) or {})
-                node = node[p]
-            node[leaf] = value
-        else:
+        *parents, leaf = SEARCH_OVERRIDES.get(key, ("fixed", key))
+        if key not in SEARCH_OVERRIDES:
             for section in ("grid", "sample"):
                 if isinstance(raw.get(section), dict) and key in raw[section]:
                     raw[section] = {k: v for k, v in raw[section].items() if k != key}
-            raw["fixed"] = {**(raw.get("fixed") or {}), key: value}
+        node = raw
+        for p in parents:
+            if not isinstance(node.get(p) or {}, dict):
+                break
+            node[p] = dict(node.get(p) or {})
+            node = node[p]
+        else:
+            node[leaf] = value
     return raw
 
 
@@ -342,11 +451,16 @@ def builtin_spaces() -> dict[str, Path]:
 
 def resolve_space_path(name_or_path: str) -> Path:
     """A built-in space name (``quickstart``) or a path to a YAML file."""
-    path = Path(name_or_path).expanduser()
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise SpaceError(str(path), [("", "no such file")])
-        return path
+    try:
+        path = Path(name_or_path).expanduser()
+        if path.suffix in (".yaml", ".yml") or path.exists():
+            if not path.is_file():
+                raise SpaceError(str(path), [("", "not a file" if path.exists() else "no such file")])
+            return path
+    except (OSError, ValueError, RuntimeError) as exc:  # name too long, NUL byte, unknown ~user
+        if isinstance(exc, SpaceError):
+            raise
+        raise SpaceError(name_or_path, [("", f"not a usable path: {exc}")]) from exc
     builtin = builtin_spaces()
     if name_or_path in builtin:
         return builtin[name_or_path]
@@ -358,11 +472,9 @@ def load_space(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -
     path = resolve_space_path(name_or_path)
     source = str(path)
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise SpaceError(source, [("", f"not valid YAML: {getattr(exc, 'problem', None) or exc}{where}")]) from exc
+        raw = load_yaml_file(path)
+    except YamlRefused as exc:
+        raise SpaceError(source, exc.problems) from exc
     if not isinstance(raw, dict):
         raise SpaceError(source, [("", f"expected a mapping at the top level, got {type(raw).__name__}")])
     try:
@@ -374,7 +486,7 @@ def load_space(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -
     except ValidationError as err:
         problems = []
         for e in err.errors():
-            path_s = ".".join(str(p) for p in e["loc"])
+            path_s = ".".join(str(p)[:40] for p in e["loc"])
             msg = e["msg"].removeprefix("Value error, ")
             if e["type"] == "extra_forbidden":
                 msg = "unknown key (allowed here: " + ", ".join(_allowed_at(e["loc"])) + ")"

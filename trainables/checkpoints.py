@@ -30,6 +30,8 @@ from typing import Any, BinaryIO
 
 import torch
 
+from trainables.problems import clip
+
 FORMAT = "normlab.checkpoint/1"
 CHECKPOINT_FILE = "checkpoint.pt"
 MANIFEST_FILE = "checkpoint.json"
@@ -135,7 +137,15 @@ def decode_state(data: bytes | BinaryIO, name: str) -> Any:
     try:
         return torch.load(stream, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CorruptCheckpointError(f"{name} is not a readable PyTorch checkpoint: {exc}") from exc
+        raise CorruptCheckpointError(f"{name} is not a readable PyTorch checkpoint: {_load_error(exc)}") from exc
+
+
+def _load_error(exc: Exception) -> str:
+    """The gist of a ``torch.load`` error on one short line (weights-only errors are paragraphs)."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:  # the rest is advice about weights_only=False, which we never use
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+    return clip(" ".join(text.split()), 200)
 
 
 def read_state(source: str | Path | BinaryIO, name: str | None = None) -> Any:

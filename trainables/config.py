@@ -10,9 +10,8 @@ lists the known names. List fields accept a list or a comma-separated string
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from trainables.attacks import ATTACKS
@@ -20,8 +19,10 @@ from trainables.data import AUGMENTATIONS, DATASETS
 from trainables.models import MODELS
 from trainables.norms import NORMS
 from trainables.optim import LR_SCHEDULES, OPTIMIZERS
+from trainables.problems import MAX_PROBLEMS, clip, problem_lines, short_repr
 from trainables.regimes import REGIMES
 from trainables.registry import Registry
+from trainables.safe_yaml import YamlRefused, YamlSyntaxError, load_yaml_text
 
 Eps = Annotated[float, Field(ge=0.0, le=1.0)]
 _FILE_DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn", "imagefolder")
@@ -36,7 +37,7 @@ _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 def _known(registry: Registry, value: str) -> str:
     if value not in registry:
-        raise ValueError(f"unknown {registry.kind} {value!r}; known: {', '.join(registry.names())}")
+        raise ValueError(f"unknown {registry.kind} {short_repr(value)}; known: {', '.join(registry.names())}")
     return value
 
 
@@ -51,7 +52,7 @@ def _split_list(value: Any) -> Any:
 class TrialConfig(BaseModel):
     """One trial: data, model, norm, regime, optimisation, evaluation, run settings."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
     # --- data ---------------------------------------------------------------------
     dataset: str = Field("digits", description="dataset name (registry `datasets`)")
@@ -156,7 +157,7 @@ class TrialConfig(BaseModel):
     @classmethod
     def _device(cls, v: str) -> str:
         if not _DEVICE.match(v):
-            raise ValueError(f"unknown device {v!r}; use auto, cpu, cuda, cuda:N or mps")
+            raise ValueError(f"unknown device {short_repr(v)}; use auto, cpu, cuda, cuda:N or mps")
         return v
 
     @model_validator(mode="after")
@@ -192,32 +193,48 @@ class TrialConfig(BaseModel):
         return [k for k in type(self).model_fields if k not in ignore and getattr(self, k) != getattr(other, k)]
 
 
+def is_integer_knob(name: str) -> bool:
+    """Whether TrialConfig field ``name`` holds whole numbers (``int`` or ``int | None``)."""
+    field = TrialConfig.model_fields.get(name)
+    if field is None:
+        return False
+    types = get_args(field.annotation) or (field.annotation,)
+    return int in types and float not in types
+
+
 def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """``["a=1", "b=x,y"]`` -> ``{"a": 1, "b": "x,y"}``: values are read as YAML scalars.
 
-    A malformed pair is a ValueError. Comma lists stay strings; list fields split them.
+    A malformed pair, or a value the bounded YAML reader refuses (deep nesting, aliases,
+    ``.inf``), is a ValueError. Comma lists stay strings; list fields split them.
     """
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"expected KEY=VALUE, got {pair!r}")
+            raise ValueError(f"expected KEY=VALUE, got {short_repr(pair)}")
+        key = key.strip()
         try:
-            parsed = yaml.safe_load(value) if value.strip() else ""
-        except yaml.YAMLError:
+            parsed = load_yaml_text(value, key) if value.strip() else ""
+        except YamlSyntaxError:
             parsed = value
-        out[key.strip()] = parsed if isinstance(parsed, (str, int, float, bool, list)) or parsed is None else value
+        except YamlRefused as exc:
+            path, reason = exc.problems[0]
+            where = clip(key, 40) + ("" if not path or path.startswith("[") else ".") + clip(path, 60)
+            raise ValueError(f"{where}: {reason}") from exc
+        out[key] = parsed if isinstance(parsed, (str, int, float, bool, list)) or parsed is None else value
     return out
 
 
-def format_validation_error(err: ValidationError, source: str = "") -> str:
-    """One line per problem: ``source: field: message (got value)``."""
-    lines = []
+def format_validation_error(err: ValidationError, source: str = "", limit: int = MAX_PROBLEMS) -> str:
+    """One line per problem, ``source: field: message (got value)``, at most ``limit`` of them."""
+    problems = []
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "(config)"
         msg = e["msg"].removeprefix("Value error, ")
-        shown = "input" in e and not isinstance(e["input"], dict) and repr(e["input"]) not in msg
-        got = f" (got {e['input']!r})" if shown else ""
-        prefix = f"{source}: " if source else ""
-        lines.append(f"{prefix}{where}: {msg}{got}")
-    return "\n".join(lines)
+        got = ""
+        if "input" in e and not isinstance(e["input"], dict):
+            shown = short_repr(e["input"])
+            got = "" if shown in msg else f" (got {shown})"
+        problems.append((where, f"{msg}{got}"))
+    return problem_lines(source, problems, limit)

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -32,12 +33,19 @@ from trainables.failures import NonRetryableError, TrialConfigError
 from trainables.models import create_model
 from trainables.norms import norm_layer_factory, stats_mode, stats_mode_layers
 from trainables.optim import build_optimizer, build_scheduler
+from trainables.problems import Problem, problem_lines, short_repr
 from trainables.regimes import REGIMES
 
 CHECKPOINT_FORMAT = "normlab.checkpoint/1"
 # fields that may change between an interrupted run and its resumption
 RESUMABLE_CHANGES = ("device", "threads")
 STATE_KEYS = frozenset({"format", "epoch", "model", "optimizer", "scheduler", "scaler", "rng", "config", "history"})
+# the checkpoint dict's structure: key -> (type, required)
+STATE_TYPES: dict[str, tuple[type, bool]] = {
+    "epoch": (int, True), "model": (dict, True), "optimizer": (dict, True), "scheduler": (dict, True),
+    "rng": (dict, True), "config": (dict, True), "scaler": (dict, False), "history": (list, False),
+}
+RNG_KEYS = ("python", "numpy", "torch")
 
 EpochCallback = Callable[[int, dict[str, float], dict[str, Any]], None]
 
@@ -48,6 +56,14 @@ class NonFiniteLossError(NonRetryableError, FloatingPointError):
 
 class CheckpointMismatchError(NonRetryableError, ValueError):
     """A checkpoint was made by a trial with a different configuration."""
+
+
+class InvalidCheckpointError(CheckpointMismatchError):
+    """A checkpoint dict that is not what ``run_trial`` saves: ``name: key: reason`` lines."""
+
+    def __init__(self, name: str, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__(problem_lines(name, problems))
 
 
 @dataclass
@@ -285,11 +301,49 @@ class _Trial:
         set_rng_state(checkpoint["rng"])
 
 
-def check_checkpoint(cfg: TrialConfig, checkpoint: dict[str, Any]) -> None:
-    """Refuse a checkpoint that another configuration made (device and threads may change)."""
-    if checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointMismatchError(f"not a normlab checkpoint (format {checkpoint.get('format')!r}, expected {CHECKPOINT_FORMAT!r})")
-    saved = TrialConfig.model_validate(checkpoint["config"])
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def validate_checkpoint_state(state: Any, name: str = "checkpoint") -> TrialConfig:
+    """The configuration of a checkpoint dict that ``run_trial`` can resume from, or an
+    ``InvalidCheckpointError`` naming ``name`` and every missing or mistyped entry."""
+    if not isinstance(state, dict):
+        raise InvalidCheckpointError(name, [("", f"not a normlab checkpoint: a {_type_name(state)}, not a dict")])
+    if state.get("format") != CHECKPOINT_FORMAT:
+        reason = f"not a normlab checkpoint (format {short_repr(state.get('format'))}, expected {CHECKPOINT_FORMAT!r})"
+        raise InvalidCheckpointError(name, [("", reason)])
+    problems: list[Problem] = []
+    for key, (kind, required) in STATE_TYPES.items():
+        if key not in state:
+            if required:
+                problems.append((key, "missing"))
+        elif not isinstance(state[key], kind) or isinstance(state[key], bool):
+            problems.append((key, f"should be {kind.__name__}, got {_type_name(state[key])}"))
+    if isinstance(state.get("rng"), dict):
+        problems += [(f"rng.{key}", "missing") for key in RNG_KEYS if key not in state["rng"]]
+    if isinstance(state.get("model"), dict):
+        bad = [k for k, v in state["model"].items() if not isinstance(v, torch.Tensor)]
+        problems += [(f"model.{short_repr(bad[0], 40)}", f"should be a tensor ({len(bad)} entries are not)")] if bad else []
+    if isinstance(state.get("optimizer"), dict):
+        problems += [(f"optimizer.{key}", "missing") for key in ("state", "param_groups") if key not in state["optimizer"]]
+    saved = None
+    if isinstance(state.get("config"), dict):
+        try:
+            saved = TrialConfig.model_validate(state["config"])
+        except ValidationError as err:
+            problems += [(f"config.{'.'.join(map(str, e['loc']))}", e["msg"].removeprefix("Value error, ")) for e in err.errors()]
+    if saved is not None and isinstance(state.get("epoch"), int) and not 0 <= state["epoch"] <= saved.epochs:
+        problems.append(("epoch", f"{short_repr(state['epoch'])} is outside 0..{saved.epochs} (the config's epochs)"))
+    if problems or saved is None:
+        raise InvalidCheckpointError(name, problems)
+    return saved
+
+
+def check_checkpoint(cfg: TrialConfig, checkpoint: dict[str, Any], name: str = "checkpoint") -> None:
+    """Refuse a checkpoint that is malformed (``validate_checkpoint_state``) or that another
+    configuration made (device and threads may change)."""
+    saved = validate_checkpoint_state(checkpoint, name)
     diff = cfg.differing(saved, ignore=RESUMABLE_CHANGES)
     if diff:
         detail = ", ".join(f"{k}: checkpoint {getattr(saved, k)!r} vs now {getattr(cfg, k)!r}" for k in diff)
