@@ -31,7 +31,8 @@ from ray import tune
 
 from orchestrator.trial_runs import MlflowTrialTracker
 from trainables.checkpoints import CorruptCheckpointError, read_stored_checkpoint, save_checkpoint, stored_checkpoints
-from trainables.ray_trainable import FATAL_FILE, TrialRecord
+from trainables.ray_trainable import FATAL_FILE
+from trainables.record import TrialRecord
 
 log = logging.getLogger("normlab.tracking")
 DRAIN_S = float(os.environ.get("NORMLAB_TRACKING_DRAIN_S", 600))

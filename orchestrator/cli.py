@@ -134,7 +134,7 @@ def trial(
                     regime=pgd_at epochs=10 eval_attacks=fgsm,pgd eval_eps=0.05,0.1 \\
                     --json-out result.json
     """
-    from orchestrator.report import final_table
+    from orchestrator.views import final_table
     from trainables.checkpoints import load_checkpoint, save_checkpoint
     from trainables.trial import check_checkpoint, run_trial
 
@@ -178,6 +178,20 @@ def _load_space(space: str, overrides: tuple[str, ...]) -> Any:
         raise UsageFailure(f"invalid search space\n{exc}") from exc
 
 
+def _prepare_ray(address: str | None) -> None:
+    """Ray's environment before ray is imported: a loopback-only local Ray, or the
+    authentication mode of the cluster at ``address`` (probed), or a clear error."""
+    import os
+
+    from orchestrator.rayenv import prepare_environment
+
+    joining = address or os.environ.get("RAY_ADDRESS")
+    try:
+        prepare_environment(local_ray=not joining, address=joining)
+    except ConnectionError as exc:  # unreachable head, or an authentication mismatch
+        raise UsageFailure(str(exc)) from exc
+
+
 @main.command()
 @click.argument("space")
 @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
@@ -211,23 +225,12 @@ def submit(space: str, overrides: tuple[str, ...], address: str | None, tracking
       normlab submit my_space.yaml --address head:6379 --tracking-uri http://mlflow:5000 \\
                      --storage-path s3://bucket/normlab
     """
-    import os
-
-    from orchestrator.rayenv import prepare_environment
-
-    prepare_environment(local_ray=not (address or os.environ.get("RAY_ADDRESS")))
+    spec, path = _load_space(space, overrides)
+    _prepare_ray(address)
     from orchestrator.search import SearchStorageError, run_search
     from orchestrator.tracking import TrackingUnreachable, check_reachable, resolve_tracking
 
-    spec, path = _load_space(space, overrides)
     target = resolve_tracking(tracking_uri)
-    if address:
-        from orchestrator.rayenv import check_ray_head
-
-        try:
-            check_ray_head(address)
-        except ConnectionError as exc:
-            raise UsageFailure(str(exc)) from exc
     try:
         check_reachable(target)
     except TrackingUnreachable as exc:
@@ -280,10 +283,8 @@ def resume(search: str, address: str | None, storage_path: str | None, num_cpus:
     in the storage path). Unfinished and failed trials continue from their last
     checkpoints; each keeps writing to its own MLflow run.
     """
-    from orchestrator.rayenv import prepare_environment
-
     _check_resume_arguments(search, storage_path)
-    prepare_environment(local_ray=not (address or os.environ.get("RAY_ADDRESS")))
+    _prepare_ray(address)
     from orchestrator.search import SearchStorageError, find_experiment, resume_search
     from orchestrator.tracking import TrackingUnreachable
 

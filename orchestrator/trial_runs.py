@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from orchestrator.retry import TrackingError, mask_uri, retrying
-from trainables.ray_trainable import TrialRecord
+from trainables.record import TrialRecord
 
 TAG_SEARCH = "normlab.search"
 TAG_TRIAL_ID = "normlab.trial_id"
@@ -231,7 +231,7 @@ class MlflowTrialTracker:
             logged.add(epoch)
 
     def _finish(self, record: TrialRecord, checkpoint_file: CheckpointFile) -> None:
-        from orchestrator.figures import robustness_figure
+        from orchestrator.views import robustness_figure
 
         c = self._client()
         if c.get_run(record.run_id).info.status == "FINISHED":  # a re-run of the last epoch re-attached it RUNNING

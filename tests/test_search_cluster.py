@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -126,4 +125,21 @@ def test_unreachable_servers_are_reported_before_any_trial(cluster, tmp_path):
                        cwd=tmp_path, HOME=cluster["env"]["HOME"])
     assert proc.returncode == 2 and f"Ray head 127.0.0.1:{dead} is unreachable" in proc.stderr
     assert time.time() - started < 60
+    assert not (tmp_path / "normlab_runs" / "ray_results").exists()
+
+
+def test_a_missing_or_wrong_token_is_one_clear_message_before_any_trial(cluster, tmp_path):
+    """normlab asks the head what it requires, then says what to do; nothing starts."""
+    (tmp_path / "space.yaml").write_text(textwrap.dedent(SPACE))
+    empty_home = tmp_path / "empty-home"
+    empty_home.mkdir()
+    proc = run_normlab("submit", "space.yaml", "--address", cluster["address"], cwd=tmp_path, HOME=str(empty_home))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "requires token authentication and this machine has no token" in proc.stderr
+    assert "ray get-auth-token" in proc.stderr
+    wrong = tmp_path / "wrong-token"
+    wrong.write_text("0" * 32)
+    proc = run_normlab("submit", "space.yaml", "--address", cluster["address"], cwd=tmp_path, HOME=str(empty_home),
+                       RAY_AUTH_TOKEN_PATH=str(wrong))
+    assert proc.returncode == 2 and "refused the token from" in proc.stderr and str(wrong) in proc.stderr
     assert not (tmp_path / "normlab_runs" / "ray_results").exists()

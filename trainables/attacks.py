@@ -16,17 +16,27 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-try:
+if TYPE_CHECKING:
     import torchattacks
-except ImportError as exc:  # pragma: no cover - install-time problem
-    raise ImportError(
-        "torchattacks is missing: install it with `pip install --no-deps torchattacks==3.5.1` "
-        "(--no-deps: its requests pin conflicts with MLflow)"
-    ) from exc
+
+
+def torchattacks_module():  # noqa: ANN201
+    """torchattacks, imported on first use: it pulls in scipy.stats (seconds), which reading
+    or validating a configuration never needs."""
+    try:
+        import torchattacks
+    except ImportError as exc:  # pragma: no cover - install-time problem
+        raise ImportError(
+            "torchattacks is missing: install it with `pip install --no-deps torchattacks==3.5.1` "
+            "(--no-deps: its requests pin conflicts with MLflow)"
+        ) from exc
+    return torchattacks
+
 
 from trainables.data import eval_batches
 from trainables.registry import Registry
@@ -61,22 +71,22 @@ class AttackEntry:
 ATTACKS: Registry[AttackEntry] = Registry(
     "attack",
     {
-        "fgsm": AttackEntry(lambda m, eps, s: torchattacks.FGSM(m, eps=eps)),
+        "fgsm": AttackEntry(lambda m, eps, s: torchattacks_module().FGSM(m, eps=eps)),
         "pgd": AttackEntry(
-            lambda m, eps, s: torchattacks.PGD(m, eps=eps, alpha=2.5 * eps / s.steps, steps=s.steps, random_start=True)
+            lambda m, eps, s: torchattacks_module().PGD(m, eps=eps, alpha=2.5 * eps / s.steps, steps=s.steps, random_start=True)
         ),
         "pgd_l2": AttackEntry(
-            lambda m, eps, s: torchattacks.PGDL2(m, eps=eps, alpha=2.5 * eps / s.steps, steps=s.steps, random_start=True),
+            lambda m, eps, s: torchattacks_module().PGDL2(m, eps=eps, alpha=2.5 * eps / s.steps, steps=s.steps, random_start=True),
             norm="L2",
         ),
         "cw": AttackEntry(
-            lambda m, eps, s: torchattacks.CW(m, c=s.cw_c, kappa=0.0, steps=s.cw_steps, lr=0.01), norm="L2", min_norm=True
+            lambda m, eps, s: torchattacks_module().CW(m, c=s.cw_c, kappa=0.0, steps=s.cw_steps, lr=0.01), norm="L2", min_norm=True
         ),
         "square": AttackEntry(
-            lambda m, eps, s: torchattacks.Square(m, norm="Linf", eps=eps, n_queries=s.square_queries, seed=s.seed)
+            lambda m, eps, s: torchattacks_module().Square(m, norm="Linf", eps=eps, n_queries=s.square_queries, seed=s.seed)
         ),
         "autoattack": AttackEntry(
-            lambda m, eps, s: torchattacks.AutoAttack(
+            lambda m, eps, s: torchattacks_module().AutoAttack(
                 m, norm="Linf", eps=eps, version="standard", n_classes=s.num_classes, seed=s.seed
             )
         ),

@@ -26,15 +26,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch.nn.functional as F
-import torchattacks
 from torch import Tensor, nn
 
-from trainables.attacks import eval_mode
+from trainables.attacks import eval_mode, torchattacks_module
 from trainables.checkpoints import read_state
 from trainables.norms import is_norm_layer, norm_parameters
 from trainables.registry import Registry
 
 if TYPE_CHECKING:
+    import torchattacks
+
     from trainables.config import TrialConfig
 
 # loss_fn(x, y) -> (loss, logits used for the training accuracy)
@@ -43,11 +44,11 @@ LossFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 def _pgd(model: nn.Module, cfg: TrialConfig) -> torchattacks.attack.Attack:
     alpha = cfg.train_alpha or 2.5 * cfg.train_eps / cfg.train_steps
-    return torchattacks.PGD(model, eps=cfg.train_eps, alpha=alpha, steps=cfg.train_steps, random_start=True)
+    return torchattacks_module().PGD(model, eps=cfg.train_eps, alpha=alpha, steps=cfg.train_steps, random_start=True)
 
 
 def _fgsm_rs(model: nn.Module, cfg: TrialConfig) -> torchattacks.attack.Attack:
-    return torchattacks.FFGSM(model, eps=cfg.train_eps, alpha=cfg.train_alpha or 1.25 * cfg.train_eps)
+    return torchattacks_module().FFGSM(model, eps=cfg.train_eps, alpha=cfg.train_alpha or 1.25 * cfg.train_eps)
 
 
 def clean_loss(model: nn.Module, cfg: TrialConfig) -> LossFn:
@@ -79,7 +80,7 @@ def adversarial_loss(make_attack: Callable[[nn.Module, TrialConfig], torchattack
 def trades_loss(model: nn.Module, cfg: TrialConfig) -> LossFn:
     """TRADES: CE(f(x), y) + beta * KL(f(x_adv) || f(x)), x_adv maximising the KL term."""
     alpha = cfg.train_alpha or 2.5 * cfg.train_eps / cfg.train_steps
-    attack = torchattacks.TPGD(model, eps=cfg.train_eps, alpha=alpha, steps=cfg.train_steps)
+    attack = torchattacks_module().TPGD(model, eps=cfg.train_eps, alpha=alpha, steps=cfg.train_steps)
 
     def loss_fn(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         with eval_mode(model):
