@@ -92,15 +92,16 @@ def mask_uri(uri: str | None) -> str | None:
     if not uri or "://" not in uri:
         return uri
     parts = urlsplit(uri)
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    secret_query = any(_SECRET_KEYS.search(k) for k, _ in pairs)
+    if "@" not in parts.netloc and not secret_query:
+        return uri  # nothing to hide (and urlunsplit would rewrite sqlite:////abs/path)
     netloc = parts.netloc
     if "@" in netloc:
         userinfo, host = netloc.rsplit("@", 1)
         user = userinfo.split(":", 1)[0]
         netloc = f"{user}:***@{host}" if ":" in userinfo else f"{user}@{host}"
-    query = parts.query
-    if query:
-        query = urlencode([(k, "***" if _SECRET_KEYS.search(k) else v) for k, v in parse_qsl(query, keep_blank_values=True)],
-                          safe="*:/")
+    query = urlencode([(k, "***" if _SECRET_KEYS.search(k) else v) for k, v in pairs], safe="*:/") if pairs else ""
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
