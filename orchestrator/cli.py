@@ -196,11 +196,13 @@ def submit(space: str, overrides: tuple[str, ...], address: str | None, tracking
                      --storage-path s3://bucket/normlab
     """
     import os
+    import shlex
 
     from orchestrator.rayenv import prepare_environment
 
     prepare_environment(local_ray=not (address or os.environ.get("RAY_ADDRESS")))
     from orchestrator.search import run_search
+    from orchestrator.storage import StorageError
     from orchestrator.tracking import TrackingUnreachable, check_reachable, resolve_tracking
 
     spec, path = _load_space(space, overrides)
@@ -219,26 +221,29 @@ def submit(space: str, overrides: tuple[str, ...], address: str | None, tracking
     if address and target.is_local_file_store:
         console.print(f"[yellow]warning:[/] tracking store {target.uri} is a local file: trials on other nodes "
                       "cannot write to it; pass --tracking-uri http://... of an MLflow server")
-    outcome = run_search(spec, path, target, address=address, storage_path=storage_path, num_cpus=num_cpus,
-                         console=console)
+    try:
+        outcome = run_search(spec, path, target, address=address, storage_path=storage_path, num_cpus=num_cpus,
+                             console=console)
+    except StorageError as exc:
+        raise UsageFailure(str(exc)) from exc
     out.print(outcome.table)
     if outcome.failed:
         console.print(f"[red]{outcome.failed} trial(s) failed[/]; see the errors above, then "
-                      f"`normlab resume {outcome.experiment_path}` to continue them.")
+                      f"`normlab resume {escape(shlex.quote(outcome.experiment_path))}` to continue them.")
         raise SystemExit(1)
 
 
 @main.command()
 @click.argument("search")
 @click.option("--address", help="Ray cluster to resume on (default: a local Ray on 127.0.0.1).")
-@click.option("--storage-path", help="Where the search was stored, when SEARCH is a name (default: normlab_runs/ray_results).")
+@click.option("--storage-path", help="Where the search was stored, when SEARCH is a name (default: normlab_runs/ray_results; s3://... too).")
 @click.option("--num-cpus", type=int, help="CPUs of the local Ray (default: all).")
 def resume(search: str, address: str | None, storage_path: str | None, num_cpus: int | None) -> None:
     """Continue a search that was interrupted or had failed trials.
 
-    SEARCH is the search's folder (printed by submit) or its name (the newest such search
-    in the storage path). Unfinished and failed trials continue from their last
-    checkpoints; each keeps writing to its own MLflow run.
+    SEARCH is the search's folder (printed by submit; a path or an s3://... URI) or its
+    name (the newest such search in the storage path). Unfinished and failed trials
+    continue from their last checkpoints; each keeps writing to its own MLflow run.
     """
     import os
 
@@ -246,12 +251,13 @@ def resume(search: str, address: str | None, storage_path: str | None, num_cpus:
 
     prepare_environment(local_ray=not (address or os.environ.get("RAY_ADDRESS")))
     from orchestrator.search import find_experiment, resume_search
+    from orchestrator.storage import StorageError
     from orchestrator.tracking import TrackingUnreachable
 
     try:
         folder = find_experiment(search, storage_path)
         outcome = resume_search(folder, address=address, num_cpus=num_cpus, console=console)
-    except (LookupError, TrackingUnreachable, ConnectionError) as exc:
+    except (LookupError, TrackingUnreachable, ConnectionError, StorageError) as exc:
         raise UsageFailure(str(exc)) from exc
     out.print(outcome.table)
     if outcome.failed:
@@ -265,8 +271,13 @@ def resume(search: str, address: str | None, storage_path: str | None, num_cpus:
 def status(name: str | None, storage_path: str | None) -> None:
     """Searches in the storage path: each trial's state, epochs done, last metrics."""
     from orchestrator.search import search_status
+    from orchestrator.storage import StorageError
 
-    for table in search_status(storage_path, name):
+    try:
+        tables = search_status(storage_path, name)
+    except StorageError as exc:
+        raise UsageFailure(str(exc)) from exc
+    for table in tables:
         out.print(table)
 
 
