@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from orchestrator import storage
@@ -230,11 +231,11 @@ def experiment_dirs(storage_path: str | None, name: str | None = None) -> list[L
     return found
 
 
-def search_status(storage_path: str | None, name: str | None = None) -> list[Table]:
-    """One table per search: each trial's state, epochs done and last metrics."""
+def search_status(storage_path: str | None, name: str | None = None) -> list[Table | str]:
+    """One table per search: each trial's state, epochs done and last metrics (or a line saying there are none)."""
     from ray.tune import ExperimentAnalysis
 
-    tables = []
+    tables: list[Table | str] = []
     for folder in experiment_dirs(storage_path, name):
         analysis = ExperimentAnalysis(folder.uri)
         table = Table(title=f"{folder.name}  ({folder})")
@@ -246,6 +247,5 @@ def search_status(storage_path: str | None, name: str | None = None) -> list[Tab
                           _fmt(last.get("adv_acc")), _fmt(last.get("final_adv_acc")))
         tables.append(table)
     if not tables:
-        table = Table(title=f"no searches{' named ' + repr(name) if name else ''} in {storage.resolve(storage_path)}")
-        tables.append(table)
+        tables.append(escape(f"no searches{' named ' + repr(name) if name else ''} in {storage.resolve(storage_path)}"))
     return tables
