@@ -218,12 +218,20 @@ class MlflowTrialTracker:
         return run.info.run_id
 
     def log_epoch(self, run_id: str, epoch: int, metrics: dict[str, float]) -> None:
-        """Every numeric metric of one epoch, at ``step=epoch``."""
+        """Every numeric metric of one epoch, at ``step=epoch``, once.
+
+        A trial resumed from a checkpoint older than its last logged epoch (Ray restores the
+        checkpoint of its last experiment snapshot, which can lag behind) runs those epochs
+        again, from the checkpointed RNG state; MLflow would keep both rows, so an epoch whose
+        first metric is already logged at that step is not logged again.
+        """
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, epoch) for k, v in metrics.items() if isinstance(v, (int, float))]
         client = self._client()
+        if batch and any(m.step == epoch for m in client.get_metric_history(run_id, batch[0].key)):
+            return
         for i in range(0, len(batch), 1000):
             client.log_batch(run_id, metrics=batch[i : i + 1000])
 
