@@ -17,7 +17,8 @@ keys that were given explicitly, so a URI with ``user:secret@`` is refused.
 
 Small files (the search record) are written whole or not at all: locally a temporary
 file in the same folder, flushed, fsynced and renamed over the target (then the folder is
-fsynced); on an object store one upload, which S3 makes visible only once complete.
+fsynced); on an object store one request (S3's PutObject), which shows the whole object
+or nothing.
 """
 
 from __future__ import annotations
@@ -152,10 +153,21 @@ def write_atomic(location: Location, data: bytes) -> None:
         if location.is_local:
             _replace_local(Path(location.path), data)
         else:  # one object upload: it appears whole or not at all
-            with location.fs.open_output_stream(location.path) as fh:
+            fs, path = _one_request(location)
+            with fs.open_output_stream(path) as fh:
                 fh.write(data)
     except OSError as exc:
         raise StorageError(f"cannot write {location}: {exc}") from exc
+
+
+def _one_request(location: Location) -> tuple[pafs.FileSystem, str]:
+    """pyarrow's S3 streams start a multipart upload on open, unless opening is delayed:
+    then a small file goes up in one PutObject."""
+    parts = urlsplit(location.uri)
+    if location.fs.type_name != "s3" or "allow_delayed_open" in parts.query:
+        return location.fs, location.path
+    query = "&".join(filter(None, [parts.query, "allow_delayed_open=true"]))
+    return pafs.FileSystem.from_uri(urlunsplit(parts._replace(query=query)))
 
 
 def _replace_local(path: Path, data: bytes) -> None:
