@@ -101,6 +101,7 @@ def run_search(
     """Run every trial of ``space`` on Ray Tune, tracked in MLflow; return the results table."""
     console = console or Console(stderr=True)
     root = storage.resolve(storage_path)
+    storage.require_bucket(root)
     experiment = f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     folder = root.child(experiment)
     experiment_path = folder.uri

@@ -136,6 +136,20 @@ def exists(location: Location) -> bool:
         raise StorageError(f"cannot reach {location}: {exc}") from exc
 
 
+def require_bucket(root: Location) -> None:
+    """On an object store the bucket (the path's first part) must exist: Ray Tune does not
+    create it, and fails deep inside ``Tuner.fit`` when it is missing."""
+    if root.is_local:
+        return
+    bucket = root.path.split("/", 1)[0]
+    try:
+        found = root.fs.get_file_info(bucket).type != pafs.FileType.NotFound
+    except OSError as exc:
+        raise StorageError(f"cannot reach {root}: {exc}") from exc
+    if not found:
+        raise StorageError(f"bucket {bucket!r} of {root} does not exist; create it first (Ray Tune does not)")
+
+
 def read_bytes(location: Location) -> bytes:
     """The whole file; ``FileNotFoundError`` if there is none, ``StorageError`` if unreadable."""
     try:
