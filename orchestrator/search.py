@@ -24,6 +24,7 @@ from rich.table import Table
 
 from orchestrator import storage
 from orchestrator.spaces import SearchSpace
+from orchestrator.storage import Location
 from orchestrator.tracking import (
     MlflowTrialTracker,
     TrackingTarget,
@@ -31,7 +32,6 @@ from orchestrator.tracking import (
     search_running,
     start_search_run,
 )
-from orchestrator.storage import Location
 from orchestrator.tuner import CloseRunsCallback, TrialResolver, build_tuner, init_ray, trainable
 
 RESULT_COLUMNS = ("final_clean_acc", "final_adv_acc")
