@@ -227,7 +227,10 @@ def submit(space: str, overrides: tuple[str, ...], address: str | None, tracking
     """
     spec, path = _load_space(space, overrides)
     _prepare_ray(address)
+    import shlex
+
     from orchestrator.search import SearchStorageError, run_search
+    from orchestrator.storage import StorageError
     from orchestrator.tracking import TrackingUnreachable, check_reachable, resolve_tracking
 
     target = resolve_tracking(tracking_uri)
@@ -243,10 +246,12 @@ def submit(space: str, overrides: tuple[str, ...], address: str | None, tracking
                              console=console)
     except SearchStorageError as exc:
         raise TrialFailure(str(exc)) from exc
+    except StorageError as exc:
+        raise UsageFailure(str(exc)) from exc
     out.print(outcome.table)
     if outcome.failed:
         console.print(f"[red]{outcome.failed} trial(s) failed[/]; see the errors above, then "
-                      f"`normlab resume {outcome.experiment_path}` to continue them.")
+                      f"`normlab resume {escape(shlex.quote(outcome.experiment_path))}` to continue them.")
         raise SystemExit(1)
 
 
@@ -274,24 +279,25 @@ def _check_resume_arguments(search: str, storage_path: str | None) -> None:
 @main.command()
 @click.argument("search")
 @click.option("--address", help="Ray cluster to resume on (default: a local Ray on 127.0.0.1).")
-@click.option("--storage-path", help="Where the search was stored, when SEARCH is a name (default: normlab_runs/ray_results).")
+@click.option("--storage-path", help="Where the search was stored, when SEARCH is a name (default: normlab_runs/ray_results; s3://... too).")
 @click.option("--num-cpus", type=int, help="CPUs of the local Ray (default: all).")
 def resume(search: str, address: str | None, storage_path: str | None, num_cpus: int | None) -> None:
     """Continue a search that was interrupted or had failed trials.
 
-    SEARCH is the search's folder (printed by submit) or its name (the newest such search
-    in the storage path). Unfinished and failed trials continue from their last
-    checkpoints; each keeps writing to its own MLflow run.
+    SEARCH is the search's folder (printed by submit; a path or an s3://... URI) or its
+    name (the newest such search in the storage path). Unfinished and failed trials
+    continue from their last checkpoints; each keeps writing to its own MLflow run.
     """
     _check_resume_arguments(search, storage_path)
     _prepare_ray(address)
     from orchestrator.search import SearchStorageError, find_experiment, resume_search
+    from orchestrator.storage import StorageError
     from orchestrator.tracking import TrackingUnreachable
 
     try:
         folder = find_experiment(search, storage_path)
         outcome = resume_search(folder, address=address, num_cpus=num_cpus, console=console)
-    except (LookupError, TrackingUnreachable, ConnectionError) as exc:
+    except (LookupError, TrackingUnreachable, ConnectionError, StorageError) as exc:
         raise UsageFailure(str(exc)) from exc
     except SearchStorageError as exc:
         raise TrialFailure(str(exc)) from exc
@@ -307,8 +313,13 @@ def resume(search: str, address: str | None, storage_path: str | None, num_cpus:
 def status(name: str | None, storage_path: str | None) -> None:
     """Searches in the storage path: each trial's state, epochs done, last metrics."""
     from orchestrator.search import search_status
+    from orchestrator.storage import StorageError
 
-    for table in search_status(storage_path, name):
+    try:
+        tables = search_status(storage_path, name)
+    except StorageError as exc:
+        raise UsageFailure(str(exc)) from exc
+    for table in tables:
         out.print(table)
 
 

@@ -1,25 +1,31 @@
 """Run a search end to end, resume one, and show what searches the storage path holds.
 
 ``run_search`` connects to Ray, opens the MLflow parent run, fits the Tuner (Ray Tune
-prints its own progress) and returns the results table; it leaves a small record in the
-search's folder so that ``resume_search`` can restore the Tuner with the same trainable
-and tracking. ``search_status`` reads Ray Tune's experiment state from the storage path,
-without connecting to a cluster.
+prints its own progress) and returns the results table; it leaves a small record
+(``normlab_search.json``) in the search's folder so that ``resume_search`` can restore the
+Tuner with the same trainable and tracking. ``search_status`` reads Ray Tune's experiment
+state from the storage path, without connecting to a cluster. The storage path is a local
+folder or a URI such as ``s3://bucket/prefix`` (see ``orchestrator.storage``); the record
+goes through the same filesystem as Ray's own files.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from orchestrator import storage
+from orchestrator.callbacks import TrialRunsCallback, trial_error
 from orchestrator.spaces import SearchSpace
+from orchestrator.storage import Location
 from orchestrator.tracking import (
     MlflowTrialTracker,
     TrackingTarget,
@@ -27,8 +33,7 @@ from orchestrator.tracking import (
     search_running,
     start_search_run,
 )
-from orchestrator.callbacks import TrialRunsCallback, trial_error
-from orchestrator.tuner import TrialResolver, build_tuner, init_ray, storage_uri, trainable
+from orchestrator.tuner import TrialResolver, build_tuner, init_ray, trainable
 
 RESULT_COLUMNS = ("final_clean_acc", "final_adv_acc")
 
@@ -95,7 +100,7 @@ def _fit(tuner: Any, experiment_path: str) -> Any:
         ) from exc
 
 
-def _summarise(grid: Any, space: SearchSpace, experiment_path: str, console: Console) -> SearchOutcome:
+def _summarise(grid: Any, space: SearchSpace, folder: Location, console: Console) -> SearchOutcome:
     resolver = TrialResolver(space.fixed, frozenset(space.conditional_keys()))
     keys = space.trial_keys()
     rows = sorted((_row(result, resolver, keys) for result in grid), key=lambda r: r["trial"])
@@ -103,8 +108,7 @@ def _summarise(grid: Any, space: SearchSpace, experiment_path: str, console: Con
     for row in rows:
         if row["status"] == "ERROR":
             console.print(f"[red]{row['trial']}[/]: {row['error']}")
-    title = f"search {Path(experiment_path).name}"
-    return SearchOutcome(experiment_path, results_table(title, rows, keys), rows, failed)
+    return SearchOutcome(folder.uri, results_table(f"search {folder.name}", rows, keys), rows, failed)
 
 
 def run_search(
@@ -119,9 +123,11 @@ def run_search(
 ) -> SearchOutcome:
     """Run every trial of ``space`` on Ray Tune, tracked in MLflow; return the results table."""
     console = console or Console(stderr=True)
-    storage = storage_uri(storage_path)
+    root = storage.resolve(storage_path)
+    storage.require_bucket(root)
     experiment = f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    experiment_path = f"{storage}/{experiment}"
+    folder = root.child(experiment)
+    experiment_path = folder.uri
     where = init_ray(address, num_cpus=num_cpus)
     console.print(f"search {space.name!r}: {space.trial_count()} trial(s) on Ray {where}")
     console.print(f"  results and checkpoints: {experiment_path}")
@@ -136,11 +142,12 @@ def run_search(
     spec = space.model_dump(mode="json", by_alias=True)
     tracker = start_search_run(target, space.name, experiment, params=params, spec=spec, spec_file=space_file, tags=tags)
     with search_running(tracker):
-        tuner = build_tuner(space, storage_path=storage, experiment=experiment, tracker=tracker,
+        # Ray resolves root.uri with the same pyarrow call as normlab did
+        tuner = build_tuner(space, storage_path=root.uri, experiment=experiment, tracker=tracker,
                             callbacks=[TrialRunsCallback(tracker)])
-        _write_record(experiment_path, SearchRecord(spec, str(space_file), target.uri, target.artifact_root, tracker))
+        write_record(folder, SearchRecord(spec, str(space_file), target.uri, target.artifact_root, tracker))
         grid = _fit(tuner, experiment_path)
-    return _summarise(grid, space, experiment_path, console)
+    return _summarise(grid, space, folder, console)
 
 
 # ------------------------------------------------------------------------ resume
@@ -159,77 +166,98 @@ class SearchRecord:
     tracker: MlflowTrialTracker
 
     def to_json(self) -> str:
-        data = {**self.__dict__, "tracker": self.tracker.__dict__}
-        return json.dumps(data, indent=2)
+        return TypeAdapter(SearchRecord).dump_json(self, indent=2).decode()
 
     @classmethod
-    def from_json(cls, text: str) -> SearchRecord:
-        data = json.loads(text)
-        data["tracker"] = MlflowTrialTracker(**data["tracker"])
-        return cls(**data)
+    def from_json(cls, text: str | bytes) -> SearchRecord:
+        """Parse and check a record; ``pydantic.ValidationError`` (a ValueError) says what is wrong."""
+        return TypeAdapter(cls).validate_json(text)
 
 
-def _write_record(experiment_path: str, record: SearchRecord) -> None:
-    if "://" in experiment_path:  # cloud storage: resume reads Ray's state there, not this record
-        return
-    folder = Path(experiment_path)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / RECORD_FILE).write_text(record.to_json())
+class RecordError(LookupError):
+    """A search record that is missing, cut short or malformed: where, what, what to do."""
 
 
-def find_experiment(path_or_name: str, storage_path: str | None = None) -> Path:
-    """A search folder given as a path, or the newest search of that name in the storage path."""
-    path = Path(path_or_name).expanduser()
-    if (path / RECORD_FILE).is_file():
-        return path.resolve()
+def write_record(folder: Location, record: SearchRecord) -> None:
+    """Write the record into the search's folder, whole or not at all."""
+    storage.write_atomic(folder.child(RECORD_FILE), record.to_json().encode())
+
+
+def _problems(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'file'}: {e['msg']}" for e in exc.errors()[:5])
+
+
+def load_record(folder: Location) -> tuple[SearchRecord, SearchSpace]:
+    """The record of the search in ``folder`` and its validated space, or one ``RecordError``."""
+    where = folder.child(RECORD_FILE)
+    try:
+        record = SearchRecord.from_json(storage.read_bytes(where))
+    except FileNotFoundError:
+        raise RecordError(
+            f"{where} is missing: {folder} was not made by `normlab submit` (which writes that record before the "
+            "first trial), so normlab does not know its space and MLflow runs; submit the search again"
+        ) from None
+    except ValidationError as exc:
+        cut = any(e["type"] == "json_invalid" for e in exc.errors())
+        what = "is not valid JSON; it may have been cut short by a crash" if cut else "is not a normlab search record"
+        raise RecordError(
+            f"{where} {what} ({_problems(exc)}). It holds the search's space and MLflow run ids: restore it from a "
+            "backup, or submit the search again"
+        ) from None
+    try:
+        return record, SearchSpace.model_validate(record.space)
+    except ValidationError as exc:
+        raise RecordError(f"{where} holds a search space this normlab cannot run ({_problems(exc)}); "
+                          "resume it with the normlab version that submitted it, or submit the search again") from None
+
+
+def find_experiment(path_or_name: str, storage_path: str | None = None) -> Location:
+    """A search folder given as a path or URI, or the newest search of that name in the storage path."""
+    if storage.is_uri(path_or_name) or Path(path_or_name).expanduser().is_dir():
+        folder = storage.resolve(path_or_name)
+        if storage.exists(folder.child(RECORD_FILE)) or storage.latest_snapshot(folder) is not None:
+            return folder
+        if storage.is_uri(path_or_name):
+            raise LookupError(f"no search at {folder} (neither {RECORD_FILE} nor Ray Tune's experiment state)")
     found = experiment_dirs(storage_path, path_or_name)
     if not found:
-        raise LookupError(f"no search folder {path_or_name!r} (a path, or a search name under {storage_uri(storage_path)})")
-    if not (found[-1] / RECORD_FILE).is_file():
-        raise LookupError(f"{found[-1]} was not made by normlab submit ({RECORD_FILE} missing)")
+        root = storage.resolve(storage_path)
+        raise LookupError(f"no search folder {path_or_name!r} (a path, or a search name under {root})")
     return found[-1]
 
 
 def resume_search(
-    folder: Path, *, address: str | None = None, num_cpus: int | None = None, console: Console | None = None
+    folder: Location, *, address: str | None = None, num_cpus: int | None = None, console: Console | None = None
 ) -> SearchOutcome:
     """Continue an interrupted or failed search: unfinished trials from their checkpoints,
     errored ones too; each keeps logging to its own MLflow run."""
     from ray import tune
 
     console = console or Console(stderr=True)
-    record = SearchRecord.from_json((folder / RECORD_FILE).read_text())
-    space = SearchSpace.model_validate(record.space)
+    record, space = load_record(folder)
     check_reachable(TrackingTarget(record.tracking_uri, record.artifact_root))
     where = init_ray(address, num_cpus=num_cpus)
     console.print(f"resuming search {folder.name} on Ray {where}; MLflow {record.tracking_uri}")
-    retried = clear_fatal_markers(str(folder))
+    retried = clear_fatal_markers(folder)
     if retried:
         console.print(f"retrying {len(retried)} trial(s) that failed with a non-retryable error: {', '.join(retried)}")
     with search_running(record.tracker, resumed=True):
+        # the folder's URI, as submit gave Ray its parent: Ray resolves it with the same pyarrow call
         tuner = tune.Tuner.restore(
-            str(folder), trainable=trainable(space, record.tracker), resume_unfinished=True, resume_errored=True
+            folder.uri, trainable=trainable(space, record.tracker), resume_unfinished=True, resume_errored=True
         )
-        grid = _fit(tuner, str(folder))
-    return _summarise(grid, space, str(folder), console)
+        grid = _fit(tuner, folder.uri)
+    return _summarise(grid, space, folder, console)
 
 
-def _filesystem(path: str) -> tuple[Any, str]:
-    from pyarrow import fs as pafs
-
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), str(Path(path).resolve())
-
-
-def clear_fatal_markers(experiment_path: str) -> list[str]:
+def clear_fatal_markers(folder: Location) -> list[str]:
     """Forget the non-retryable failures recorded in a search's trial folders (a resume is
     the user's request to try them again); returns the trial folders that had one."""
     from pyarrow import fs as pafs
 
     from trainables.ray_trainable import FATAL_FILE
 
-    fs, root = _filesystem(experiment_path)
+    fs, root = folder.fs, folder.path
     cleared = []
     for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
         marker = f"{info.path}/{FATAL_FILE}"
@@ -239,24 +267,21 @@ def clear_fatal_markers(experiment_path: str) -> list[str]:
     return cleared
 
 
-def experiment_dirs(storage_path: str | None, name: str | None = None) -> list[Path]:
+def experiment_dirs(storage_path: str | None, name: str | None = None) -> list[Location]:
     """Search folders in the storage path (newest last), optionally only those of search ``name``."""
-    root = Path(storage_uri(storage_path))
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and any(p.glob("experiment_state-*.json"))]
+    found = storage.search_folders(storage.resolve(storage_path))
     if name:
-        found = [p for p in found if p.name == name or p.name.rsplit("-", 2)[0] == name]
-    return sorted(found, key=lambda p: p.stat().st_mtime)
+        found = [f for f in found if f.name == name or f.name.rsplit("-", 2)[0] == name]
+    return found
 
 
-def search_status(storage_path: str | None, name: str | None = None) -> list[Table]:
-    """One table per search: each trial's state, epochs done and last metrics."""
+def search_status(storage_path: str | None, name: str | None = None) -> list[Table | str]:
+    """One table per search: each trial's state, epochs done and last metrics (or a line saying there are none)."""
     from ray.tune import ExperimentAnalysis
 
-    tables = []
+    tables: list[Table | str] = []
     for folder in experiment_dirs(storage_path, name):
-        analysis = ExperimentAnalysis(str(folder))
+        analysis = ExperimentAnalysis(folder.uri)
         table = Table(title=f"{folder.name}  ({folder})")
         for column in ("trial", "state", "epochs", "clean_acc", "adv_acc", "final_adv_acc", "error"):
             table.add_column(column)
@@ -267,6 +292,5 @@ def search_status(storage_path: str | None, name: str | None = None) -> list[Tab
                           trial_error(trial)[:200] if trial.status == "ERROR" else "")
         tables.append(table)
     if not tables:
-        table = Table(title=f"no searches{' named ' + repr(name) if name else ''} in {storage_uri(storage_path)}")
-        tables.append(table)
+        tables.append(escape(f"no searches{' named ' + repr(name) if name else ''} in {storage.resolve(storage_path)}"))
     return tables

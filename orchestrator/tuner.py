@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -235,9 +234,3 @@ def init_ray(address: str | None, *, num_cpus: int | None = None) -> str:
                 os.environ.pop(key, None)
     return "local (127.0.0.1 only)"
 
-
-def storage_uri(path: str | None, workdir: Path | None = None) -> str:
-    """Where Ray Tune keeps results and checkpoints: an absolute path or a URI (s3://, gs://)."""
-    if path and "://" in path:
-        return path
-    return str(Path(path).expanduser().resolve() if path else (workdir or Path.cwd()).resolve() / "normlab_runs" / "ray_results")
