@@ -173,3 +173,41 @@ class TrialRunsCallback(tune.Callback):
             except Exception as exc:  # never let tracking end a search
                 log.warning("trial %s: closing its run failed: %s", trial, exc)
                 return False
+
+
+class StateBackupCallback(tune.Callback):
+    """Keep normlab's last good copy of the search's Ray Tune state (``snapshots``): every 2 s
+    until the first copy of the experiment state exists, then every 10 s on a local or
+    shared filesystem and every 60 s on an object store."""
+
+    def __init__(self, experiment_uri: str) -> None:
+        self.experiment_uri = experiment_uri
+        self._backup: Any = None
+        self._last = 0.0
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"experiment_uri": self.experiment_uri}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["experiment_uri"])  # type: ignore[misc]
+
+    def _run(self, force: bool = False) -> None:
+        from orchestrator import snapshots, storage
+
+        if self._backup is None:
+            self._backup = snapshots.StateBackup(storage.resolve(self.experiment_uri))
+        interval = 10.0 if self._backup.folder.is_local else 60.0
+        if not self._backup.has_experiment_state():
+            interval = 2.0  # the first good copy as soon as Tune has written its state
+        if force or time.monotonic() - self._last >= interval:
+            self._last = time.monotonic()
+            try:
+                self._backup.backup()
+            except Exception as exc:  # a backup must never end a search
+                log.debug("state backup failed: %s", exc)
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        self._run()
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self._run(force=True)

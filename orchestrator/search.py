@@ -2,7 +2,7 @@
 
 ``run_search`` connects to Ray, opens the MLflow parent run, fits the Tuner (Ray Tune
 prints its own progress) and returns the results table; it leaves a small record
-(``normlab_search.json``) in the search's folder so that ``resume_search`` can restore the
+(``normlab/search.json``) in the search's folder so that ``resume_search`` can restore the
 Tuner with the same trainable and tracking. ``search_status`` reads Ray Tune's experiment
 state from the storage path, without connecting to a cluster. The storage path is a local
 folder or a URI such as ``s3://bucket/prefix`` (see ``orchestrator.storage``); the record
@@ -22,8 +22,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from orchestrator import storage
-from orchestrator.callbacks import TrialRunsCallback, trial_error
+from orchestrator import snapshots, storage
+from orchestrator.callbacks import StateBackupCallback, TrialRunsCallback, trial_error
 from orchestrator.spaces import SearchSpace
 from orchestrator.storage import Location
 from orchestrator.tracking import (
@@ -144,7 +144,7 @@ def run_search(
     with search_running(tracker):
         # Ray resolves root.uri with the same pyarrow call as normlab did
         tuner = build_tuner(space, storage_path=root.uri, experiment=experiment, tracker=tracker,
-                            callbacks=[TrialRunsCallback(tracker)])
+                            callbacks=[TrialRunsCallback(tracker), StateBackupCallback(experiment_path)])
         write_record(folder, SearchRecord(spec, str(space_file), target.uri, target.artifact_root, tracker))
         grid = _fit(tuner, experiment_path)
     return _summarise(grid, space, folder, console)
@@ -152,7 +152,8 @@ def run_search(
 
 # ------------------------------------------------------------------------ resume
 
-RECORD_FILE = "normlab_search.json"
+RECORD_FILE = "normlab/search.json"  # in a subfolder: Ray rewrites the top-level files of a search in place
+LEGACY_RECORD_FILE = "normlab_search.json"
 
 
 @dataclass
@@ -190,6 +191,8 @@ def _problems(exc: ValidationError) -> str:
 def load_record(folder: Location) -> tuple[SearchRecord, SearchSpace]:
     """The record of the search in ``folder`` and its validated space, or one ``RecordError``."""
     where = folder.child(RECORD_FILE)
+    if not storage.exists(where) and storage.exists(folder.child(LEGACY_RECORD_FILE)):
+        where = folder.child(LEGACY_RECORD_FILE)  # a search submitted by an earlier normlab
     try:
         record = SearchRecord.from_json(storage.read_bytes(where))
     except FileNotFoundError:
@@ -234,6 +237,9 @@ def resume_search(
     from ray import tune
 
     console = console or Console(stderr=True)
+    repaired = snapshots.repair(folder)
+    if repaired:
+        console.print(f"[yellow]repaired[/] damaged Ray Tune state from normlab's last good copy: {', '.join(repaired)}")
     record, space = load_record(folder)
     check_reachable(TrackingTarget(record.tracking_uri, record.artifact_root))
     where = init_ray(address, num_cpus=num_cpus)
@@ -281,8 +287,15 @@ def search_status(storage_path: str | None, name: str | None = None) -> list[Tab
 
     tables: list[Table | str] = []
     for folder in experiment_dirs(storage_path, name):
-        analysis = ExperimentAnalysis(folder.uri)
-        table = Table(title=f"{folder.name}  ({folder})")
+        repaired = snapshots.repair(folder)
+        try:
+            analysis = ExperimentAnalysis(folder.uri)
+        except (OSError, ValueError, EOFError) as exc:
+            tables.append(escape(f"{folder.name}: Ray Tune's state cannot be read ({type(exc).__name__}: {exc}) "
+                                 "and normlab has no good copy of it"))
+            continue
+        note = f"; state repaired from normlab's last good copy: {', '.join(repaired)}" if repaired else ""
+        table = Table(title=f"{folder.name}  ({folder}){note}")
         for column in ("trial", "state", "epochs", "clean_acc", "adv_acc", "final_adv_acc", "error"):
             table.add_column(column)
         for trial in sorted(analysis.trials, key=lambda t: str(t)):

@@ -99,7 +99,7 @@ def test_a_password_in_the_tracking_uri_is_never_printed_or_stored(tmp_path):
             fields = {**run.data.params, **run.data.tags}
             assert not [k for k, v in fields.items() if password in v], fields
             assert run.info.status == "FINISHED"
-        record = next((tmp_path / "normlab_runs" / "ray_results").glob("secret-*/normlab_search.json")).read_text()
+        record = next((tmp_path / "normlab_runs" / "ray_results").glob("secret-*/normlab/search.json")).read_text()
         assert server.uri in record  # the URI without its credentials; resume takes them from the environment
 
         # resume needs the password again, from the environment (as MLflow itself reads it)

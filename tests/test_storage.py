@@ -71,6 +71,7 @@ def fake_search(root: Path, record: str | None) -> Path:
     folder.mkdir(parents=True)
     (folder / "experiment_state-2025-01-01_00-00-00.json").write_text("{}")
     if record is not None:
+        (folder / RECORD_FILE).parent.mkdir(parents=True, exist_ok=True)
         (folder / RECORD_FILE).write_text(record)
     return folder
 

@@ -1,0 +1,120 @@
+"""Last-known-good copies of Ray Tune's experiment state, so a search can always resume.
+
+Ray Tune keeps a search's state in the top level of its folder (``experiment_state-*.json``,
+the search algorithm's ``*-state-*.json``/``.pkl``, ``tuner.pkl``) and rewrites those files
+in place from a driver-side staging copy every few seconds. On a filesystem the rewrite
+is not atomic: a storage that fills up, or a driver killed mid-copy, leaves a truncated
+file, and ``Tuner.restore`` then cannot read the search at all (seen here: a full disk
+left ``experiment_state`` cut mid-string).
+
+normlab therefore copies each of those files, whenever it changed and reads back whole
+(a pickle that ends with its STOP opcode, or JSON that parses), into ``normlab/state/``
+inside the search folder, atomically (``storage.write_atomic``), where Ray never writes.
+Before ``normlab resume`` or ``normlab status`` reads a search, ``repair`` puts the last
+good copy back over any state file that is missing or damaged. A repaired state may be a
+few seconds older than the search: trials then continue from their own newest complete
+checkpoints (``trainables.ray_trainable``), which do not depend on Ray's state.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import logging
+
+from pyarrow import fs as pafs
+
+from orchestrator import storage
+from orchestrator.storage import Location
+
+STATE_FILES = ("experiment_state-*.json", "*-state-*.json", "searcher-state-*.pkl", "tuner.pkl")
+BACKUP_DIR = "normlab/state"
+log = logging.getLogger("normlab.storage")
+
+
+def _state_files(folder: Location) -> list[pafs.FileInfo]:
+    infos = folder.fs.get_file_info(pafs.FileSelector(folder.path, allow_not_found=True))
+    return [i for i in infos if i.type == pafs.FileType.File and any(fnmatch.fnmatch(i.base_name, p) for p in STATE_FILES)]
+
+
+def is_whole(name: str, data: bytes) -> bool:
+    """Whether a state file reads back complete: a pickle ending in STOP, or JSON that parses."""
+    if not data:
+        return False
+    if data[:1] == b"\x80":  # a pickle (Ray names some of its pickles *.json): it ends with the STOP opcode
+        return data.endswith(b".")
+    try:
+        json.loads(data)
+    except ValueError:
+        return False
+    return True
+
+
+class StateBackup:
+    """Copies a search's state files into ``normlab/state/`` when they changed and are whole."""
+
+    def __init__(self, folder: Location) -> None:
+        self.folder = folder
+        self.backups = folder.child(BACKUP_DIR)
+        self._seen: dict[str, tuple[int | None, int]] = {}  # name -> (mtime, size) last looked at
+        self._saved: dict[str, str] = {}  # name -> digest of the copy in the backup folder
+
+    def has_experiment_state(self) -> bool:
+        """Whether a good copy of Tune's experiment state has been saved by this backup."""
+        return any(fnmatch.fnmatch(name, STATE_FILES[0]) for name in self._saved)
+
+    def backup(self) -> int:
+        """One pass; returns how many files were copied. Never raises (a full disk is the
+        very case this guards against: the old good copy then simply stays)."""
+        copied = 0
+        try:
+            infos = _state_files(self.folder)
+        except OSError as exc:
+            log.debug("state backup: cannot list %s: %s", self.folder, exc)
+            return 0
+        for info in infos:
+            stamp = (info.mtime_ns, info.size)
+            if self._seen.get(info.base_name) == stamp:
+                continue
+            try:
+                data = storage.read_bytes(self.folder.child(info.base_name))
+            except (OSError, FileNotFoundError):
+                continue
+            self._seen[info.base_name] = stamp
+            digest = hashlib.sha256(data).hexdigest()
+            if self._saved.get(info.base_name) == digest or not is_whole(info.base_name, data):
+                continue
+            try:
+                storage.write_atomic(self.backups.child(info.base_name), data)
+            except storage.StorageError as exc:
+                log.debug("state backup of %s failed: %s", info.base_name, exc)
+                self._seen.pop(info.base_name, None)  # try again next time
+                continue
+            self._saved[info.base_name] = digest
+            copied += 1
+        return copied
+
+
+def repair(folder: Location) -> list[str]:
+    """Put the last good copy back over every state file of ``folder`` that is missing or
+    damaged; returns the names repaired."""
+    backups = folder.child(BACKUP_DIR)
+    try:
+        saved = _state_files(backups)
+    except OSError:
+        return []
+    repaired = []
+    for info in saved:
+        target = folder.child(info.base_name)
+        try:
+            current = storage.read_bytes(target)
+        except FileNotFoundError:
+            current = b""
+        if is_whole(info.base_name, current):
+            continue
+        good = storage.read_bytes(backups.child(info.base_name))
+        if is_whole(info.base_name, good):
+            storage.write_atomic(target, good)
+            repaired.append(info.base_name)
+    return repaired
