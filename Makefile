@@ -1,7 +1,8 @@
 # normlab developer entry points. Everything installs into .venv inside the checkout.
 #   make quickstart   set up, then run the quickstart search (local Ray, local MLflow, digits)
-#   make test         set up, then run the default test suite (what CI runs)
-#   make test-slow    the slow tests too (real accuracy targets, bigger searches)
+#   make test         set up, then run every test: the default suite, then the slow one (what CI runs)
+#   make test-fast    the default suite only (fast: what to run while working)
+#   make test-slow    the slow tests only (real data, killed workers, outages, several nodes, S3)
 #   make bench        the benchmarks in benchmarks/
 
 PYTHON ?= python3
@@ -9,7 +10,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.normlab-installed
 
-.PHONY: setup quickstart test test-slow bench clean
+.PHONY: setup quickstart test test-fast test-slow bench clean
 
 setup: $(STAMP)
 
@@ -27,6 +28,10 @@ quickstart: setup
 	$(VENV)/bin/normlab submit quickstart
 
 test: setup
+	$(PY) -m pytest
+	$(PY) -m pytest -m slow
+
+test-fast: setup
 	$(PY) -m pytest
 
 test-slow: setup

@@ -139,7 +139,7 @@ class Search(BaseModel):
 class Resources(BaseModel):
     model_config = _Strict
     cpu: float = Field(1.0, gt=0, description="CPUs per trial (sets torch threads)")
-    gpu: float = Field(0.0, ge=0, description="GPUs per trial, fractions allowed (0.5: two trials share a GPU)")
+    gpu: float = Field(0.0, ge=0, le=1, description="GPUs per trial, at most 1 (a trial uses one device); 0.5: two trials share a GPU")
 
 
 class CheckpointPolicy(BaseModel):
