@@ -37,6 +37,7 @@ from trainables.record import TrialRecord
 log = logging.getLogger("normlab.tracking")
 DRAIN_S = float(os.environ.get("NORMLAB_TRACKING_DRAIN_S", 600))
 CLOSE_BUDGET_S = 30.0
+RETRY_SPACING_S = 10.0  # between two attempts at a trial's run while the server is down
 
 
 def trial_record(trial: Any) -> tuple[TrialRecord, Any, Any]:
@@ -131,10 +132,13 @@ class TrialRunsCallback(tune.Callback):
                 if not future.done():
                     continue
                 del self._pending[trial_id]
-                if future.result():
+                outcome = future.result()
+                if outcome is None:  # refused: waiting would not help
+                    continue
+                if outcome:
                     self._done.add(trial_id)
-                elif time.monotonic() < deadline:  # the server is still down: try again
-                    self._submit(trial, status, reason)
+                elif time.monotonic() < deadline:  # the server is still down: try again in a while
+                    self._submit(trial, status, reason, delay=RETRY_SPACING_S)
             time.sleep(0.2)
         for future, trial, _, _ in self._pending.values():
             future.cancel()
@@ -145,13 +149,15 @@ class TrialRunsCallback(tune.Callback):
             self._pool = None
 
     # --------------------------------------------------------------- the work
-    def _submit(self, trial: Any, status: str, reason: str) -> None:
+    def _submit(self, trial: Any, status: str, reason: str, delay: float = 0.0) -> None:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="normlab-runs")
         self._done.discard(trial.trial_id)
-        self._pending[trial.trial_id] = (self._pool.submit(self._close, trial, status, reason), trial, status, reason)
+        future = self._pool.submit(self._close, trial, status, reason, delay)
+        self._pending[trial.trial_id] = (future, trial, status, reason)
 
-    def _close(self, trial: Any, status: str, reason: str) -> bool:
+    def _close(self, trial: Any, status: str, reason: str, delay: float = 0.0) -> bool | None:
+        time.sleep(delay)
         try:
             record, fs, stored = trial_record(trial)
         except Exception as exc:  # storage unreadable: close the run by trial id alone

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from orchestrator.retry import TrackingError, mask_uri, retrying
+from orchestrator.retry import TrackingError, TrackingUnavailable, mask_uri, retrying
 from trainables.record import TrialRecord
 
 TAG_SEARCH = "normlab.search"
@@ -97,16 +97,19 @@ class MlflowTrialTracker:
         ``finish``: close the run FINISHED (with ``checkpoint_file`` as artifact) if the
         record is finished.
         """
-        deadline = time.monotonic() + budget_s
         try:
-            self._retry("open the trial's run", lambda: self._open(record, running), deadline)
-            self._retry("log the trial's epochs", lambda: self._log_missing(record), deadline)
-            if finish and record.finished:
-                self._retry("finish the trial's run", lambda: self._finish(record, checkpoint_file), deadline)
+            self._sync(record, time.monotonic() + budget_s, checkpoint_file, finish, running)
         except TrackingError as exc:
             log.warning("trial %s: %s; its metrics wait in its checkpoints for the next sync", record.trial_name, exc)
             return False
         return True
+
+    def _sync(self, record: TrialRecord, deadline: float, checkpoint_file: CheckpointFile, finish: bool,
+              running: bool) -> None:
+        self._retry("open the trial's run", lambda: self._open(record, running), deadline)
+        self._retry("log the trial's epochs", lambda: self._log_missing(record), deadline)
+        if finish and record.finished:
+            self._retry("finish the trial's run", lambda: self._finish(record, checkpoint_file), deadline)
 
     def fail(self, record: TrialRecord, reason: str, *, retryable: bool, budget_s: float) -> bool:
         """Close the run FAILED with ``reason`` (a run is created if the trial had none yet)."""
@@ -128,13 +131,14 @@ class MlflowTrialTracker:
         return True
 
     def close(self, record: TrialRecord, status: str, reason: str, *, budget_s: float,
-              checkpoint_file: CheckpointFile = None) -> bool:
+              checkpoint_file: CheckpointFile = None) -> bool | None:
         """Driver side, after the trial ended: sync what its checkpoints hold, then close a run
-        its trial left open (finished -> FINISHED; otherwise ``status`` with ``reason``)."""
+        its trial left open (finished -> FINISHED; otherwise ``status`` with ``reason``).
+
+        True when done; False when the server stayed unreachable (try again later); None
+        when it refused (retrying would not help).
+        """
         deadline = time.monotonic() + budget_s
-        if record.config and not self.sync(record, budget_s=budget_s, checkpoint_file=checkpoint_file, finish=True,
-                                           running=False):
-            return False
 
         def close_if_running() -> None:
             run_id = record.run_id or self.find_run(record.trial_id)
@@ -146,10 +150,15 @@ class MlflowTrialTracker:
                 c.set_terminated(run_id, status)
 
         try:
+            if record.config:
+                self._sync(record, deadline, checkpoint_file, finish=True, running=False)
             self._retry("close the trial's run", close_if_running, deadline)
-        except TrackingError as exc:
-            log.warning("trial %s: its run could not be closed: %s", record.trial_name, exc)
+        except TrackingUnavailable as exc:
+            log.warning("trial %s: its run could not be brought up to date yet: %s", record.trial_name, exc)
             return False
+        except TrackingError as exc:
+            log.warning("trial %s: the tracking server refused to close its run: %s", record.trial_name, exc)
+            return None
         return True
 
     def find_run(self, trial_id: str) -> str | None:

@@ -133,14 +133,16 @@ class TrialStorage:
         return None, notes
 
     def prune(self, keep: int) -> None:
-        """Keep the newest ``keep`` complete checkpoints; drop older ones and incomplete copies."""
+        """Keep the newest ``keep`` complete checkpoints (by epoch); older ones lose their payload."""
         stored, _ = stored_checkpoints(self.fs, self.path)
         for old in stored[keep:]:
             delete_stored_checkpoint(self.fs, old)
 
     def fsync(self) -> None:
         """Flush persisted checkpoint files to disk when the storage is a local filesystem."""
-        if type(self.fs).__name__ != "LocalFileSystem":
+        from pyarrow import fs as pafs
+
+        if not isinstance(self.fs, pafs.LocalFileSystem):
             return
         for stored in stored_checkpoints(self.fs, self.path)[0][:1]:
             for name in (CHECKPOINT_FILE, MANIFEST_FILE):
