@@ -203,7 +203,7 @@ def validate(space: str, overrides: tuple[str, ...]) -> None:
     spec, path = _load_space(space, overrides)
     s = spec.search
     out.print(f"{path}: ok: search {spec.name!r}, {spec.trial_count()} trial(s), algorithm {s.algorithm}, "
-              f"scheduler {s.scheduler.type}, metric {s.metric} ({s.mode}), {spec.resources.cpu:g} CPU / "
+              f"scheduler {s.scheduler.type}, metric {s.describe()}, {spec.resources.cpu:g} CPU / "
               f"{spec.resources.gpu:g} GPU per trial")
 
 
@@ -230,6 +230,7 @@ def submit(space: str, overrides: tuple[str, ...], address: str | None, tracking
     import shlex
 
     from orchestrator.search import SearchStorageError, run_search
+    from orchestrator.stages import StageError
     from orchestrator.storage import StorageError
     from orchestrator.tracking import TrackingUnreachable, check_reachable, resolve_tracking
 
@@ -244,7 +245,7 @@ def submit(space: str, overrides: tuple[str, ...], address: str | None, tracking
     try:
         outcome = run_search(spec, path, target, address=address, storage_path=storage_path, num_cpus=num_cpus,
                              console=console)
-    except SearchStorageError as exc:
+    except (SearchStorageError, StageError) as exc:
         raise TrialFailure(str(exc)) from exc
     except StorageError as exc:
         raise UsageFailure(str(exc)) from exc
@@ -290,7 +291,9 @@ def resume(search: str, address: str | None, storage_path: str | None, num_cpus:
     """
     _check_resume_arguments(search, storage_path)
     _prepare_ray(address)
-    from orchestrator.search import SearchStorageError, find_experiment, resume_search
+    from orchestrator.records import find_experiment
+    from orchestrator.search import SearchStorageError, resume_search
+    from orchestrator.stages import StageError
     from orchestrator.storage import StorageError
     from orchestrator.tracking import TrackingUnreachable
 
@@ -299,7 +302,7 @@ def resume(search: str, address: str | None, storage_path: str | None, num_cpus:
         outcome = resume_search(folder, address=address, num_cpus=num_cpus, console=console)
     except (LookupError, TrackingUnreachable, ConnectionError, StorageError) as exc:
         raise UsageFailure(str(exc)) from exc
-    except SearchStorageError as exc:
+    except (SearchStorageError, StageError) as exc:
         raise TrialFailure(str(exc)) from exc
     out.print(outcome.table)
     if outcome.failed:
@@ -312,7 +315,7 @@ def resume(search: str, address: str | None, storage_path: str | None, num_cpus:
 @click.option("--storage-path", help="Where searches were stored (default: normlab_runs/ray_results).")
 def status(name: str | None, storage_path: str | None) -> None:
     """Searches in the storage path: each trial's state, epochs done, last metrics."""
-    from orchestrator.search import search_status
+    from orchestrator.status import search_status
     from orchestrator.storage import StorageError
 
     try:

@@ -114,26 +114,96 @@ class Scheduler(BaseModel):
     reduction_factor: float = Field(3.0, gt=1.0, description="ASHA: keep 1/reduction_factor at each rung")
 
 
+SAMPLERS = ("tpe", "cmaes", "nsgaii", "qmc", "random")
+Mode = Literal["max", "min"]
+
+
 class Search(BaseModel):
     model_config = _Strict
     algorithm: Literal["grid", "random", "optuna"] = "grid"
     num_samples: int = Field(1, gt=0, description="grid/random: repeats of the grid; optuna: number of trials")
-    metric: str = "adv_acc"
-    mode: Literal["max", "min"] = "max"
+    metric: str | list[str] = Field("adv_acc", description="the objective, or several (optuna: a Pareto front)")
+    mode: Mode | list[Mode] = Field("max", description="max or min, one per metric (one value applies to all)")
+    sampler: Literal["tpe", "cmaes", "nsgaii", "qmc", "random"] | None = Field(
+        None, description="optuna: the sampler (default tpe; nsgaii with several metrics)")
+    storage: str | None = Field(None, description="optuna: SQLAlchemy URL of the study (default: sqlite beside the MLflow store)")
     scheduler: Scheduler = Field(default_factory=Scheduler)
     max_concurrent_trials: int | None = Field(None, gt=0)
     sampler_seed: int = Field(0, ge=0, description="seed of the random / Optuna sampler")
 
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _mode(cls, v: Any) -> Any:
+        if not all(m in ("max", "min") for m in (v if isinstance(v, list) else [v])):
+            raise ValueError(f"allowed: 'max' or 'min', or a list of them, one per metric (got {short_repr(v)})")
+        return v
+
+    @field_validator("metric", mode="before")
+    @classmethod
+    def _metric_type(cls, v: Any) -> Any:
+        if not (isinstance(v, str) or (isinstance(v, list) and all(isinstance(m, str) for m in v))):
+            raise ValueError(f"a metric name, or a list of them (got {short_repr(v)})")
+        return v
+
     @field_validator("metric")
     @classmethod
-    def _metric(cls, v: str) -> str:
-        if v not in PER_EPOCH_METRICS:
-            raise ValueError(
-                f"unknown metric {short_repr(v)}; the search metric must be reported every epoch (for schedulers and "
-                f"Optuna): one of {', '.join(PER_EPOCH_METRICS)}. adv_acc is the first of eval_attacks at the "
-                "first of eval_eps; final_* metrics are measured once, after the last epoch"
-            )
-        return v
+    def _metric(cls, v: str | list[str]) -> str | list[str]:
+        for name in [v] if isinstance(v, str) else v:
+            if name not in PER_EPOCH_METRICS:
+                raise ValueError(
+                    f"unknown metric {short_repr(name)}; the search metric must be reported every epoch (for schedulers "
+                    f"and Optuna): one of {', '.join(PER_EPOCH_METRICS)}. adv_acc is the first of eval_attacks at the "
+                    "first of eval_eps; final_* metrics are measured once, after the last epoch"
+                )
+        if isinstance(v, list) and (not v or len(set(v)) != len(v)):
+            raise ValueError("give one metric, or a list of different metrics")
+        return v[0] if isinstance(v, list) and len(v) == 1 else v
+
+    @model_validator(mode="after")
+    def _objectives(self) -> Search:
+        metrics = self.metrics
+        modes = [self.mode] * len(metrics) if isinstance(self.mode, str) else list(self.mode)
+        if len(modes) != len(metrics):
+            raise ValueError(f"mode lists {len(modes)} value(s) for {len(metrics)} metric(s): give one per metric")
+        if self.algorithm != "optuna" and (self.sampler or self.storage):
+            raise ValueError("sampler and storage are Optuna settings: they need algorithm optuna")
+        if len(metrics) > 1:
+            if self.algorithm != "optuna":
+                raise ValueError("several metrics need algorithm optuna (a Pareto front; NSGA-II by default): "
+                                 "grid and random searches rank trials on one metric")
+            if self.scheduler.type == "asha":
+                raise ValueError("ASHA cannot stop trials on several metrics: it ranks trials on one metric at each "
+                                 "rung, and with several objectives no single ranking exists; use scheduler fifo")
+            if self.sampler == "cmaes":
+                raise ValueError("CMA-ES optimises a single objective: with several metrics use nsgaii, tpe, qmc or random")
+        if self.storage:
+            from orchestrator.retry import strip_credentials
+
+            if strip_credentials(self.storage)[2]:
+                raise ValueError("the study storage URL carries a password: Ray pickles the study (and its URL) into "
+                                 "the search's state; use the database's own credentials (e.g. ~/.pgpass) instead")
+        return self
+
+    @property
+    def metrics(self) -> list[str]:
+        return [self.metric] if isinstance(self.metric, str) else list(self.metric)
+
+    @property
+    def modes(self) -> list[str]:
+        return [self.mode] * len(self.metrics) if isinstance(self.mode, str) else list(self.mode)
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.metrics) > 1
+
+    @property
+    def sampler_name(self) -> str:
+        return self.sampler or ("nsgaii" if self.multi_objective else "tpe")
+
+    def describe(self) -> str:
+        """``metric (mode)`` or ``[m1 (max), m2 (max)]``, for messages."""
+        pairs = [f"{m} ({d})" for m, d in zip(self.metrics, self.modes)]
+        return pairs[0] if len(pairs) == 1 else "[" + ", ".join(pairs) + "]"
 
 
 class Resources(BaseModel):
@@ -148,6 +218,34 @@ class CheckpointPolicy(BaseModel):
     keep: int = Field(2, gt=0, description="checkpoints kept per trial")
 
 
+def _grid_shorthand(v: Any) -> Any:
+    """``norm: [a, b]`` in a grid means ``norm: {values: [a, b]}``."""
+    if isinstance(v, dict):
+        return {k: {"values": x} if isinstance(x, list) else x for k, x in v.items()}
+    return v
+
+
+class InitFrom(BaseModel):
+    model_config = _Strict
+    stage: str = Field(description="an earlier stage: each trial starts from the final checkpoint of its match there")
+
+
+class Stage(BaseModel):
+    """One stage of a multi-stage search: its own trial keys, maybe starting from an earlier stage."""
+
+    model_config = _Strict
+    description: str = ""
+    fixed: dict[str, Any] = Field(default_factory=dict)
+    grid: dict[str, GridKey] = Field(default_factory=dict)
+    sample: dict[str, SampleKey] = Field(default_factory=dict)
+    init_from: InitFrom | None = None
+
+    @field_validator("grid", mode="before")
+    @classmethod
+    def _grid_lists(cls, v: Any) -> Any:
+        return _grid_shorthand(v)
+
+
 class SearchSpace(BaseModel):
     """A validated search-space file."""
 
@@ -157,6 +255,8 @@ class SearchSpace(BaseModel):
     fixed: dict[str, Any] = Field(default_factory=dict)
     grid: dict[str, GridKey] = Field(default_factory=dict)
     sample: dict[str, SampleKey] = Field(default_factory=dict)
+    seeds: list[int] | None = Field(None, description="shorthand for a grid over seed (in every stage)")
+    stages: dict[str, Stage] = Field(default_factory=dict, description="stages run in order as one search")
     search: Search = Field(default_factory=Search)
     resources: Resources = Field(default_factory=Resources)
     max_failures: int = Field(2, ge=-1, description="retries of a failed trial from its last checkpoint (-1: forever)")
@@ -172,9 +272,21 @@ class SearchSpace(BaseModel):
     @field_validator("grid", mode="before")
     @classmethod
     def _grid_lists(cls, v: Any) -> Any:
-        if isinstance(v, dict):
-            return {k: {"values": x} if isinstance(x, list) else x for k, x in v.items()}
-        return v
+        return _grid_shorthand(v)
+
+    @model_validator(mode="after")
+    def _seeds_and_stages(self) -> SearchSpace:
+        if self.stages and (self.grid or self.sample):
+            raise ValueError("with stages, grid and sample keys belong to the stages (fixed keys may stay at the top)")
+        if self.seeds is not None:
+            if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
+                raise ValueError("seeds: a list of different seeds >= 0, e.g. [0, 1, 2]")
+            for where in self.stages.values() if self.stages else [self]:
+                if "seed" in where.grid or "seed" in where.sample or "seed" in where.fixed or "seed" in self.fixed:
+                    raise ValueError("seeds is a grid over seed: do not set seed elsewhere as well")
+                where.grid = {**where.grid, "seed": GridKey(values=list(self.seeds))}
+            self.seeds = None  # now in the grid(s): a dump of this space reloads to the same space
+        return self
 
     # --- derived ---------------------------------------------------------------------
     def conditional_keys(self) -> set[str]:
@@ -207,7 +319,11 @@ class SearchSpace(BaseModel):
         return count_grid_combinations(self.grid, self.fixed, limit)
 
     def trial_count(self) -> int:
-        """Trials the search will run: grid combinations x num_samples, or Optuna's budget."""
+        """Trials the search will run: grid combinations x num_samples, or Optuna's budget (summed over stages)."""
+        if self.stages:
+            from orchestrator.stages import stage_views
+
+            return sum(view.space.trial_count() for view in stage_views(self))
         if self.search.algorithm == "optuna":
             return self.search.num_samples
         count = self.combination_count()
@@ -426,12 +542,19 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
     A section of the file that is not a mapping is left as it is, for validation to report.
     """
     raw = dict(raw)
+    if isinstance(raw.get("stages"), dict):
+        raw["stages"] = {k: dict(v) if isinstance(v, dict) else v for k, v in raw["stages"].items()}
     for key, value in overrides.items():
         *parents, leaf = SEARCH_OVERRIDES.get(key, ("fixed", key))
         if key not in SEARCH_OVERRIDES:
-            for section in ("grid", "sample"):
-                if isinstance(raw.get(section), dict) and key in raw[section]:
-                    raw[section] = {k: v for k, v in raw[section].items() if k != key}
+            stages = raw.get("stages") if isinstance(raw.get("stages"), dict) else {}
+            holders = [raw, *(st for st in stages.values() if isinstance(st, dict))]
+            for holder in holders:  # a trial knob on the command line holds for every trial, every stage
+                for section in ("grid", "sample", "fixed") if holder is not raw else ("grid", "sample"):
+                    if isinstance(holder.get(section), dict) and key in holder[section]:
+                        holder[section] = {k: v for k, v in holder[section].items() if k != key}
+            if key == "seed":
+                raw.pop("seeds", None)
         node = raw
         for p in parents:
             if not isinstance(node.get(p) or {}, dict):
@@ -494,7 +617,12 @@ def load_space(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -
                 msg = msg.replace("Input should be", "allowed:")
             problems.append((path_s, msg))
         raise SpaceError(source, problems) from err
-    problems = semantic_problems(space)
+    if space.stages:
+        from orchestrator.stages import stage_problems
+
+        problems = stage_problems(space)
+    else:
+        problems = semantic_problems(space)
     if problems:
         raise SpaceError(source, problems)
     return space, path

@@ -57,6 +57,15 @@ class Location:
     def is_local(self) -> bool:
         return isinstance(self.fs, pafs.LocalFileSystem)
 
+    def parent(self) -> Location:
+        """The folder holding this one (a URI keeps its query options)."""
+        if is_uri(self.uri):
+            parts = urlsplit(self.uri)
+            uri = urlunsplit(parts._replace(path=posixpath.dirname(parts.path.rstrip("/"))))
+        else:
+            uri = str(Path(self.uri).parent)
+        return Location(uri, self.fs, posixpath.dirname(self.path.rstrip("/")))
+
     def child(self, name: str) -> Location:
         """``name`` inside this folder (a URI keeps its query options)."""
         return Location(join(self.uri, name), self.fs, posixpath.join(self.path, name))
@@ -117,13 +126,18 @@ def latest_snapshot(folder: Location) -> int | None:
     return max((info.mtime_ns or 0 for info in states), default=None) if states else None
 
 
-def search_folders(root: Location) -> list[Location]:
-    """Folders directly under ``root`` that hold Ray Tune experiment state, newest last."""
+def search_folders(root: Location, markers: tuple[str, ...] = ()) -> list[Location]:
+    """Folders directly under ``root`` that hold Ray Tune experiment state (or one of the
+    ``markers`` files, e.g. a multi-stage search's record), newest last."""
     found = []
     for info in _infos(root, "storage path"):
         if info.type == pafs.FileType.Directory:
             folder = root.child(info.base_name)
             snapshot = latest_snapshot(folder)
+            if snapshot is None and markers:
+                stamps = [i.mtime_ns or 0 for i in folder.fs.get_file_info([folder.child(m).path for m in markers])
+                          if i.type == pafs.FileType.File]
+                snapshot = max(stamps) if stamps else None
             if snapshot is not None:
                 found.append((snapshot, folder.name, folder))
     return [folder for *_, folder in sorted(found, key=lambda f: f[:2])]

@@ -80,6 +80,7 @@ class MlflowTrialTracker:
     experiment_id: str
     parent_run_id: str
     search_name: str
+    stage: str = ""  # of a multi-stage search: tags its trials' runs
 
     def _client(self) -> Any:
         return client(self.tracking_uri)
@@ -200,6 +201,8 @@ class MlflowTrialTracker:
                 "normlab.trial_name": record.trial_name, "normlab.norm": str(record.config.get("norm")),
                 "normlab.regime": str(record.config.get("regime")),
             })
+            if self.stage:
+                tags["normlab.stage"] = self.stage
             run = c.create_run(self.experiment_id, run_name=record.trial_name, tags=tags)
             params = trial_params(record.config)
         else:

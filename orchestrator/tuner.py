@@ -22,6 +22,7 @@ from ray.tune.search import BasicVariantGenerator, Searcher
 
 from orchestrator.rayenv import check_ray_head
 from orchestrator.spaces import SampleKey, SearchSpace, matches
+from trainables.config import TrialConfig
 from trainables.ray_trainable import train
 
 GRID_KEY = "grid"
@@ -78,10 +79,16 @@ class ConditionalSample:
         return _tune_distribution(self.spec).sample()
 
 
-def param_space(space: SearchSpace) -> dict[str, Any]:
-    """Ray ``param_space`` for the grid and random algorithms (sampled keys drawn per grid point)."""
+def param_space(space: SearchSpace, combinations: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Ray ``param_space`` for the grid and random algorithms (sampled keys drawn per grid point).
+
+    ``combinations``: the grid as whole combinations, given (a later stage's, each with the
+    checkpoint it starts from) instead of built from ``space.grid``.
+    """
     out: dict[str, Any] = {}
-    if any(spec.when for spec in space.grid.values()):
+    if combinations is not None:
+        out[GRID_KEY] = tune.grid_search(combinations)
+    elif any(spec.when for spec in space.grid.values()):
         # conditional grid keys: one grid over whole combinations
         out[GRID_KEY] = tune.grid_search(space.grid_combinations())
     else:  # plain product: one grid per key, so Ray's progress table shows each key
@@ -116,30 +123,54 @@ class OptunaSpace:
                 trial.suggest_categorical(key, list(args))
 
 
-def search_algorithm(space: SearchSpace) -> Searcher | BasicVariantGenerator:
+@dataclass(frozen=True)
+class StudyRef:
+    """Where an Optuna search keeps its study: an SQLAlchemy URL and the study's name."""
+
+    storage: str
+    name: str
+
+
+def search_algorithm(space: SearchSpace, study: StudyRef | None = None) -> Searcher | BasicVariantGenerator:
     s = space.search
     if s.algorithm == "optuna":
         import optuna
-        from ray.tune.search.optuna import OptunaSearch
+
+        from orchestrator.study import StudySearch, make_sampler, rdb_storage
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        if study is None:
+            raise ValueError("an Optuna search needs its study's storage and name")
+        metric = s.metrics if s.multi_objective else s.metric
+        mode = s.modes if s.multi_objective else s.mode
         # a define-by-run space takes metric and mode here, not from TuneConfig
-        return OptunaSearch(space=OptunaSpace(space), metric=s.metric, mode=s.mode,
-                            sampler=optuna.samplers.TPESampler(seed=s.sampler_seed))
+        return StudySearch(space=OptunaSpace(space), metric=metric, mode=mode,
+                           sampler=make_sampler(s.sampler_name, s.sampler_seed),
+                           storage=rdb_storage(study.storage), study_name=study.name)
     return BasicVariantGenerator(random_state=s.sampler_seed)
+
+
+def max_epochs(space: SearchSpace) -> int:
+    """The most epochs any trial of ``space`` trains (ASHA's ``max_t``)."""
+    if "epochs" in space.fixed:
+        return int(space.fixed["epochs"])
+    if "epochs" in space.grid:
+        return max(int(v) for v in space.grid["epochs"].values)
+    if "epochs" in space.sample:
+        return max(int(v) for v in space.sample["epochs"].probe_values())
+    return int(TrialConfig.model_fields["epochs"].default)
 
 
 def scheduler(space: SearchSpace) -> TrialScheduler:
     sched = space.search.scheduler
     if sched.type == "fifo":
         return FIFOScheduler()
-    max_t = sched.max_t or int(space.fixed.get("epochs", max(space.grid["epochs"].values) if "epochs" in space.grid else 10))
     # with Optuna, metric and mode go to the searcher and the scheduler, not to TuneConfig (Ray refuses both)
     own = {"metric": space.search.metric, "mode": space.search.mode} if space.search.algorithm == "optuna" else {}
     # time is the trial's own epoch counter, which survives restarts exactly (Tune's iteration
     # count restarts from the checkpoint Tune remembers, which may be older than the newest one)
     return ASHAScheduler(
-        time_attr="epoch", max_t=max_t, grace_period=sched.grace_period,
+        time_attr="epoch", max_t=sched.max_t or max_epochs(space), grace_period=sched.grace_period,
         reduction_factor=sched.reduction_factor, **own,
     )
 
@@ -172,18 +203,19 @@ def run_config(space: SearchSpace, storage_path: str, experiment: str, callbacks
 
 
 def build_tuner(
-    space: SearchSpace, *, storage_path: str, experiment: str, tracker: Any, callbacks: list[tune.Callback] | None = None
+    space: SearchSpace, *, storage_path: str, experiment: str, tracker: Any, callbacks: list[tune.Callback] | None = None,
+    study: StudyRef | None = None, combinations: list[dict[str, Any]] | None = None,
 ) -> tune.Tuner:
     """A ``tune.Tuner`` running ``space`` under ``storage_path/experiment``."""
     s = space.search
     optuna = s.algorithm == "optuna"
     return tune.Tuner(
         trainable(space, tracker),
-        param_space={} if optuna else param_space(space),
+        param_space={} if optuna else param_space(space, combinations),
         tune_config=tune.TuneConfig(
             metric=None if optuna else s.metric,
             mode=None if optuna else s.mode,
-            search_alg=search_algorithm(space),
+            search_alg=search_algorithm(space, study),
             scheduler=scheduler(space),
             num_samples=s.num_samples,
             max_concurrent_trials=s.max_concurrent_trials,

@@ -42,7 +42,7 @@ def problems(tmp_path: Path, text: str) -> str:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("name: x\nfixd: {epochs: 2}\n", "fixd: unknown key (allowed here: name, description, fixed, grid, sample, search"),
+        ("name: x\nfixd: {epochs: 2}\n", "fixd: unknown key (allowed here: name, description, fixed, grid, sample, seeds, stages, search"),
         ("fixed: {epochs: 2}\n", "name: Field required"),
         ("name: 'bad name'\n", "name: name 'bad name' must be letters"),
         ("name: x\nfixed: {epoch: 2}\n", "fixed.epoch: 'epoch' is not a trial knob; did you mean epochs?"),

@@ -24,7 +24,7 @@ from pyarrow import fs as pafs
 
 from orchestrator import storage
 from orchestrator.cli import main
-from orchestrator.search import RECORD_FILE, SearchRecord
+from orchestrator.records import RECORD_FILE, SearchRecord
 
 # ------------------------------------------------------------------ without a server
 

@@ -151,6 +151,8 @@ def _load_error(exc: Exception) -> str:
 def read_state(source: str | Path | BinaryIO, name: str | None = None) -> Any:
     """``torch.load`` of a file (checked against its manifest when one lies beside it), or
     of an open binary stream called ``name``; a missing or unreadable one is a clear error."""
+    if isinstance(source, str) and "://" in source:
+        return _read_uri(source, name or source)
     if isinstance(source, (str, Path)):
         path = Path(source).expanduser()
         if not path.is_file():
@@ -162,6 +164,30 @@ def read_state(source: str | Path | BinaryIO, name: str | None = None) -> Any:
             verify(data, Manifest.from_json(manifest.read_bytes(), str(manifest)), name)
         return decode_state(data, name)
     return decode_state(source, name or "checkpoint stream")
+
+
+def _read_uri(uri: str, name: str) -> Any:
+    """A checkpoint on any pyarrow filesystem (``s3://bucket/.../checkpoint.pt?endpoint_override=...``),
+    checked against its manifest when one lies beside it."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from pyarrow import fs as pafs
+
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+        if fs.get_file_info(path).type != pafs.FileType.File:
+            raise FileNotFoundError(f"checkpoint not found: {uri}")
+        data = _read_bytes(fs, path)
+        parts = urlsplit(uri)
+        manifest_uri = urlunsplit(parts._replace(path=str(Path(parts.path).with_suffix(".json"))))
+        manifest_fs, manifest = pafs.FileSystem.from_uri(manifest_uri)
+        if path.endswith(".pt") and manifest_fs.get_file_info(manifest).type == pafs.FileType.File:
+            verify(data, Manifest.from_json(_read_bytes(manifest_fs, manifest), manifest_uri), name)
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, (FileNotFoundError, CorruptCheckpointError)):
+            raise
+        raise CorruptCheckpointError(f"{name}: cannot be read ({exc})") from exc
+    return decode_state(data, name)
 
 
 def load_checkpoint(source: str | Path | BinaryIO, name: str | None = None) -> dict[str, Any]:

@@ -195,6 +195,8 @@ def train(
         raise NonRetryableError(f"{earlier['error']} (a non-retryable failure of an earlier attempt; not retried)")
 
     values = resolve(config) if resolve else dict(config)
+    # keys starting with "_" are facts for the run (e.g. the earlier stage's run it starts from), not knobs
+    facts = {f"normlab.{k[1:]}": str(values.pop(k)) for k in [k for k in values if k.startswith("_")]}
     values.update(runtime_settings(values, resources.get("CPU", 1), resources.get("GPU", 0)))
     record.config = values
     try:
@@ -203,7 +205,7 @@ def train(
         _fail(record, tracker, storage, TrialConfigError("invalid trial configuration: " +
                                                          format_validation_error(exc).replace("\n", "; ")))
     record.config, record.epochs = cfg.model_dump(mode="json"), cfg.epochs
-    record.tags = runtime_tags(values, resources.get("GPU", 0))
+    record.tags = {**runtime_tags(values, resources.get("GPU", 0)), **facts}
     checkpoint, notes = storage.restore()
     if notes:
         record.tags["normlab.checkpoint_fallback"] = "; ".join(notes)[:5000]
@@ -232,9 +234,8 @@ def train(
                 # inside that report (ASHA does at max_t), and nothing after it would run
                 tracker.sync(record, budget_s=FINAL_SYNC_S, checkpoint_file=file, finish=True)
             faults.maybe_kill("after_sync", record.trial_name, epoch)
-            shown = {k: metrics[k] for k in SHOWN_FIRST if k in metrics} | metrics  # Tune's table shows the first few
             try:
-                tune.report(shown, checkpoint=tune.Checkpoint.from_directory(folder) if save else None)
+                tune.report(_shown(metrics), checkpoint=tune.Checkpoint.from_directory(folder) if save else None)
             except OSError as exc:
                 if is_disk_full(exc):
                     raise StorageFullError(f"no space left on the storage path while saving the epoch {epoch} checkpoint "
@@ -252,11 +253,19 @@ def train(
         raise
     except BaseException as error:
         _fail(record, tracker, storage, error)
-    if tracker is not None and checkpoint is not None and int(checkpoint["epoch"]) >= cfg.epochs:
-        # resumed from the last epoch's checkpoint: nothing left to train, only to record
-        with tempfile.TemporaryDirectory(prefix="normlab-ckpt-") as folder:
-            file = _save(checkpoint, Path(folder) / CHECKPOINT_FILE, record, int(checkpoint["epoch"]))
-            tracker.sync(record, budget_s=FINAL_SYNC_S, checkpoint_file=file, finish=True)
+    if checkpoint is not None and int(checkpoint["epoch"]) >= cfg.epochs and record.history:
+        # resumed from the last epoch's checkpoint (its report was lost with the process that
+        # made it): nothing left to train, only to record, and to tell Tune the trial's result
+        if tracker is not None:
+            with tempfile.TemporaryDirectory(prefix="normlab-ckpt-") as folder:
+                file = _save(checkpoint, Path(folder) / CHECKPOINT_FILE, record, int(checkpoint["epoch"]))
+                tracker.sync(record, budget_s=FINAL_SYNC_S, checkpoint_file=file, finish=True)
+        tune.report(_shown(record.history[-1]))
+
+
+def _shown(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The metrics in the order Tune's progress table should show them (it shows the first few)."""
+    return {k: metrics[k] for k in SHOWN_FIRST if k in metrics} | metrics
 
 
 def _save(state: dict[str, Any], path: Path, record: TrialRecord, epoch: int) -> Path:

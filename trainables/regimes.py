@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from trainables.attacks import eval_mode, torchattacks_module
 from trainables.checkpoints import read_state
+from trainables.failures import TrialConfigError
 from trainables.norms import is_norm_layer, norm_parameters
 from trainables.registry import Registry
 
@@ -149,5 +150,5 @@ def load_initial_weights(model: nn.Module, path: str | None) -> None:
         raise ValueError(f"init_from={path} holds a {type(state).__name__}, not a state dict")
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ValueError(f"init_from={path} does not fit this model (same model and norm needed): {exc}") from exc
+    except RuntimeError as exc:  # the same on every retry
+        raise TrialConfigError(f"init_from={path} does not fit this model (same model and norm needed): {exc}") from exc
