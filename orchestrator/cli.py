@@ -330,10 +330,17 @@ def status(name: str | None, storage_path: str | None) -> None:
 @click.argument("name")
 @click.option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else normlab_runs/mlflow.db).")
 @click.option("--run-id", help="Parent run of the search (default: its latest run).")
+@click.option("--compare", help="Compare groups of trials by these keys (e.g. norm,regime): mean ± std over seeds, "
+                                "clean and every attack x eps, tracked vs batch statistics, with plots.")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "markdown", "json"]), default="table", show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="With --compare: folder for the tables and plots (default: normlab_runs/reports/<search run>).")
+@click.option("--log/--no-log", default=True, show_default=True,
+              help="With --compare: also log the tables and plots to the search's parent MLflow run (report/).")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write clean vs adversarial accuracy per norm as PNG.")
-def report(name: str, tracking_uri: str | None, run_id: str | None, fmt: str, plot: Path | None) -> None:
-    """The results of search NAME from MLflow: one row per trial."""
+def report(name: str, tracking_uri: str | None, run_id: str | None, compare: str | None, fmt: str, out_dir: Path | None,
+           log: bool, plot: Path | None) -> None:
+    """The results of search NAME from MLflow: one row per trial, or (--compare) the papers' table."""
     from orchestrator.report import render, search_results, tradeoff_figure
     from orchestrator.tracking import TrackingUnreachable, check_reachable, resolve_tracking
 
@@ -343,15 +350,38 @@ def report(name: str, tracking_uri: str | None, run_id: str | None, fmt: str, pl
         frame = search_results(target, name, run_id)
     except (LookupError, TrackingUnreachable) as exc:
         raise UsageFailure(str(exc)) from exc
-    rendered = render(frame, fmt)
-    if fmt == "table":
-        out.print(rendered)
+    if compare:
+        _compare_report(frame, target, [k.strip() for k in compare.split(",") if k.strip()], fmt, out_dir, log)
     else:
-        click.echo(rendered)
+        rendered = render(frame, fmt)
+        if fmt == "table":
+            out.print(rendered)
+        else:
+            click.echo(rendered)
     if plot:
         plot.parent.mkdir(parents=True, exist_ok=True)
         tradeoff_figure(frame).savefig(plot, dpi=120)
         console.print(f"wrote {plot}")
+
+
+def _compare_report(frame: Any, target: Any, keys: list[str], fmt: str, out_dir: Path | None, log: bool) -> None:
+    from orchestrator import compare
+    from orchestrator.reports import log_report, study_of
+
+    try:
+        comp = compare.comparison(frame, keys)
+    except LookupError as exc:
+        raise UsageFailure(str(exc)) from exc
+    if fmt == "table":
+        out.print(compare.comparison_table(comp))
+    else:
+        click.echo({"csv": compare.comparison_csv, "markdown": compare.comparison_markdown,
+                    "json": lambda c: c.to_json(orient="records", indent=2)}[fmt](comp))
+    folder = out_dir or Path("normlab_runs") / "reports" / str(frame.attrs["run_name"])
+    files = compare.write_report(frame, keys, folder, study_of(frame))
+    console.print(f"wrote {', '.join(sorted(files))} to {folder}")
+    if log and log_report(target, frame.attrs["run_id"], files):
+        console.print(f"logged them to the search's MLflow run {frame.attrs['run_id']} (artifacts report/)")
 
 
 @main.command()

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from orchestrator.tracking import TrackingTarget
 
 ALWAYS_SHOWN = ("norm", "regime")
+NOT_COMPARED = ("init_from",)  # differs per trial by construction (a later stage's checkpoints)
 
 
 # ------------------------------------------------------------------ searches in MLflow
@@ -51,18 +52,32 @@ def search_results(target: TrackingTarget, name: str, run_id: str | None = None)
     if not children:
         raise LookupError(f"search run {parent.info.run_name!r} ({parent.info.run_id}) has no trials yet")
     params = pd.DataFrame([c.data.params for c in children])
-    varying = [c for c in params.columns if c not in ALWAYS_SHOWN and params[c].nunique(dropna=False) > 1]
+    varying = [c for c in params.columns
+               if c not in ALWAYS_SHOWN and c not in NOT_COMPARED and params[c].nunique(dropna=False) > 1]
+    staged = any(c.data.tags.get("normlab.stage") for c in children)
     rows = []
     for child in children:
         row: dict[str, Any] = {"trial": child.info.run_name, "status": child.info.status}
+        if staged:
+            row["stage"] = child.data.tags.get("normlab.stage", "")
         row.update({k: child.data.params.get(k) for k in (*ALWAYS_SHOWN, *varying)})
         metrics = child.data.metrics
         row.update({k: metrics.get(k, math.nan) for k in ("final_clean_acc", "final_adv_acc")})
         row.update({k: v for k, v in sorted(metrics.items()) if k.startswith("adv_acc_")})
+        row["final_clean_acc_batchstats"] = metrics.get("final_clean_acc_batchstats", math.nan)
+        # the per-epoch metrics at the last epoch: what an Optuna study was told
+        row.update({f"last_{k}": metrics.get(k, math.nan) for k in ("clean_acc", "adv_acc")})
         row["run_id"] = child.info.run_id
         rows.append(row)
     frame = pd.DataFrame(rows).sort_values("trial", kind="stable").reset_index(drop=True)
-    frame.attrs.update(search=name, run_name=parent.info.run_name, run_id=parent.info.run_id)
+    first = children[0].data.params
+    frame.attrs.update(
+        search=name, run_name=parent.info.run_name, run_id=parent.info.run_id, tags=dict(parent.data.tags),
+        search_params=dict(parent.data.params), varying=(["stage"] if staged else []) + [*ALWAYS_SHOWN, *varying],
+        attacks=[a for a in first.get("eval_attacks", "").split(",") if a],
+        eps=sorted(float(e) for e in first.get("eval_eps", "").split(",") if e),
+        primary=(first.get("eval_attacks", "").split(",")[0], float(first.get("eval_eps", "0").split(",")[0])),
+    )
     return frame
 
 
@@ -83,7 +98,8 @@ def render(frame: pd.DataFrame, fmt: str) -> Any:
         return frame.to_json(orient="records", indent=2)
     if fmt == "markdown":
         return _markdown(frame)
-    shown = [c for c in frame.columns if c != "run_id" and not c.startswith("adv_acc_")]
+    shown = [c for c in frame.columns if c != "run_id" and not c.startswith(("adv_acc_", "last_"))
+             and not c.endswith("_batchstats")]
     table = Table(title=f"search {frame.attrs.get('search')} / {frame.attrs.get('run_name')}")
     for column in shown:
         table.add_column(column, justify="right" if column.startswith("final_") else "left")

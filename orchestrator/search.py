@@ -180,7 +180,8 @@ def run_search(
         **({"stages": ",".join(space.stages)} if space.stages else {}),
         **{f"fixed.{k}": v for k, v in space.fixed.items()},
     }
-    tags = {"normlab.ray_address": where, "normlab.storage_path": folder.uri}
+    tags = {"normlab.ray_address": where, "normlab.storage_path": folder.uri,
+            **({"normlab.study": experiment, "normlab.study_storage": study_storage} if study_storage else {})}
     spec = space.model_dump(mode="json", by_alias=True)
     tracker = start_search_run(target, space.name, experiment, params=params, spec=spec, spec_file=space_file, tags=tags)
     record = SearchRecord(spec, str(space_file), target.uri, target.artifact_root, tracker,

@@ -159,3 +159,16 @@ def test_a_killed_multi_objective_search_resumes_into_the_same_study(tmp_path):
     points = [tuple(t.values) for t in complete]
     front = {complete[i].number for i in pareto_front(points, ["max", "max"])}
     assert front == {t.number for t in study.best_trials}  # normlab's Pareto front is Optuna's
+    # the report draws the front and the study's parameter importances, and logs them to the parent run
+    from click.testing import CliRunner
+
+    from orchestrator.cli import main
+
+    result = CliRunner().invoke(main, ["report", "mo", "--compare", "norm", "--out", str(tmp_path / "report"),
+                                       "--tracking-uri", f"sqlite:///{tmp_path / 'normlab_runs' / 'mlflow.db'}"])
+    assert result.exit_code == 0, result.stderr
+    assert {"pareto_front.png", "param_importances.png"} <= {p.name for p in (tmp_path / "report").iterdir()}
+    parent = next(r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" not in r.data.tags)
+    assert parent.data.tags["normlab.study"] == study.study_name
+    assert {"report/pareto_front.png", "report/param_importances.png"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id, "report")}
