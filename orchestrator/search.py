@@ -67,8 +67,11 @@ def results_table(title: str, rows: list[dict[str, Any]], keys: list[str]) -> Ta
 
 
 def _row(result: Any, view: StageView, keys: list[str]) -> dict[str, Any]:
-    values = TrialResolver(view.space.fixed, frozenset(view.space.conditional_keys()))(result.config or {})
     metrics = result.metrics or {}
+    # as the trial reported them; a trial that never reported: from Ray's config
+    knobs = metrics.get("knobs") or TrialResolver(view.space.fixed, frozenset(view.space.conditional_keys())).varying(
+        result.config or {})
+    values = {**view.space.fixed, **knobs}
     trial = metrics.get("trial_id") or (Path(result.path).name if result.path else "?")
     row = {"trial": trial, "stage": view.name, "status": "ERROR" if result.error else "OK"}
     row.update({k: values.get(k, "(default)") for k in keys})

@@ -43,8 +43,11 @@ class TrialResolver:
     conditional: frozenset[str] = field(default_factory=frozenset)
 
     def __call__(self, config: dict[str, Any]) -> dict[str, Any]:
-        values = dict(self.fixed)
-        values.update(config.get(GRID_KEY, {}))
+        return {**self.fixed, **self.varying(config)}
+
+    def varying(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The trial's own values of the keys that vary in its search (grid and sampled)."""
+        values = dict(config.get(GRID_KEY, {}))
         for key, value in config.items():
             if key == GRID_KEY or (key in self.conditional and value is None):
                 continue

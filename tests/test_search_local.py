@@ -137,6 +137,17 @@ def test_failed_trials_say_why_in_mlflow(search):
         assert "normlab.resumed" not in child.data.tags
 
 
+def test_ray_results_carry_each_trials_resolved_knobs(search):
+    """Tune's own tables (ResultGrid.get_dataframe, ExperimentAnalysis) show the keys that vary, resolved."""
+    from ray.tune import ExperimentAnalysis
+
+    workdir, _, _ = search
+    folder = next((workdir / "normlab_runs" / "ray_results").glob("smoke-*"))
+    frame = ExperimentAnalysis(str(folder)).dataframe()
+    finished = frame[frame["knobs/lr"] == 0.05]
+    assert sorted(finished["knobs/norm"]) == ["batchnorm", "robustnorm"]
+
+
 def test_status_lists_trials_from_the_storage_path(search):
     workdir, _, _ = search
     proc = run_normlab("status", "smoke", cwd=workdir)

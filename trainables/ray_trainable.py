@@ -195,6 +195,10 @@ def train(
         raise NonRetryableError(f"{earlier['error']} (a non-retryable failure of an earlier attempt; not retried)")
 
     values = resolve(config) if resolve else dict(config)
+    # the keys that vary, reported with every result: Tune's tables and ResultGrid.get_dataframe() show
+    # them as knobs/<key> (its own config/* columns hold Ray's unresolved config)
+    varying = getattr(resolve, "varying", None)
+    knobs = {k: v for k, v in (varying(config) if varying else config).items() if not k.startswith("_")}
     # keys starting with "_" are facts for the run (e.g. the earlier stage's run it starts from), not knobs
     facts = {f"normlab.{k[1:]}": str(values.pop(k)) for k in [k for k in values if k.startswith("_")]}
     values.update(runtime_settings(values, resources.get("CPU", 1), resources.get("GPU", 0)))
@@ -235,7 +239,7 @@ def train(
                 tracker.sync(record, budget_s=FINAL_SYNC_S, checkpoint_file=file, finish=True)
             faults.maybe_kill("after_sync", record.trial_name, epoch)
             try:
-                tune.report(_shown(metrics), checkpoint=tune.Checkpoint.from_directory(folder) if save else None)
+                tune.report(_shown(metrics, knobs), checkpoint=tune.Checkpoint.from_directory(folder) if save else None)
             except OSError as exc:
                 if is_disk_full(exc):
                     raise StorageFullError(f"no space left on the storage path while saving the epoch {epoch} checkpoint "
@@ -260,12 +264,13 @@ def train(
             with tempfile.TemporaryDirectory(prefix="normlab-ckpt-") as folder:
                 file = _save(checkpoint, Path(folder) / CHECKPOINT_FILE, record, int(checkpoint["epoch"]))
                 tracker.sync(record, budget_s=FINAL_SYNC_S, checkpoint_file=file, finish=True)
-        tune.report(_shown(record.history[-1]))
+        tune.report(_shown(record.history[-1], knobs))
 
 
-def _shown(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The metrics in the order Tune's progress table should show them (it shows the first few)."""
-    return {k: metrics[k] for k in SHOWN_FIRST if k in metrics} | metrics
+def _shown(metrics: dict[str, Any], knobs: dict[str, Any]) -> dict[str, Any]:
+    """The metrics in the order Tune's progress table should show them (it shows the first few),
+    and the trial's varying knobs."""
+    return {k: metrics[k] for k in SHOWN_FIRST if k in metrics} | metrics | {"knobs": knobs}
 
 
 def _save(state: dict[str, Any], path: Path, record: TrialRecord, epoch: int) -> Path:

@@ -36,16 +36,3 @@ class Registry(dict[str, T], Generic[T]):
     def names(self) -> list[str]:
         """The known names, in registration order."""
         return list(self.keys())
-
-    def register(self, name: str, entry: T) -> T:
-        """Add one entry; a duplicate name is a programming error."""
-        if name in self:
-            raise ValueError(f"{self.kind} {name!r} is registered twice")
-        self[name] = entry
-        return entry
-
-    def check(self, name: str) -> str:
-        """Return ``name`` if known, else raise ``UnknownNameError``."""
-        if name not in self:
-            raise UnknownNameError(self.kind, name, self.names())
-        return name
