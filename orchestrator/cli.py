@@ -202,9 +202,10 @@ def validate(space: str, overrides: tuple[str, ...]) -> None:
     """
     spec, path = _load_space(space, overrides)
     s = spec.search
-    out.print(f"{path}: ok: search {spec.name!r}, {spec.trial_count()} trial(s), algorithm {s.algorithm}, "
-              f"scheduler {s.scheduler.type}, metric {s.describe()}, {spec.resources.cpu:g} CPU / "
-              f"{spec.resources.gpu:g} GPU per trial")
+    stages = f", stages {', '.join(spec.stages)}" if spec.stages else ""
+    out.print(escape(f"{path}: ok: search {spec.name!r}, {spec.trial_count()} trial(s){stages}, algorithm "
+                     f"{s.algorithm}, scheduler {s.scheduler.type}, metric {s.describe()}, {spec.resources.cpu:g} CPU / "
+                     f"{spec.resources.gpu:g} GPU per trial"))
 
 
 @main.command()

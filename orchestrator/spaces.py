@@ -566,6 +566,41 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
     return raw
 
 
+def choose_data(raw: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``data_options:``, a list of alternative fixed keys (e.g. a dataset on disk, then digits):
+    the first whose ``if_exists`` path exists is merged into ``fixed`` (it wins over the file's
+    own fixed keys; command-line overrides win over it). Relative paths (``if_exists`` and a
+    ``data_dir``) are looked up in the working directory, then beside the folder that holds the
+    file's package or folder (a checkout), and stored absolute, so trials on any node read the
+    same folder."""
+    options = raw.get("data_options")
+    if options is None:
+        return raw
+    if not isinstance(options, list) or not all(isinstance(o, dict) for o in options) or not options:
+        raise ValueError("a list of mappings of fixed keys, each with an optional if_exists: PATH")
+    bases = [Path.cwd(), path.resolve().parent.parent]
+
+    def find(value: str) -> Path | None:
+        candidate = Path(value).expanduser()
+        for base in [Path("/")] if candidate.is_absolute() else bases:
+            if (base / candidate).exists():
+                return (base / candidate).resolve()
+        return None
+
+    for option in options:
+        condition = option.get("if_exists")
+        if condition is not None and find(str(condition)) is None:
+            continue
+        chosen = {k: v for k, v in option.items() if k != "if_exists"}
+        if isinstance(chosen.get("data_dir"), str):
+            found = find(chosen["data_dir"])
+            chosen["data_dir"] = str(found) if found else chosen["data_dir"]
+        raw = {k: v for k, v in raw.items() if k != "data_options"}
+        raw["fixed"] = {**(raw.get("fixed") or {}), **chosen} if isinstance(raw.get("fixed") or {}, dict) else raw.get("fixed")
+        return raw
+    raise ValueError("no option applies: every if_exists path is missing; add a last option without if_exists")
+
+
 def builtin_spaces() -> dict[str, Path]:
     """Search spaces shipped in the ``search_spaces`` package, by name."""
     folder = resources.files("search_spaces")
@@ -600,6 +635,10 @@ def load_space(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -
         raise SpaceError(source, exc.problems) from exc
     if not isinstance(raw, dict):
         raise SpaceError(source, [("", f"expected a mapping at the top level, got {type(raw).__name__}")])
+    try:
+        raw = choose_data(raw, path)
+    except ValueError as exc:
+        raise SpaceError(source, [("data_options", str(exc))]) from exc
     try:
         raw = apply_overrides(raw, parse_overrides(list(overrides)))
     except ValueError as exc:
