@@ -112,8 +112,8 @@ def shift_figure(final: dict[str, float]):  # noqa: ANN201
             ax.legend(fontsize="small")
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].set_title("norm-layer input shift under the primary attack (relative to the layer's tracked scale)",
-                      fontsize="medium")
+    fig.suptitle("norm-layer input shift under the primary attack\n(relative to each layer's tracked scale)",
+                 fontsize="medium")
     axes[1].set_xticks(positions, [s.name for s in shifts], rotation=60 if len(shifts) > 4 else 0,
                        ha="right" if len(shifts) > 4 else "center", fontsize="small")
     axes[1].set_xlabel("norm layer (input to output)")
