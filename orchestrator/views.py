@@ -10,11 +10,15 @@ tracking that draws a trial's plot, import neither MLflow's reporting side nor R
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from rich.table import Table
 
 from trainables.diagnostics import AVERAGE, shift_metric, shifts_from_metrics
 from trainables.trial import adv_metric
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def final_table(final: dict[str, float], attacks: Sequence[str], eps_values: Sequence[float], eval_batch_size: int) -> Table:
@@ -88,7 +92,7 @@ def shift_table(final: dict[str, float], attack: str | None = None, eps: float |
     return table
 
 
-def shift_figure(final: dict[str, float]):  # noqa: ANN201
+def shift_figure(final: dict[str, float]) -> Figure | None:
     """Bars of mean and variance shift per norm layer, input to output; dashed: the average.
 
     None when ``final`` holds no per-layer shift metrics (a trial without ``shift_diagnostic``).
