@@ -134,7 +134,7 @@ def trial(
                     regime=pgd_at epochs=10 eval_attacks=fgsm,pgd eval_eps=0.05,0.1 \\
                     --json-out result.json
     """
-    from orchestrator.views import final_table
+    from orchestrator.views import final_table, shift_table
     from trainables.checkpoints import load_checkpoint, save_checkpoint
     from trainables.trial import check_checkpoint, run_trial
 
@@ -163,6 +163,9 @@ def trial(
         saved = f" (last good checkpoint: {last})" if last and last.exists() else ""
         raise TrialFailure(f"{type(exc).__name__}: {exc}{saved}") from exc
     out.print(final_table(result.final, cfg.eval_attacks, cfg.eval_eps, result.eval_batch_size))
+    shifts = shift_table(result.final, cfg.primary_attack, cfg.primary_eps)  # None unless shift_diagnostic=true
+    if shifts is not None:
+        out.print(shifts)
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(result.to_dict(), indent=2))

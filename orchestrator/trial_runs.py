@@ -243,7 +243,7 @@ class MlflowTrialTracker:
             logged.add(epoch)
 
     def _finish(self, record: TrialRecord, checkpoint_file: CheckpointFile) -> None:
-        from orchestrator.views import robustness_figure
+        from orchestrator.views import robustness_figure, shift_figure
 
         c = self._client()
         if c.get_run(record.run_id).info.status == "FINISHED":  # a re-run of the last epoch re-attached it RUNNING
@@ -259,6 +259,9 @@ class MlflowTrialTracker:
             figure = None
         if figure is not None:
             c.log_figure(record.run_id, figure, "robust_accuracy_vs_eps.png")
+        shifts = shift_figure(record.final)  # None unless the trial ran with shift_diagnostic
+        if shifts is not None:
+            c.log_figure(record.run_id, shifts, "shift_by_layer.png")
         if checkpoint_file is not None:
             c.log_artifact(record.run_id, str(checkpoint_file), "checkpoint")
         c.set_terminated(record.run_id, "FINISHED")

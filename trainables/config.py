@@ -102,6 +102,7 @@ class TrialConfig(BaseModel):
     cw_c: float = Field(1.0, gt=0.0, description="CW: confidence weight c")
     cw_steps: int = Field(50, gt=0, description="CW: optimisation steps")
     square_queries: int = Field(1000, gt=0, description="Square attack: query budget")
+    shift_diagnostic: bool = Field(False, description="after the final sweep, measure how far the primary attack shifts each BatchNorm/RobustNorm layer's input mean and variance (metrics shift_mean_<layer>, shift_var_<layer>, shift_*_avg)")
 
     # --- run -----------------------------------------------------------------------------
     seed: int = Field(0, ge=0, description="random seed")

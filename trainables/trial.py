@@ -3,7 +3,8 @@
 The epoch loop trains with the regime's loss, evaluates clean accuracy and the primary
 attack's accuracy every epoch, and after the last epoch measures every attack x eps pair
 (and, for norms with statistic modes, the same with the inference batch's statistics,
-suffix ``_batchstats``). After each epoch it calls ``on_epoch(epoch, metrics, state)``,
+suffix ``_batchstats``), then, with ``shift_diagnostic``, how far the primary attack shifts
+each norm layer's input (``trainables.diagnostics``, metrics ``shift_*``). After each epoch it calls ``on_epoch(epoch, metrics, state)``,
 where ``state`` is one plain dict (model, optimizer, scheduler, epoch, RNG states,
 config, history) from which ``run_trial(config, checkpoint=state)`` continues exactly:
 the same seed gives the same metrics whether or not the trial was interrupted.
@@ -26,9 +27,10 @@ from pydantic import ValidationError
 from torch import nn
 from tqdm.auto import tqdm
 
-from trainables.attacks import AttackSettings, clean_accuracy, robust_accuracy
+from trainables.attacks import AttackSettings, Perturber, clean_accuracy, robust_accuracy
 from trainables.config import TrialConfig
 from trainables.data import DEFAULT_AUGMENTATION, TensorData, augment, batch_indices, load_dataset
+from trainables.diagnostics import MAX_SHIFT_SAMPLES, SHIFT_PREFIX, measure_shift, shift_metrics
 from trainables.failures import NonRetryableError, TrialConfigError
 from trainables.models import create_model
 from trainables.norms import norm_layer_factory, stats_mode, stats_mode_layers
@@ -88,8 +90,8 @@ def adv_metric(attack: str, eps: float, suffix: str = "") -> str:
 
 
 def is_final_metric(name: str) -> bool:
-    """Metrics of the final sweep (``final_*``, ``adv_acc_<attack>_eps<eps>[_batchstats]``)."""
-    return name.startswith(("final_", "adv_acc_"))
+    """Metrics of the final sweep (``final_*``, ``adv_acc_<attack>_eps<eps>[_batchstats]``, ``shift_*``)."""
+    return name.startswith(("final_", "adv_acc_", SHIFT_PREFIX))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -262,7 +264,9 @@ class _Trial:
         return out
 
     def evaluate_final(self, clean_acc: float | None = None) -> dict[str, float]:
-        """Every attack x eps pair; with batch statistics too for norms that have modes.
+        """Every attack x eps pair; with batch statistics too for norms that have modes;
+        then, with ``shift_diagnostic``, the per-layer shift (after the sweep, so turning it
+        on leaves the sweep's numbers as they were).
 
         ``clean_acc``: the model's clean test accuracy if already measured (this epoch).
         """
@@ -274,7 +278,17 @@ class _Trial:
             else:
                 with stats_mode(self.model, "batch"):
                     final.update(self._sweep("_batchstats"))
+        if self.cfg.shift_diagnostic:
+            final.update(self.shift_diagnostic())
         return final
+
+    def shift_diagnostic(self) -> dict[str, float]:
+        """``shift_*`` metrics: the primary attack at the primary eps on the first
+        ``min(final_adv_samples, MAX_SHIFT_SAMPLES)`` test samples, in the layers' own modes."""
+        cfg = self.cfg
+        x, y = self._adv_subset(min(cfg.final_adv_samples or MAX_SHIFT_SAMPLES, MAX_SHIFT_SAMPLES))
+        perturb = Perturber(self.model, cfg.primary_attack, cfg.primary_eps, self.attack_settings)
+        return shift_metrics(measure_shift(self.model, perturb, x, y, cfg.eval_batch_size))
 
     # --- checkpoints --------------------------------------------------------------------
     def state(self, epoch: int, history: list[dict[str, float]], extra: dict[str, Any]) -> dict[str, Any]:
