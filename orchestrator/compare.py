@@ -52,7 +52,10 @@ def label(metric: str) -> str:
 
 
 def group_keys(frame: pd.DataFrame, compare: list[str]) -> list[str]:
-    varying = [k for k in frame.attrs.get("varying", []) if k not in GROUP_EXCLUDED]
+    """The ``compare`` keys, then every other grid key that varies (sampled keys and seeds are
+    what a group's mean is taken over)."""
+    sampled = frame.attrs.get("sampled", [])
+    varying = [k for k in frame.attrs.get("varying", []) if k not in GROUP_EXCLUDED and k not in sampled]
     unknown = [k for k in compare if k not in frame.columns]
     if unknown:
         raise LookupError(f"--compare {','.join(unknown)}: not a key of this search's trials; keys that vary: "
@@ -99,8 +102,9 @@ def _grid(comp: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
 
 def comparison_table(comp: pd.DataFrame) -> Table:
     header, body = _grid(comp)
-    table = Table(title=f"search {comp.attrs.get('search')} / {comp.attrs.get('run_name')}: mean ± std over seeds",
-                  caption="(batch): evaluated with the inference batch's statistics")
+    over = ["seeds", *(f"sampled {k}" for k in comp.attrs.get("sampled", []))]
+    table = Table(title=f"search {comp.attrs.get('search')} / {comp.attrs.get('run_name')}: mean ± std over "
+                        f"{', '.join(over)}", caption="(batch): evaluated with the inference batch's statistics")
     for i, column in enumerate(header):
         table.add_column(column, justify="left" if i < len(comp.attrs["keys"]) else "right")
     for row in body:
@@ -210,7 +214,8 @@ def importance_figure(study: Any, metrics: list[str]):  # noqa: ANN201
     fig = _figure(5.5 * len(metrics), 4)
     for j, metric in enumerate(metrics):
         target = (lambda t, j=j: t.values[j]) if len(metrics) > 1 else None
-        importances = optuna.importance.get_param_importances(study, target=target)
+        importances = optuna.importance.get_param_importances(
+            study, target=target, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
         ax = fig.add_subplot(1, len(metrics), j + 1)
         names = list(importances)[::-1]
         ax.barh(names, [importances[n] for n in names], color=f"C{j}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
@@ -32,6 +33,18 @@ def _parent_run(client: Any, experiment_id: str, name: str, run_id: str | None) 
     if not parents:
         raise LookupError(f"experiment {name!r} has no search run")
     return parents[0]
+
+
+def _spec(client: Any, run_id: str) -> dict[str, Any]:
+    """The resolved search space the parent run was logged with ({} if it cannot be read)."""
+    import json
+    import tempfile
+
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            return json.loads(Path(client.download_artifacts(run_id, "search_space.resolved.json", folder)).read_text())
+    except Exception:  # an older run, or artifacts out of reach: group by every varying key
+        return {}
 
 
 def search_results(target: TrackingTarget, name: str, run_id: str | None = None) -> pd.DataFrame:
@@ -71,7 +84,10 @@ def search_results(target: TrackingTarget, name: str, run_id: str | None = None)
         rows.append(row)
     frame = pd.DataFrame(rows).sort_values("trial", kind="stable").reset_index(drop=True)
     first = children[0].data.params
+    spec = _spec(client, parent.info.run_id)
+    sampled = sorted({k for part in [spec, *spec.get("stages", {}).values()] for k in (part.get("sample") or {})})
     frame.attrs.update(
+        sampled=sampled,
         search=name, run_name=parent.info.run_name, run_id=parent.info.run_id, tags=dict(parent.data.tags),
         search_params=dict(parent.data.params), varying=(["stage"] if staged else []) + [*ALWAYS_SHOWN, *varying],
         attacks=[a for a in first.get("eval_attacks", "").split(",") if a],
