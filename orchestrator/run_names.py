@@ -3,7 +3,7 @@
 A name is the trial's norm and regime, then the value of every other key that varies in
 the search (its grid and sampled keys, in file order, ``seed`` last), with short labels
 for common knobs (``norm_power`` -> ``p``, ``weight_decay`` -> ``wd``, ...) and numbers in
-at most three significant digits. Registry names that read well alone (model, dataset,
+at most three significant digits; a conditional key only where its ``when`` holds. Registry names that read well alone (model, dataset,
 optimizer) are shown bare. Repeats of the same configuration (``num_samples`` > 1 over a
 grid) end with the Ray trial number (``#3``); ``MlflowTrialTracker`` numbers any other
 name another trial of the search already holds.
@@ -12,8 +12,10 @@ name another trial of the search already holds.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
+
+from orchestrator.spaces import matches
 
 ALWAYS = ("norm", "regime")
 LAST = ("seed",)
@@ -82,12 +84,17 @@ def numbered(name: str, trial_id: str) -> str:
     return f"{name} #{number if number is not None else trial_id}"
 
 
-def run_name(config: dict[str, Any], keys: Iterable[str], trial_id: str = "", *, number: bool = False) -> str:
+def run_name(config: dict[str, Any], keys: Iterable[str], trial_id: str = "", *, number: bool = False,
+             conditions: Mapping[str, dict[str, list[Any]]] | None = None) -> str:
     """The run name of a trial with ``config``: norm, regime, then ``keys`` (see the module doc).
 
-    Keys missing from ``config`` (a configuration that never validated) are left out.
+    A conditional key (``conditions``: key -> its ``when``) is shown only where its condition
+    holds (a batchnorm trial has no ``p``); keys missing from ``config`` (a configuration
+    that never validated) are left out.
     """
+    conditions = conditions or {}
+    shown = [k for k in keys if k in config and matches(conditions.get(k, {}), config)]
     parts = [format_value(config[k]) for k in ALWAYS if config.get(k) is not None]
-    parts += [_part(k, config[k]) for k in keys if k in config]
+    parts += [_part(k, config[k]) for k in shown]
     name = " ".join(parts) or "trial"
     return numbered(name, trial_id) if number else name

@@ -147,6 +147,7 @@ def start_search_run(
     spec_file: Path,
     tags: dict[str, str],
     name_keys: tuple[str, ...] = (),
+    name_conditions: dict[str, dict[str, list[Any]]] | None = None,
     number_names: bool = False,
 ) -> MlflowTrialTracker:
     """Open the parent run of a search; return the tracker that trials use for child runs
@@ -168,7 +169,8 @@ def start_search_run(
     except TrackingError as exc:
         raise TrackingUnreachable(f"MLflow tracking store {mask_uri(target.uri)}: {exc}") from exc
     return MlflowTrialTracker(target.uri, experiment_id, run_id, experiment, name_keys=tuple(name_keys),
-                              number_names=number_names, search_run=run_name)
+                              name_conditions=dict(name_conditions or {}), number_names=number_names,
+                              search_run=run_name)
 
 
 def _set_parent(tracker: MlflowTrialTracker, what: str, call: Any, budget_s: float) -> None:

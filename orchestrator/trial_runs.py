@@ -28,7 +28,7 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -85,7 +85,8 @@ class MlflowTrialTracker:
     It is also stored in the search record (``SearchRecord``): fields added later have
     defaults, so records written before them still load (and keep their old behaviour).
     ``name_keys``: the keys a run name shows after norm and regime (None: runs are named
-    by their Ray trial name, as before); ``number_names``: the search repeats identical
+    by their Ray trial name, as before), ``name_conditions`` the ``when`` of those that are
+    conditional; ``number_names``: the search repeats identical
     configurations, so every name ends with its Ray trial number; ``search_run``: the
     parent run's name, tagged on every child so the UI can show one search's runs.
     """
@@ -95,6 +96,7 @@ class MlflowTrialTracker:
     parent_run_id: str
     search_name: str
     name_keys: tuple[str, ...] | None = None
+    name_conditions: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
     number_names: bool = False
     search_run: str = ""
 
@@ -244,7 +246,8 @@ class MlflowTrialTracker:
         """The name a new run of this trial gets (see ``run_names``)."""
         if self.name_keys is None:  # a search recorded before readable names
             return record.trial_name
-        return run_name(record.config, self.name_keys, record.trial_id, number=self.number_names)
+        return run_name(record.config, self.name_keys, record.trial_id, number=self.number_names,
+                        conditions=self.name_conditions)
 
     def _number_if_taken(self, c: Any, run: Any, record: TrialRecord) -> None:
         """Append the Ray trial number to the name when an earlier run of the search holds it.

@@ -33,6 +33,11 @@ def test_names_show_norm_regime_then_what_varies_with_short_labels():
     assert run_name({"norm": "batchnorm", "regime": "standard", "train_eps": 0.0314}, ["train_eps", "lr"]) == \
         "batchnorm standard eps=0.0314"  # a key the config lacks is left out
     assert run_name({}, ["lr"]) == "trial"  # a configuration that never validated
+    when = {"norm_power": {"norm": ["robustnorm", "robustnorm_mixed"]}}  # a conditional grid key
+    assert run_name({"norm": "batchnorm", "regime": "standard", "norm_power": 0.2}, ["norm_power"], conditions=when) == \
+        "batchnorm standard"  # the default p of a batchnorm trial is no part of its name
+    assert run_name({"norm": "robustnorm", "regime": "standard", "norm_power": 0.2}, ["norm_power"], conditions=when) == \
+        "robustnorm standard p=0.2"
     assert trial_number("b4ef5_00003") == 3 and trial_number("nodigits") is None
 
 
@@ -78,13 +83,13 @@ def test_repeated_configurations_are_all_numbered(tmp_path):
 
 
 def test_a_search_record_written_before_readable_names_still_loads_and_names_runs_as_before(tmp_path):
-    tracker, client = _tracker(tmp_path, name_keys=("norm_power",))
+    tracker, client = _tracker(tmp_path, name_keys=("norm_power",), name_conditions={"norm_power": {"norm": ["robustnorm"]}})
     record = SearchRecord({"name": "names"}, "space.yaml", tracker.tracking_uri, None, tracker)
     old = json.loads(record.to_json())
-    for field in ("name_keys", "number_names", "search_run"):
+    for field in ("name_keys", "name_conditions", "number_names", "search_run"):
         del old["tracker"][field]  # as an earlier normlab wrote it
     loaded = SearchRecord.from_json(json.dumps(old)).tracker
-    assert loaded.name_keys is None and loaded.search_run == ""
+    assert loaded.name_keys is None and loaded.search_run == "" and loaded.name_conditions == {}
     assert SearchRecord.from_json(record.to_json()).tracker == tracker  # new fields survive the round trip
     trial = _record("ef789_00000", norm_power=0.2)
     assert loaded.sync(trial, budget_s=10)
