@@ -24,9 +24,12 @@ from rich.table import Table
 
 from orchestrator import snapshots, storage
 from orchestrator.callbacks import StateBackupCallback, TrialRunsCallback, trial_error
+from orchestrator.run_names import varying_keys
 from orchestrator.spaces import SearchSpace
 from orchestrator.storage import Location
+from orchestrator.summary import SearchSummary, describe, log_search_summary
 from orchestrator.tracking import (
+    DRIVER_BUDGET_S,
     MlflowTrialTracker,
     TrackingTarget,
     check_reachable,
@@ -34,6 +37,7 @@ from orchestrator.tracking import (
     start_search_run,
 )
 from orchestrator.tuner import TrialResolver, build_tuner, init_ray, trainable
+from orchestrator.ui_links import search_url
 
 RESULT_COLUMNS = ("final_clean_acc", "final_adv_acc")
 
@@ -46,6 +50,8 @@ class SearchOutcome:
     table: Table
     rows: list[dict[str, Any]]
     failed: int
+    ui_url: str = ""
+    summary: SearchSummary | None = None
 
 
 def _fmt(value: Any) -> str:
@@ -100,6 +106,17 @@ def _fit(tuner: Any, experiment_path: str) -> Any:
         ) from exc
 
 
+def _finish(tracker: MlflowTrialTracker, space: SearchSpace, console: Console, folder: Location) -> SearchSummary | None:
+    """The search's summary on its parent run (never raises: the search is done either way)."""
+    summary = log_search_summary(tracker, metric=space.search.metric, mode=space.search.mode, budget_s=DRIVER_BUDGET_S)
+    if summary is None:
+        console.print(f"[yellow]warning:[/] the search's summary is not in MLflow (see the warning above); "
+                      f"`normlab resume {escape(folder.uri)}` logs it once the server answers", soft_wrap=True)
+    else:
+        console.print(escape(describe(summary)))
+    return summary
+
+
 def _summarise(grid: Any, space: SearchSpace, folder: Location, console: Console) -> SearchOutcome:
     resolver = TrialResolver(space.fixed, frozenset(space.conditional_keys()))
     keys = space.trial_keys()
@@ -131,7 +148,6 @@ def run_search(
     where = init_ray(address, num_cpus=num_cpus)
     console.print(f"search {space.name!r}: {space.trial_count()} trial(s) on Ray {where}")
     console.print(f"  results and checkpoints: {experiment_path}")
-    console.print(f"  MLflow: {target.uri} (experiment {space.name!r}, run {experiment!r}); browse with `normlab ui`")
     params = {
         "algorithm": space.search.algorithm, "num_samples": space.search.num_samples, "metric": space.search.metric,
         "mode": space.search.mode, "scheduler": space.search.scheduler.type, "trials": space.trial_count(),
@@ -140,14 +156,26 @@ def run_search(
     }
     tags = {"normlab.ray_address": where, "normlab.storage_path": experiment_path}
     spec = space.model_dump(mode="json", by_alias=True)
-    tracker = start_search_run(target, space.name, experiment, params=params, spec=spec, spec_file=space_file, tags=tags)
+    # repeats of one grid point (num_samples > 1, nothing sampled) have the same name but for the trial number
+    repeats = space.search.algorithm != "optuna" and space.search.num_samples > 1 and not space.sample
+    conditions = {k: key.when for k, key in (*space.grid.items(), *space.sample.items()) if key.when}
+    tracker = start_search_run(target, space.name, experiment, params=params, spec=spec, spec_file=space_file, tags=tags,
+                               name_keys=varying_keys(space.trial_keys()), name_conditions=conditions,
+                               number_names=repeats)
+    url = search_url(tracker.tracking_uri, tracker.experiment_id, tracker.search_run, tracker.parent_run_id)
+    where_ui = " (serve it with `normlab ui`)" if target.is_local_file_store else ""
+    console.print(f"  MLflow: {target.uri} (experiment {space.name!r}, run {experiment!r})")
+    console.print(f"  MLflow UI: {url}{where_ui}", soft_wrap=True, markup=False)
     with search_running(tracker):
         # Ray resolves root.uri with the same pyarrow call as normlab did
         tuner = build_tuner(space, storage_path=root.uri, experiment=experiment, tracker=tracker,
                             callbacks=[TrialRunsCallback(tracker), StateBackupCallback(experiment_path)])
         write_record(folder, SearchRecord(spec, str(space_file), target.uri, target.artifact_root, tracker))
         grid = _fit(tuner, experiment_path)
-    return _summarise(grid, space, folder, console)
+        summary = _finish(tracker, space, console, folder)
+    outcome = _summarise(grid, space, folder, console)
+    outcome.ui_url, outcome.summary = url, summary
+    return outcome
 
 
 # ------------------------------------------------------------------------ resume
@@ -253,7 +281,12 @@ def resume_search(
             folder.uri, trainable=trainable(space, record.tracker), resume_unfinished=True, resume_errored=True
         )
         grid = _fit(tuner, folder.uri)
-    return _summarise(grid, space, folder, console)
+        summary = _finish(record.tracker, space, console, folder)
+    outcome = _summarise(grid, space, folder, console)
+    tracker = record.tracker
+    outcome.ui_url = search_url(tracker.tracking_uri, tracker.experiment_id, tracker.search_run, tracker.parent_run_id)
+    outcome.summary = summary
+    return outcome
 
 
 def clear_fatal_markers(folder: Location) -> list[str]:

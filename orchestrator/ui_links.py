@@ -33,6 +33,9 @@ MLflow's UI, and any UI that routes by the tag goes to the runs tab too. ``norml
 serves MLflow with one extra page (``orchestrator.ui_server``, ``/normlab/open#<route>``)
 that records the Assistant as already shown and the workflow as model training in the
 browser (unless the user chose one), then opens the route: no AI pop-up greets the user.
+The same page unfolds the search's parent run in the runs table (its trials are folded
+under it by default), and on a first visit to the experiment shows the final clean and
+adversarial accuracy as columns and a Run Name column wide enough for the names.
 """
 
 from __future__ import annotations
@@ -74,14 +77,20 @@ def run_route(experiment_id: str, run_id: str) -> str:
     return f"#/experiments/{quote(experiment_id)}/runs/{quote(run_id)}?workflowType={WORKFLOW}"
 
 
-def ui_url(base: str, route: str, *, via_open_page: bool = False) -> str:
+def ui_url(base: str, route: str, *, via_open_page: bool = False, expand: str = "") -> str:
     """The full URL of ``route`` (``#/...``) on the UI at ``base``; ``via_open_page``: through
-    ``normlab ui``'s page that keeps the AI assistant from opening by itself."""
-    return f"{base.rstrip('/')}{OPEN_PATH if via_open_page else '/'}{route}"
+    ``normlab ui``'s page (no AI assistant popping up; ``expand``: a parent run whose trials
+    the runs table shows unfolded)."""
+    if not via_open_page:
+        return f"{base.rstrip('/')}/{route}"
+    query = f"?{urlencode({'expand': expand})}" if expand else ""
+    return f"{base.rstrip('/')}{OPEN_PATH}{query}{route}"
 
 
-def search_url(tracking_uri: str, experiment_id: str, search_run: str = "", ui: str | None = None) -> str:
+def search_url(tracking_uri: str, experiment_id: str, search_run: str = "", parent_run_id: str = "",
+               ui: str | None = None) -> str:
     """A search's runs table: on its MLflow server, or (a local store) as ``normlab ui``
-    serves it at ``ui`` (default ``DEFAULT_UI``), through its page that keeps the assistant shut."""
+    serves it at ``ui`` (default ``DEFAULT_UI``), through its page, with the search's trials unfolded."""
     local = not tracking_uri.startswith(("http://", "https://"))
-    return ui_url(ui_base(tracking_uri, ui or DEFAULT_UI), runs_route(experiment_id, search_run), via_open_page=local)
+    return ui_url(ui_base(tracking_uri, ui or DEFAULT_UI), runs_route(experiment_id, search_run), via_open_page=local,
+                  expand=parent_run_id)
