@@ -376,7 +376,7 @@ def ui(tracking_uri: str | None, host: str, port: int, workers: int, allowed_hos
     base = f"http://{f'[{shown_host}]' if ':' in shown_host else shown_host}:{port}"
     try:
         run = find_search_run(target, search)
-    except Exception as exc:  # an unreadable store: the UI will say more
+    except Exception as exc:  # noqa: BLE001  (an unreadable store: the UI itself will say more)
         console.print(f"[yellow]warning:[/] cannot list the searches in {escape(target.uri)}: {escape(str(exc))}")
         run = None
     if run is None and search:

@@ -33,7 +33,6 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from orchestrator.retry import TrackingError, retrying
 from orchestrator.run_names import ALWAYS, format_value

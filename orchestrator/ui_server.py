@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import sys
 from importlib.metadata import EntryPoint
+from typing import Any
 
 APP_NAME = "normlab"
 APP_REF = "orchestrator.ui_server:app"
@@ -27,7 +28,7 @@ APP_REF = "orchestrator.ui_server:app"
 # MLflow's UI keeps its settings in localStorage as <key>_v<version> = JSON, and each
 # experiment page's table state under MLflowLocalStorage-1.1-ExperimentPage-["<id>"]-
 # ReactComponentState, merged over its defaults (keys it does not know are ignored).
-OPEN_PAGE = """<!doctype html>
+OPEN_PAGE = r"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>normlab: opening MLflow</title></head>
 <body><p>Opening the MLflow UI&hellip;</p>
 <script>
@@ -64,13 +65,13 @@ OPEN_PAGE = """<!doctype html>
 """
 
 
-def _open_page():  # noqa: ANN202  (a Flask view)
+def _open_page() -> Any:  # a Flask view
     from flask import Response
 
     return Response(OPEN_PAGE, mimetype="text/html", headers={"Cache-Control": "no-store"})
 
 
-def _build_app():  # noqa: ANN202
+def _build_app() -> Any:
     from mlflow.server import app as flask_app
 
     if "normlab_open" not in flask_app.view_functions:
@@ -82,7 +83,7 @@ def _build_app():  # noqa: ANN202
     return asgi_app
 
 
-def __getattr__(name: str):  # noqa: ANN202
+def __getattr__(name: str) -> Any:
     # ``app`` is built on first use (by uvicorn, or MLflow's launcher checking what it is):
     # ``serve`` must register the plugin before anything imports ``mlflow.cli``, whose
     # ``--app-name`` choices are fixed when it is imported

@@ -87,7 +87,7 @@ def test_mlflow_holds_one_parent_and_one_child_per_trial(search):
 
 
 def test_runs_are_named_by_what_varies_and_the_parent_summarises_the_search(search):
-    workdir, proc, client = search
+    _, proc, client = search
     parents, children = runs(client)
     names = {c.info.run_name for c in children}
     assert names == {"batchnorm standard lr=0.05", "robustnorm standard lr=0.05", "batchnorm standard lr=1e12",
