@@ -9,10 +9,25 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.normlab-installed
+CHROMIUM ?= chromium
 
-.PHONY: setup quickstart test test-fast test-slow bench clean
+.PHONY: setup browser quickstart test test-fast test-slow bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) browser
+
+# The browser test (tests/test_ui_browser.py) drives Debian's Chromium through playwright,
+# which never downloads a browser of its own. Installed only when missing; apt-get needs root.
+browser:
+	@if command -v $(CHROMIUM) >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Chromium (apt-get) for the browser test"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(CHROMIUM); \
+	else \
+		echo "error: Chromium is missing: the browser test (tests/test_ui_browser.py) needs it." >&2; \
+		echo "       On Debian/Ubuntu, as root: apt-get install -y chromium  (or: sudo apt-get install -y chromium)," >&2; \
+		echo "       then run make again." >&2; \
+		exit 1; \
+	fi
 
 # torchattacks goes in last and with --no-deps: it pins requests~=2.25.1, which MLflow
 # cannot use; its real needs (torch, torchvision, scipy, tqdm, numpy, requests) are ours.

@@ -254,6 +254,7 @@ def submit(space: str, overrides: tuple[str, ...], address: str | None, tracking
     except StorageError as exc:
         raise UsageFailure(str(exc)) from exc
     out.print(outcome.table)
+    console.print(f"MLflow UI: {outcome.ui_url}", soft_wrap=True, markup=False)
     if outcome.failed:
         console.print(f"[red]{outcome.failed} trial(s) failed[/]; see the errors above, then "
                       f"`normlab resume {escape(shlex.quote(outcome.experiment_path))}` to continue them.")
@@ -309,6 +310,7 @@ def resume(search: str, address: str | None, storage_path: str | None, num_cpus:
     except (SearchStorageError, StageError) as exc:
         raise TrialFailure(str(exc)) from exc
     out.print(outcome.table)
+    console.print(f"MLflow UI: {outcome.ui_url}", soft_wrap=True, markup=False)
     if outcome.failed:
         console.print(f"[red]{outcome.failed} trial(s) failed again[/]; see the errors above.")
         raise SystemExit(1)
@@ -394,22 +396,42 @@ def _compare_report(frame: Any, target: Any, keys: list[str], fmt: str, out_dir:
 @click.option("--port", default=5000, show_default=True, type=int)
 @click.option("--workers", default=1, show_default=True, type=int, help="Server worker processes.")
 @click.option("--allowed-hosts", help="Host names the UI may be reached by, when --host exposes it (MLflow refuses others).")
-def ui(tracking_uri: str | None, host: str, port: int, workers: int, allowed_hosts: str | None) -> None:
-    """Open the MLflow UI on the normlab store (a parent run per search, a child run per trial)."""
-    import os
-    import shutil
+@click.option("--search", "search", metavar="NAME", help="Open this search: its name (the newest such search) or its run name NAME-YYYYmmdd-HHMMSS. Default: the newest search.")
+def ui(tracking_uri: str | None, host: str, port: int, workers: int, allowed_hosts: str | None, search: str | None) -> None:
+    """Serve the MLflow UI on the normlab store and print the URL of a search's runs table.
 
-    from orchestrator.tracking import resolve_tracking
+    The URL opens the runs of the newest search (or --search NAME): its parent run and one
+    child run per trial, named by what varies. It goes through a page of normlab's that
+    keeps MLflow's AI assistant from opening by itself (see orchestrator/ui_links.py).
+    """
+    from orchestrator.tracking import TAG_SEARCH_RUN, find_search_run, resolve_tracking
+    from orchestrator.ui_links import runs_route, ui_url
+    from orchestrator.ui_server import serve
 
     target = resolve_tracking(tracking_uri)
-    mlflow_bin = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow") or "mlflow"
-    cmd = [mlflow_bin, "ui", "--backend-store-uri", target.uri, "--host", host, "--port", str(port), "--workers", str(workers)]
+    shown_host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    base = f"http://{f'[{shown_host}]' if ':' in shown_host else shown_host}:{port}"
+    try:
+        run = find_search_run(target, search)
+    except Exception as exc:  # noqa: BLE001  (an unreadable store: the UI itself will say more)
+        console.print(f"[yellow]warning:[/] cannot list the searches in {escape(target.uri)}: {escape(str(exc))}")
+        run = None
+    if run is None and search:
+        raise UsageFailure(f"no search named {search!r} in {target.uri}")
+    if run is not None:
+        route = runs_route(run.info.experiment_id, run.data.tags.get(TAG_SEARCH_RUN, ""))
+        what, expand = f"search {run.info.run_name}", run.info.run_id
+    else:
+        route, what, expand = "#/experiments?workflowType=machine_learning", "no search yet", ""
+    url = ui_url(base, route, via_open_page=True, expand=expand)
+    console.print(f"MLflow UI on {base} ({what}; store {escape(target.uri)}; Ctrl-C to stop):", soft_wrap=True)
+    click.echo(url)
+    args = ["ui", "--backend-store-uri", target.uri, "--host", host, "--port", str(port), "--workers", str(workers)]
     if allowed_hosts:
-        cmd += ["--allowed-hosts", allowed_hosts]
+        args += ["--allowed-hosts", allowed_hosts]
     if target.artifact_root:
-        cmd += ["--default-artifact-root", target.artifact_root]
-    console.print(f"MLflow UI on http://{host}:{port}  (store {target.uri}; Ctrl-C to stop)")
-    os.execv(mlflow_bin, cmd)
+        args += ["--default-artifact-root", target.artifact_root]
+    serve(args)
 
 
 if __name__ == "__main__":  # pragma: no cover

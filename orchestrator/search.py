@@ -20,16 +20,27 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from orchestrator import snapshots, storage
 from orchestrator.callbacks import StateBackupCallback, TrialRunsCallback
 from orchestrator.records import SearchRecord, load_record, write_record
+from orchestrator.run_names import varying_keys
 from orchestrator.spaces import SearchSpace
 from orchestrator.stages import StageView, finished_trials, seeded_combinations, stage_views
 from orchestrator.storage import Location
-from orchestrator.tracking import TrackingTarget, check_reachable, search_running, start_search_run
+from orchestrator.summary import SearchSummary, describe, log_search_summary
+from orchestrator.tracking import (
+    DRIVER_BUDGET_S,
+    MlflowTrialTracker,
+    TrackingTarget,
+    check_reachable,
+    search_running,
+    start_search_run,
+)
 from orchestrator.tuner import StudyRef, TrialResolver, build_tuner, init_ray, trainable
+from orchestrator.ui_links import search_url
 
 RESULT_COLUMNS = ("final_clean_acc", "final_adv_acc")
 
@@ -42,6 +53,8 @@ class SearchOutcome:
     table: Table
     failed: int
     waiting: list[str] = dataclasses.field(default_factory=list)  # stages not run: an earlier one had failures
+    ui_url: str = ""
+    summary: SearchSummary | None = None
 
 
 class SearchStorageError(RuntimeError):
@@ -104,6 +117,49 @@ def _study(record: SearchRecord, view: StageView) -> StudyRef | None:
     return StudyRef(record.study_storage, f"{record.study_name}-{view.name}" if view.name else record.study_name)
 
 
+def _finish(tracker: MlflowTrialTracker, space: SearchSpace, console: Console, folder: Location) -> SearchSummary | None:
+    """The search's summary on its parent run (best trial, counts, trial table) and its comparison
+    report (tables and plots, ``compare``); never raises: the search is done either way."""
+    s = space.search
+    summary = log_search_summary(tracker, metric=s.metrics[0], mode=s.modes[0], budget_s=DRIVER_BUDGET_S)
+    if summary is None:
+        console.print(f"[yellow]warning:[/] the search's summary is not in MLflow (see the warning above); "
+                      f"`normlab resume {escape(folder.uri)}` logs it once the server answers", soft_wrap=True)
+        return None
+    console.print(escape(describe(summary)))
+    _log_comparison(tracker, console)
+    return summary
+
+
+def _log_comparison(tracker: MlflowTrialTracker, console: Console) -> None:
+    from orchestrator import compare
+    from orchestrator.report import search_results
+    from orchestrator.reports import log_report, study_of
+
+    try:
+        frame = search_results(TrackingTarget(tracker.tracking_uri), tracker.search_name, tracker.parent_run_id)
+        keys = [k for k in ("stage", "norm", "regime") if k in frame.columns and frame[k].nunique() > 1]
+        folder = Path("normlab_runs") / "reports" / str(frame.attrs["run_name"])
+        files = compare.write_report(frame, keys, folder, study_of(frame))
+        if log_report(TrackingTarget(tracker.tracking_uri), tracker.parent_run_id, files):
+            console.print(f"  report (--compare {','.join(keys) or '(none)'}): {folder} and the search's MLflow run")
+    except Exception as exc:  # a report must never fail a finished search
+        console.print(f"[yellow]warning:[/] no comparison report ({escape(type(exc).__name__)}: {escape(str(exc))}); "
+                      "`normlab report NAME --compare ...` makes one", soft_wrap=True)
+
+
+def _stage_tracker(tracker: MlflowTrialTracker, view: StageView) -> MlflowTrialTracker:
+    """The tracker of one stage: its runs tagged with the stage, named by what varies in it."""
+    space = view.space
+    if tracker.name_keys is None:  # a search recorded before readable names
+        return dataclasses.replace(tracker, stage=view.name)
+    # repeats of one grid point (num_samples > 1, nothing sampled) have the same name but for the trial number
+    repeats = space.search.algorithm != "optuna" and space.search.num_samples > 1 and not space.sample
+    conditions = {k: key.when for k, key in (*space.grid.items(), *space.sample.items()) if key.when}
+    return dataclasses.replace(tracker, stage=view.name, name_keys=varying_keys(space.trial_keys()),
+                               name_conditions=conditions, number_names=repeats)
+
+
 def _run_stages(space: SearchSpace, folder: Location, record: SearchRecord, console: Console) -> SearchOutcome:
     """Fit each stage's experiment in order (restoring those already started); stop before a
     stage whose earlier stage has failed trials."""
@@ -115,7 +171,7 @@ def _run_stages(space: SearchSpace, folder: Location, record: SearchRecord, cons
     waiting: list[str] = []
     for i, view in enumerate(views):
         stage_folder = folder.child(view.name) if view.name else folder
-        tracker = dataclasses.replace(record.tracker, stage=view.name)
+        tracker = _stage_tracker(record.tracker, view)
         callbacks = [TrialRunsCallback(tracker), StateBackupCallback(stage_folder.uri)]
         if storage.latest_snapshot(stage_folder) is not None:  # started before: continue it
             if view.name:
@@ -146,7 +202,12 @@ def _run_stages(space: SearchSpace, folder: Location, record: SearchRecord, cons
         if row["status"] == "ERROR":
             console.print(f"[red]{row['trial']}[/]: {row['error']}")
     table = results_table(f"search {folder.name}", rows, keys)
-    return SearchOutcome(folder.uri, table, sum(r["status"] == "ERROR" for r in rows), waiting)
+    tracker = record.tracker
+    outcome = SearchOutcome(folder.uri, table, sum(r["status"] == "ERROR" for r in rows), waiting,
+                            search_url(tracker.tracking_uri, tracker.experiment_id, tracker.search_run,
+                                       tracker.parent_run_id))
+    outcome.summary = _finish(tracker, space, console, folder)
+    return outcome
 
 
 def run_search(
@@ -171,7 +232,6 @@ def run_search(
     s = space.search
     console.print(f"search {space.name!r}: {space.trial_count()} trial(s) on Ray {where}")
     console.print(f"  results and checkpoints: {folder.uri}")
-    console.print(f"  MLflow: {target.uri} (experiment {space.name!r}, run {experiment!r}); browse with `normlab ui`")
     study_storage = (s.storage or default_storage(target.uri)) if s.algorithm == "optuna" else None
     if study_storage:
         console.print(f"  Optuna study {experiment!r} ({s.sampler_name}) in {study_storage}")
@@ -186,7 +246,12 @@ def run_search(
     tags = {"normlab.ray_address": where, "normlab.storage_path": folder.uri,
             **({"normlab.study": experiment, "normlab.study_storage": study_storage} if study_storage else {})}
     spec = space.model_dump(mode="json", by_alias=True)
-    tracker = start_search_run(target, space.name, experiment, params=params, spec=spec, spec_file=space_file, tags=tags)
+    tracker = start_search_run(target, space.name, experiment, params=params, spec=spec, spec_file=space_file, tags=tags,
+                               name_keys=())  # named per stage, by what varies in it (_stage_tracker)
+    url = search_url(tracker.tracking_uri, tracker.experiment_id, tracker.search_run, tracker.parent_run_id)
+    console.print(f"  MLflow: {target.uri} (experiment {space.name!r}, run {experiment!r})")
+    console.print(f"  MLflow UI: {url}" + (" (serve it with `normlab ui`)" if target.is_local_file_store else ""),
+                  soft_wrap=True, markup=False)
     record = SearchRecord(spec, str(space_file), target.uri, target.artifact_root, tracker,
                           study_storage=study_storage, study_name=experiment if study_storage else None)
     write_record(folder, record)

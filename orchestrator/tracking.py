@@ -28,11 +28,13 @@ from orchestrator.trial_runs import (  # noqa: F401  (tag names, re-exported for
     PARENT_TAG,
     TAG_ERROR,
     TAG_SEARCH,
+    TAG_SEARCH_RUN,
     TAG_TRIAL_ID,
     MlflowTrialTracker,
     client,
     trial_params,
 )
+from orchestrator.ui_links import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
 
 DEFAULT_DIR = "normlab_runs"
 DRIVER_BUDGET_S = float(os.environ.get("NORMLAB_TRACKING_DRIVER_WAIT_S", 60))
@@ -104,13 +106,17 @@ def check_reachable(target: TrackingTarget, timeout: float = 10.0) -> None:
 
 
 def ensure_experiment(target: TrackingTarget, name: str) -> str:
-    """The id of experiment ``name``, created (with the default artifact folder) if missing."""
+    """The id of experiment ``name``, created (with the default artifact folder) if missing.
+
+    A new experiment is tagged as model training (``ui_links`` says what MLflow's UI makes of it).
+    """
     c = client(target.uri)
     experiment = c.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
     try:
-        return c.create_experiment(name, artifact_location=target.artifact_root)
+        return c.create_experiment(name, artifact_location=target.artifact_root,
+                                   tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
     except Exception:  # created concurrently by another process
         experiment = c.get_experiment_by_name(name)
         if experiment is None:
@@ -140,12 +146,16 @@ def start_search_run(
     spec: dict[str, Any],
     spec_file: Path,
     tags: dict[str, str],
+    name_keys: tuple[str, ...] = (),
+    name_conditions: dict[str, dict[str, list[Any]]] | None = None,
+    number_names: bool = False,
 ) -> MlflowTrialTracker:
-    """Open the parent run of a search; return the tracker that trials use for child runs."""
+    """Open the parent run of a search; return the tracker that trials use for child runs
+    (named by ``name_keys``, see ``run_names``)."""
     from mlflow.entities import Param
 
     deadline = time.monotonic() + DRIVER_BUDGET_S
-    all_tags = {TAG_SEARCH: experiment, "mlflow.source.git.commit": git_commit(), **tags}
+    all_tags = {TAG_SEARCH: experiment, TAG_SEARCH_RUN: run_name, "mlflow.source.git.commit": git_commit(), **tags}
     try:
         experiment_id = retrying("open the search's experiment", lambda: ensure_experiment(target, experiment), deadline)
         c = client(target.uri)
@@ -158,7 +168,9 @@ def start_search_run(
         ), deadline)
     except TrackingError as exc:
         raise TrackingUnreachable(f"MLflow tracking store {mask_uri(target.uri)}: {exc}") from exc
-    return MlflowTrialTracker(target.uri, experiment_id, run_id, experiment)
+    return MlflowTrialTracker(target.uri, experiment_id, run_id, experiment, name_keys=tuple(name_keys),
+                              name_conditions=dict(name_conditions or {}), number_names=number_names,
+                              search_run=run_name)
 
 
 def _set_parent(tracker: MlflowTrialTracker, what: str, call: Any, budget_s: float) -> None:
@@ -191,3 +203,23 @@ def search_running(tracker: MlflowTrialTracker, *, resumed: bool = False) -> Ite
         raise
     finally:
         _set_parent(tracker, f"mark it {status}", lambda: c.set_terminated(tracker.parent_run_id, status), DRIVER_BUDGET_S * 5)
+
+
+def find_search_run(target: TrackingTarget, name: str | None = None) -> Any:
+    """The newest search's parent run in the store, or the newest of search ``name`` (a
+    search name, or the run name ``NAME-YYYYmmdd-HHMMSS`` of one search); None if none."""
+    c = client(target.uri)
+    experiments = [e.experiment_id for e in c.search_experiments(max_results=50000)]
+    if not experiments:
+        return None
+    parent = f"tags.`{PARENT_TAG}` IS NULL"
+    wanted = [f"tags.`{TAG_SEARCH}` LIKE '%'"]
+    if name is not None:
+        quoted = name.replace("'", "")
+        wanted = [f"tags.`{TAG_SEARCH}` = '{quoted}'", f"attributes.run_name = '{quoted}'"]
+    for condition in wanted:
+        runs = c.search_runs(experiments, filter_string=f"{condition} and {parent}",
+                             order_by=["attributes.start_time DESC"], max_results=1)
+        if runs:
+            return runs[0]
+    return None

@@ -14,6 +14,10 @@ at any time from anywhere, because:
   create whose answer was lost, so a trial never gets two runs;
 - parameters missing from a re-attached run are logged, never changed.
 
+A new run is named by what varies in the search (``run_names``: ``robustnorm pgd_at
+p=0.31``); a name another trial of the search already holds gets the Ray trial number.
+The Ray trial name stays on the run as the tag ``normlab.trial_name``.
+
 Every call retries through outages within the caller's time budget (``retry``) and then
 returns False instead of raising: tracking never fails a trial.
 """
@@ -24,16 +28,18 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from orchestrator.retry import TrackingError, TrackingUnavailable, mask_uri, retrying
+from orchestrator.run_names import numbered, run_name
 from trainables.record import TrialRecord
 
 TAG_SEARCH = "normlab.search"
 TAG_TRIAL_ID = "normlab.trial_id"
 TAG_ERROR = "normlab.error"
+TAG_SEARCH_RUN = "normlab.search_run"  # the search's parent run name, on the parent and every child
 PARENT_TAG = "mlflow.parentRunId"
 RUNTIME_FIELDS = ("device", "threads")  # may differ between attempts: tags, not params
 STEP_METRIC = "epoch"  # its presence at step e says epoch e is logged, whole
@@ -74,13 +80,26 @@ def result_summary(record: TrialRecord) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class MlflowTrialTracker:
-    """What a trial needs to keep its child run up to date; picklable, so Ray ships it to any node."""
+    """What a trial needs to keep its child run up to date; picklable, so Ray ships it to any node.
+
+    It is also stored in the search record (``SearchRecord``): fields added later have
+    defaults, so records written before them still load (and keep their old behaviour).
+    ``name_keys``: the keys a run name shows after norm and regime (None: runs are named
+    by their Ray trial name, as before), ``name_conditions`` the ``when`` of those that are
+    conditional; ``number_names``: the search repeats identical
+    configurations, so every name ends with its Ray trial number; ``search_run``: the
+    parent run's name, tagged on every child so the UI can show one search's runs.
+    """
 
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
     search_name: str
     stage: str = ""  # of a multi-stage search: tags its trials' runs
+    name_keys: tuple[str, ...] | None = None
+    name_conditions: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    number_names: bool = False
+    search_run: str = ""
 
     def _client(self) -> Any:
         return client(self.tracking_uri)
@@ -203,7 +222,9 @@ class MlflowTrialTracker:
             })
             if self.stage:
                 tags["normlab.stage"] = self.stage
-            run = c.create_run(self.experiment_id, run_name=record.trial_name, tags=tags)
+            if self.search_run:
+                tags[TAG_SEARCH_RUN] = self.search_run
+            run = c.create_run(self.experiment_id, run_name=self.run_name(record), tags=tags)
             params = trial_params(record.config)
         else:
             params = {k: v for k, v in trial_params(record.config).items() if k not in run.data.params}
@@ -219,8 +240,30 @@ class MlflowTrialTracker:
         for i in range(0, max(len(items), 1), 100):
             c.log_batch(run.info.run_id, params=items[i : i + 100],
                         tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()] if i == 0 else [])
+        if self.name_keys is not None and not self.number_names and run.info.run_name == self.run_name(record):
+            self._number_if_taken(c, run, record)
         record.run_id = run.info.run_id
         known["attached"].add(run.info.run_id)
+
+    def run_name(self, record: TrialRecord) -> str:
+        """The name a new run of this trial gets (see ``run_names``)."""
+        if self.name_keys is None:  # a search recorded before readable names
+            return record.trial_name
+        return run_name(record.config, self.name_keys, record.trial_id, number=self.number_names,
+                        conditions=self.name_conditions)
+
+    def _number_if_taken(self, c: Any, run: Any, record: TrialRecord) -> None:
+        """Append the Ray trial number to the name when an earlier run of the search holds it.
+
+        Two trials that create their runs at once both see the other afterwards and agree
+        on which came first (start time, then run id): only the later one is renamed.
+        """
+        name = run.info.run_name
+        same = c.search_runs([self.experiment_id], max_results=100, filter_string=(
+            f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and attributes.run_name = '{name}'"))
+        mine = (run.info.start_time, run.info.run_id)
+        if any((r.info.start_time, r.info.run_id) < mine for r in same if r.info.run_id != run.info.run_id):
+            c.update_run(run.info.run_id, name=numbered(name, record.trial_id))
 
     def _log_missing(self, record: TrialRecord) -> None:
         from mlflow.entities import Metric

@@ -55,6 +55,7 @@ def test_a_killed_search_resumes_from_checkpoints_into_the_same_runs(tmp_path):
     resumed = run_normlab("resume", "killme", "--num-cpus", "2", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "resuming search killme-" in resumed.stderr and resumed.stdout.count(" OK ") == 2
+    assert "MLflow UI: http://127.0.0.1:5000/normlab/open?expand=" in resumed.stderr
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'normlab_runs' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("killme")
@@ -71,3 +72,8 @@ def test_a_killed_search_resumes_from_checkpoints_into_the_same_runs(tmp_path):
             steps = sorted(m.step for m in client.get_metric_history(child.info.run_id, metric))
             assert steps == list(range(1, 9)), (metric, steps)
         assert "final_adv_acc" in child.data.metrics
+    assert {c.info.run_name for c in children} == {"batchnorm pgd_at", "robustnorm pgd_at"}
+    # the driver that would have summarised the search was killed: resume does it
+    summary = parents[0].data
+    assert summary.metrics["trials_finished"] == 2 and 0 <= summary.metrics["best_final_adv_acc"] <= 1
+    assert summary.tags["normlab.best_run_id"] in {c.info.run_id for c in children}

@@ -86,6 +86,30 @@ def test_mlflow_holds_one_parent_and_one_child_per_trial(search):
         assert child.data.tags["normlab.threads"] == "1" and child.data.tags["normlab.device"] == "cpu"
 
 
+def test_runs_are_named_by_what_varies_and_the_parent_summarises_the_search(search):
+    _, proc, client = search
+    parents, children = runs(client)
+    names = {c.info.run_name for c in children}
+    assert names == {"batchnorm standard lr=0.05", "robustnorm standard lr=0.05", "batchnorm standard lr=1e12",
+                     "robustnorm standard lr=1e12"}
+    assert all(c.data.tags["normlab.trial_name"].startswith("train_") for c in children)  # Ray's name, kept as a tag
+    parent = parents[0]
+    metrics, tags = parent.data.metrics, parent.data.tags
+    assert (metrics["trials_total"], metrics["trials_finished"], metrics["trials_failed"]) == (4, 2, 2)
+    best = next(c for c in children if c.info.run_id == tags["normlab.best_run_id"])
+    assert best.data.params["lr"] == "0.05" and tags["normlab.best_run_name"] == best.info.run_name
+    assert tags["normlab.best_by"] == "final_adv_acc (max)"
+    assert metrics["best_final_adv_acc"] == max(c.data.metrics.get("final_adv_acc", -1) for c in children)
+    assert metrics["best_final_clean_acc"] == best.data.metrics["final_clean_acc"]
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "summary")}
+    assert artifacts == {"summary/trials.md", "summary/trials.csv"}
+    experiment = parent.info.experiment_id
+    url = (f"http://127.0.0.1:5000/normlab/open?expand={parent.info.run_id}#/experiments/{experiment}/runs?"
+           f"workflowType=machine_learning&searchFilter=tags.%60normlab.search_run%60%20%3D%20%27{parent.info.run_name}%27")
+    assert proc.stderr.count(f"MLflow UI: {url}") == 2  # when the search starts, and at its end
+    assert f"best trial: {best.info.run_name} (" in proc.stderr
+
+
 def test_finished_trials_have_curves_final_metrics_and_artifacts(search):
     workdir, _, client = search
     _, children = runs(client)
