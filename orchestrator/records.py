@@ -41,7 +41,9 @@ class SearchRecord:
         return self.tracker.search_name
 
     def to_json(self) -> str:
-        return TypeAdapter(SearchRecord).dump_json(self, indent=2).decode()
+        # fields left at their defaults are not written: a plain search's record stays the one older
+        # normlab versions wrote and read
+        return TypeAdapter(SearchRecord).dump_json(self, indent=2, exclude_defaults=True).decode()
 
     @classmethod
     def from_json(cls, text: str | bytes) -> SearchRecord:

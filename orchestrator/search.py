@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import pickle
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,11 +128,13 @@ def _finish(tracker: MlflowTrialTracker, space: SearchSpace, console: Console, f
                       f"`normlab resume {escape(folder.uri)}` logs it once the server answers", soft_wrap=True)
         return None
     console.print(escape(describe(summary)))
-    _log_comparison(tracker, console)
+    _log_comparison(tracker, console, folder)
     return summary
 
 
-def _log_comparison(tracker: MlflowTrialTracker, console: Console) -> None:
+def _log_comparison(tracker: MlflowTrialTracker, console: Console, search_folder: Location) -> None:
+    """The comparison report beside the search's Ray state when that is a local folder (else only in
+    MLflow: nothing falls back to the driver's working directory), logged to the parent run."""
     from orchestrator import compare
     from orchestrator.report import search_results
     from orchestrator.reports import log_report, study_of
@@ -139,10 +142,14 @@ def _log_comparison(tracker: MlflowTrialTracker, console: Console) -> None:
     try:
         frame = search_results(TrackingTarget(tracker.tracking_uri), tracker.search_name, tracker.parent_run_id)
         keys = [k for k in ("stage", "norm", "regime") if k in frame.columns and frame[k].nunique() > 1]
-        folder = Path("normlab_runs") / "reports" / str(frame.attrs["run_name"])
-        files = compare.write_report(frame, keys, folder, study_of(frame))
-        if log_report(TrackingTarget(tracker.tracking_uri), tracker.parent_run_id, files):
-            console.print(f"  report (--compare {','.join(keys) or '(none)'}): {folder} and the search's MLflow run")
+        with tempfile.TemporaryDirectory(prefix="normlab-report-") as scratch:
+            folder = Path(search_folder.path) / "report" if search_folder.is_local else Path(scratch)
+            files = compare.write_report(frame, keys, folder, study_of(frame))
+            logged = log_report(TrackingTarget(tracker.tracking_uri), tracker.parent_run_id, files)
+        where = [str(folder)] if search_folder.is_local else []
+        where += ["the search's MLflow run (report/)"] if logged else []
+        if where:
+            console.print(f"  report (--compare {','.join(keys) or '(none)'}): {' and '.join(where)}", soft_wrap=True)
     except Exception as exc:  # a report must never fail a finished search
         console.print(f"[yellow]warning:[/] no comparison report ({escape(type(exc).__name__)}: {escape(str(exc))}); "
                       "`normlab report NAME --compare ...` makes one", soft_wrap=True)
