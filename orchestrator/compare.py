@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
+from trainables.diagnostics import SHIFT_AVERAGES
 from trainables.trial import adv_metric
 
 if TYPE_CHECKING:
@@ -35,16 +36,21 @@ BATCH = "_batchstats"
 
 def metric_columns(frame: pd.DataFrame) -> list[str]:
     """Clean accuracy, then every attack at every eps (ascending), tracked statistics first,
-    then the same with batch statistics where they were measured."""
+    then the same with batch statistics where they were measured, then the shift diagnostic's
+    averages over layers where it ran."""
     attacks, eps = frame.attrs.get("attacks", []), frame.attrs.get("eps", [])
     tracked = ["final_clean_acc", *(adv_metric(a, e) for a in attacks for e in eps)]
     columns = [c for c in tracked if c in frame.columns]
     batch = [c + BATCH for c in columns if c + BATCH in frame.columns and frame[c + BATCH].notna().any()]
-    return columns + batch
+    shift = [c for c in SHIFT_AVERAGES if c in frame.columns and frame[c].notna().any()]
+    return columns + batch + shift
 
 
 def label(metric: str) -> str:
-    """``final_clean_acc`` -> ``clean``; ``adv_acc_pgd_eps0.1_batchstats`` -> ``pgd 0.1 (batch)``."""
+    """``final_clean_acc`` -> ``clean``; ``adv_acc_pgd_eps0.1_batchstats`` -> ``pgd 0.1 (batch)``;
+    ``shift_mean_avg`` -> ``shift mean``."""
+    if metric in SHIFT_AVERAGES:
+        return metric.removesuffix("_avg").replace("_", " ")
     batch = metric.endswith(BATCH)
     base = metric.removesuffix(BATCH)
     text = "clean" if base == "final_clean_acc" else base.removeprefix("adv_acc_").replace("_eps", " ")
@@ -139,9 +145,11 @@ def _group_label(row: Any, keys: list[str]) -> str:
 
 
 def accuracy_vs_eps_figure(comp: pd.DataFrame):  # noqa: ANN201
-    """Accuracy against eps (eps 0 = clean) per group, one panel per attack; dashed: batch statistics."""
+    """Accuracy against eps (eps 0 = clean) per group, one panel per attack; dashed: batch
+    statistics (for groups that have them); one legend beside the panels."""
     attacks, eps, keys = comp.attrs.get("attacks", []), comp.attrs.get("eps", []), comp.attrs["keys"]
-    fig = _figure(5.5 * max(1, len(attacks)), 4.5)
+    fig = _figure(4.5 * max(1, len(attacks)) + 2.5, 4.5)
+    top = 0.0
     for j, attack in enumerate(attacks):
         ax = fig.add_subplot(1, len(attacks), j + 1)
         for i, (_, row) in enumerate(comp.iterrows()):
@@ -150,15 +158,20 @@ def accuracy_vs_eps_figure(comp: pd.DataFrame):  # noqa: ANN201
                 if f"{names[-1]}_mean" not in comp.columns:
                     continue
                 means = [row[f"{n}_mean"] for n in names]
+                if all(math.isnan(m) for m in means):  # e.g. batch statistics of a norm that tracks none
+                    continue
                 stds = [0.0 if math.isnan(row[f"{n}_std"]) else row[f"{n}_std"] for n in names]
+                top = max([top, *(m + s for m, s in zip(means, stds) if not math.isnan(m))])
                 ax.errorbar([0.0, *eps], means, yerr=stds, fmt=style, marker="o", capsize=3, color=f"C{i % 10}",
                             label=_group_label(row, keys) + (" (batch)" if suffix else ""))
         ax.set_title(attack)
         ax.set_xlabel("eps (pixel scale)")
         ax.set_ylabel("accuracy")
-        ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="x-small")
+    for ax in fig.axes:
+        ax.set_ylim(0, min(1.02, max(0.1, top * 1.1)))
+    if fig.axes:
+        fig.legend(*fig.axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize="x-small")
     return fig
 
 

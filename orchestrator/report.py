@@ -10,6 +10,7 @@ from rich.table import Table
 
 from orchestrator.tracking import PARENT_TAG, TAG_SEARCH
 from orchestrator.views import final_table, robustness_figure  # noqa: F401  (re-exported: one trial's views)
+from trainables.diagnostics import SHIFT_AVERAGES
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -78,6 +79,7 @@ def search_results(target: TrackingTarget, name: str, run_id: str | None = None)
         row.update({k: metrics.get(k, math.nan) for k in ("final_clean_acc", "final_adv_acc")})
         row.update({k: v for k, v in sorted(metrics.items()) if k.startswith("adv_acc_")})
         row["final_clean_acc_batchstats"] = metrics.get("final_clean_acc_batchstats", math.nan)
+        row.update({k: metrics.get(k, math.nan) for k in SHIFT_AVERAGES})  # the shift diagnostic, where it ran
         # the per-epoch metrics at the last epoch: what an Optuna study was told
         row.update({f"last_{k}": metrics.get(k, math.nan) for k in ("clean_acc", "adv_acc")})
         row["run_id"] = child.info.run_id

@@ -23,7 +23,8 @@ from orchestrator.cli import main
 SPACE = """
 name: compare
 fixed: {dataset: digits, epochs: 2, train_subset: 384, batch_size: 64, eval_attacks: [fgsm, pgd], eval_eps: [0.05, 0.1],
-        eval_steps: 2, epoch_adv_samples: 64, final_adv_samples: 96, test_subset: 96, lr: 0.1}
+        eval_steps: 2, epoch_adv_samples: 64, final_adv_samples: 96, test_subset: 96, lr: 0.1,
+        shift_diagnostic: true}
 grid: {norm: [batchnorm, robustnorm]}
 seeds: [0, 1]
 """
@@ -59,7 +60,7 @@ def test_the_comparison_holds_the_runs_numbers(search):
     for row in rows:
         group = [r for r in runs if r.data.params["norm"] == row["norm"]]
         assert sorted(r.data.params["seed"] for r in group) == ["0", "1"]  # grouped over seeds, not averaged away
-        for metric in metrics + [m + "_batchstats" for m in metrics]:
+        for metric in metrics + [m + "_batchstats" for m in metrics] + ["shift_mean_avg", "shift_var_avg"]:
             values = [r.data.metrics[metric] for r in group]
             assert float(row[f"{metric}_mean"]) == pytest.approx(statistics.mean(values), abs=1e-6), metric
             assert float(row[f"{metric}_std"]) == pytest.approx(statistics.stdev(values), abs=1e-6), metric
@@ -67,6 +68,7 @@ def test_the_comparison_holds_the_runs_numbers(search):
     markdown = report(workdir, "--compare", "norm", "--format", "markdown", "--no-log", "--out", str(workdir / "out"))
     header = markdown.splitlines()[0]
     assert header.startswith("| norm | n | clean | fgsm 0.05 | fgsm 0.1 | pgd 0.05 | pgd 0.1 | clean (batch) |")
+    assert header.endswith("| pgd 0.1 (batch) | shift mean | shift var |")
     assert " ± " in markdown.splitlines()[2]
     table = report(workdir, "--compare", "norm", "--no-log", "--out", str(workdir / "out"))
     assert "mean ± std over seeds" in table and "robustnorm" in table

@@ -49,6 +49,7 @@ from trainables.norms import RobustNorm
 SHIFT_PREFIX = "shift_"
 SHIFT_KINDS = ("mean", "var")
 AVERAGE = "avg"
+SHIFT_AVERAGES = tuple(f"{SHIFT_PREFIX}{kind}_{AVERAGE}" for kind in SHIFT_KINDS)  # shift_mean_avg, shift_var_avg
 MAX_SHIFT_SAMPLES = 512  # test samples the trial's diagnostic measures on (fewer if final_adv_samples says so)
 
 Perturb = Callable[[Tensor, Tensor], Tensor]
