@@ -211,8 +211,13 @@ def _replace_local(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:  # the rename itself survives a crash (where the filesystem lets a folder be fsynced)
+        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
     try:
-        os.fsync(folder)  # the rename itself survives a crash
+        os.fsync(folder)
+    except OSError:  # e.g. EINVAL on some FUSE/CIFS mounts: the write itself is done
+        pass
     finally:
         os.close(folder)

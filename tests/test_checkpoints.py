@@ -13,6 +13,7 @@ import pytest
 import torch
 from pyarrow import fs as pafs
 
+from trainables import checkpoints
 from trainables.checkpoints import (
     CorruptCheckpointError,
     Manifest,
@@ -92,6 +93,68 @@ def test_restore_with_no_complete_checkpoint_starts_fresh_and_says_so(tmp_path):
     checkpoint, notes = storage.restore()
     assert checkpoint is None and "started from scratch" in notes[-1]
     assert TrialStorage(pafs.LocalFileSystem(), str(tmp_path / "nothing")).restore() == (None, [])
+
+
+def test_a_damaged_checkpoint_is_removed_once_skipped_so_pruning_keeps_good_ones(tmp_path):
+    storage = make_trial(tmp_path, epochs=[1, 2, 3], damage={3: "truncate"})
+    checkpoint, notes = storage.restore()
+    assert checkpoint["epoch"] == 2 and "(removed)" in notes[0]
+    assert [s.epoch for s in stored_checkpoints(storage.fs, storage.path)[0]] == [2, 1]
+    # training goes on from epoch 2: the new epoch 3 is kept, not pruned in favour of the damaged one
+    save_checkpoint(state(3), tmp_path / "trial" / "checkpoint_000003" / "checkpoint.pt")
+    storage.prune(keep=2)
+    assert [s.epoch for s in stored_checkpoints(storage.fs, storage.path)[0]] == [3, 2]
+    assert storage.restore()[0]["epoch"] == 3
+
+
+def test_a_storage_error_is_not_taken_for_a_damaged_checkpoint(tmp_path):
+    """Anything but a missing file (here: a folder where the payload should be) propagates, so the
+    trial is retried instead of falling back or starting over, and nothing is removed."""
+    storage = make_trial(tmp_path, epochs=[1, 2])
+    payload = tmp_path / "trial" / "checkpoint_000001" / "checkpoint.pt"
+    payload.unlink()
+    payload.mkdir()
+    with pytest.raises(OSError) as caught:
+        storage.restore()
+    assert not isinstance(caught.value, CorruptCheckpointError)
+    assert manifest_path(payload).is_file()
+
+
+def test_checkpoints_without_manifests_from_an_earlier_normlab_are_resumed(tmp_path):
+    storage = make_trial(tmp_path, epochs=[1, 2, 3], damage={1: "no-manifest", 2: "no-manifest", 3: "no-manifest"})
+    (tmp_path / "trial" / "checkpoint_000002" / "checkpoint.pt").write_bytes(b"cut short")
+    checkpoint, notes = storage.restore()
+    assert checkpoint["epoch"] == 2  # the newest that loads
+    assert "resumed from epoch 2" in notes[-1] and "without a manifest" in notes[-1]
+    assert "checkpoint_000002/checkpoint.pt is not a readable PyTorch checkpoint" in "; ".join(notes)
+
+
+def test_a_manifest_from_a_newer_normlab_is_read_and_a_foreign_format_refused(tmp_path):
+    path = save_checkpoint(state(2), tmp_path / "last.pt")
+    raw = json.loads(manifest_path(path).read_text())
+    newer = Manifest.from_json(json.dumps({**raw, "written_by": "normlab 9"}).encode(), "m")
+    assert newer.epoch == 2
+    with pytest.raises(CorruptCheckpointError, match="format 'other/2'"):
+        Manifest.from_json(json.dumps({**raw, "format": "other/2"}).encode(), "m")
+
+
+def test_saving_over_a_checkpoint_never_leaves_a_manifest_of_another_file(tmp_path):
+    path = save_checkpoint(state(2), tmp_path / "last.pt")
+    real_write = checkpoints.write_atomic
+
+    def crash_after_payload(target, data):
+        real_write(target, data)
+        if str(target).endswith(".pt"):
+            raise KeyboardInterrupt  # Ctrl-C between the payload and its manifest
+
+    checkpoints.write_atomic = crash_after_payload
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            save_checkpoint(state(3), path)
+    finally:
+        checkpoints.write_atomic = real_write
+    assert not manifest_path(path).exists()
+    assert load_checkpoint(path)["epoch"] == 3  # the new file, read unchecked, not refused as corrupt
 
 
 def test_prune_keeps_the_newest_by_epoch_and_leaves_the_folders(tmp_path):

@@ -120,6 +120,16 @@ def test_sigkill_at_every_point_of_an_epoch_loses_and_repeats_nothing(tmp_path):
     assert sorted(errors.values()) == [3, 3], errors
 
 
+def test_a_kill_plan_with_an_unknown_point_is_refused(tmp_path, monkeypatch):
+    from trainables import faults
+
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"kills": [{"trial": "*", "epoch": 1, "point": "after_synk"}], "state_dir": str(tmp_path)}))
+    monkeypatch.setenv(faults.ENV, str(plan))
+    with pytest.raises(ValueError, match="unknown kill point.*after_synk.*known: before_sync"):
+        faults.maybe_kill("after_sync", "train_00000", 1)
+
+
 @pytest.mark.slow
 def test_a_truncated_or_corrupt_newest_checkpoint_falls_back_to_the_newest_complete_one(tmp_path):
     """Driver and workers SIGKILLed, then the newest checkpoint of each trial damaged: resume

@@ -7,6 +7,7 @@ import torch
 
 from trainables.checkpoints import save_checkpoint
 from trainables.config import TrialConfig
+from trainables.failures import TrialConfigError
 from trainables.models import create_model
 from trainables.norms import is_norm_layer, norm_layer_factory, norm_parameters
 from trainables.optim import build_optimizer
@@ -89,18 +90,39 @@ def test_bn_finetune_adv_starts_from_the_checkpoint_and_moves_only_norm_paramete
         assert torch.equal(p, start[name]) == (name not in norm_names), name
 
 
-def test_bn_finetune_adv_errors_name_the_problem(tmp_path):
+def test_bn_finetune_adv_errors_name_the_problem_and_are_not_retried(tmp_path):
+    """Missing, foreign and unreadable init_from files fail the same way on every retry."""
     missing = tmp_path / "nope.pt"
-    with pytest.raises(FileNotFoundError, match="nope.pt"):
+    with pytest.raises(TrialConfigError, match="nope.pt"):
         REGIMES["bn_finetune_adv"].prepare(make_model(), cfg_for("bn_finetune_adv", init_from=str(missing)))
     other = make_model(model="resnet20")
     path = save_checkpoint({"model": other.state_dict()}, tmp_path / "resnet.pt")
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(TrialConfigError, match="does not fit"):
         REGIMES["bn_finetune_adv"].prepare(make_model(), cfg_for("bn_finetune_adv", init_from=str(path)))
     junk = tmp_path / "junk.pt"
     junk.write_text("not a checkpoint")
-    with pytest.raises(ValueError, match="not a readable"):
+    with pytest.raises(TrialConfigError, match="not a readable"):
         REGIMES["bn_finetune_adv"].prepare(make_model(), cfg_for("bn_finetune_adv", init_from=str(junk)))
+    listed = tmp_path / "list.pt"
+    torch.save([1, 2], listed)
+    with pytest.raises(TrialConfigError, match="holds a list"):
+        REGIMES["bn_finetune_adv"].prepare(make_model(), cfg_for("bn_finetune_adv", init_from=str(listed)))
+
+
+@pytest.mark.parametrize(("dtype", "full_precision"), [(torch.float16, True), (torch.bfloat16, False)])
+def test_adversarial_examples_are_made_in_full_precision_under_float16_autocast(dtype, full_precision):
+    """torchattacks' gradient of an unscaled float16 loss underflows: float16 autocast is off while
+    attacking, bfloat16 (float32's range) stays on."""
+    seen = []
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    model.register_forward_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
+    x, y = torch.rand(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    loss_fn = REGIMES["pgd_at"].make_loss(model, cfg_for("pgd_at"))
+    with torch.autocast("cpu", dtype=dtype):
+        loss_fn(x, y)
+    attack_forwards, training_forward = seen[:-1], seen[-1]
+    assert attack_forwards and all(enabled is not full_precision for enabled in attack_forwards)
+    assert training_forward  # the training forward itself stays under autocast
 
 
 @pytest.mark.parametrize(("regime", "forwards"), [("standard", 1), ("pgd_at", 1), ("fgsm_at", 1), ("trades", 2)])

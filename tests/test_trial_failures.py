@@ -156,3 +156,27 @@ def test_a_full_storage_disk_fails_the_trials_with_the_reason_not_the_driver(tmp
             steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, metric))
             assert steps == [1, 2, 3, 4, 5], (metric, steps)
     shutil.rmtree(storage, ignore_errors=True)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a torch that cannot use CUDA")
+def test_a_gpu_share_on_a_node_without_cuda_says_so():
+    """device=auto with a GPU from Ray, on a node whose torch has no CUDA: the message names Ray's
+    grant and the node's torch, not a device setting the user never made."""
+    from trainables.ray_trainable import runtime_settings
+
+    assert runtime_settings({"device": "auto"}, cpus=2, gpus=0) == {"threads": 2, "device": "cpu"}
+    assert runtime_settings({"device": "cpu"}, cpus=1, gpus=0.5) == {"threads": 1}
+    with pytest.raises(RuntimeError, match=r"Ray gave this trial 0\.5 GPU, but torch on this node cannot use CUDA"):
+        runtime_settings({"device": "auto"}, cpus=1, gpus=0.5)
+
+
+def test_a_cpu_trial_never_touches_cuda_for_its_random_state():
+    import torch
+
+    from trainables.trial import rng_state, set_rng_state
+
+    state = rng_state(torch.device("cpu"))
+    assert state["cuda"] == []
+    first = torch.rand(3)
+    set_rng_state(state, torch.device("cpu"))
+    assert torch.equal(torch.rand(3), first)

@@ -111,6 +111,19 @@ def module_modes(model: nn.Module) -> dict[str, bool]:
     return {name: m.training for name, m in model.named_modules()}
 
 
+@contextmanager
+def attack_precision(device_type: str) -> Iterator[None]:
+    """Full precision for making adversarial examples under float16 autocast: torchattacks takes
+    the gradient of an unscaled mean loss, and float16 input gradients (about 1/batch each)
+    underflow to 0, so a sign-based attack would stop moving. bfloat16 has float32's range and
+    keeps autocast; outside autocast this does nothing."""
+    if torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.float16:
+        with torch.autocast(device_type, enabled=False):
+            yield
+    else:
+        yield
+
+
 class Perturber:
     """One attack at one budget against one model: ``perturber(x, y) -> x_adv``."""
 

@@ -24,7 +24,7 @@ import io
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -95,9 +95,12 @@ class Manifest:
     def from_json(cls, data: bytes, name: str) -> Manifest:
         try:
             raw = json.loads(data)
-            manifest = cls(**raw)
-        except (ValueError, TypeError) as exc:
+            known = {f.name for f in fields(cls)}
+            manifest = cls(**{k: v for k, v in raw.items() if k in known})  # a newer normlab's extra fields
+        except (ValueError, TypeError, AttributeError) as exc:
             raise CorruptCheckpointError(f"{name}: unreadable checkpoint manifest ({exc})") from exc
+        if manifest.format != FORMAT:
+            raise CorruptCheckpointError(f"{name}: checkpoint format {manifest.format!r}, this normlab reads {FORMAT!r}")
         if not isinstance(manifest.epoch, int) or not isinstance(manifest.sha256, str) or not isinstance(manifest.bytes, int):
             raise CorruptCheckpointError(f"{name}: checkpoint manifest has wrong field types")
         return manifest
@@ -118,6 +121,9 @@ def encode_checkpoint(state: dict[str, Any], extra: dict[str, Any] | None = None
 def save_checkpoint(state: dict[str, Any], path: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Save ``state`` to ``path`` and its manifest beside it, each atomically and fsynced; returns ``path``."""
     data, manifest = encode_checkpoint(state, extra)
+    # the old manifest goes first: a crash between the two writes leaves a file without a
+    # manifest (read unchecked), never a manifest that describes another file
+    manifest_path(path).unlink(missing_ok=True)
     path = write_atomic(path, data)
     write_atomic(manifest_path(path), manifest.to_json())
     return path
@@ -241,8 +247,8 @@ def stored_checkpoints(fs: Any, trial_path: str) -> tuple[list[StoredCheckpoint]
             continue  # pruned folders hold nothing
         try:
             manifest = Manifest.from_json(_read_bytes(fs, f"{folder}/{MANIFEST_FILE}"), f"{folder}/{MANIFEST_FILE}")
-        except (CorruptCheckpointError, OSError) as exc:
-            notes.append(str(exc))
+        except (CorruptCheckpointError, FileNotFoundError) as exc:  # any other OSError (a storage hiccup) propagates:
+            notes.append(str(exc))                                 # the trial is retried, nothing is skipped
             continue
         stored.append(StoredCheckpoint(folder, manifest))
     stored.sort(key=lambda s: (s.epoch, s.folder), reverse=True)
@@ -253,8 +259,8 @@ def read_stored_checkpoint(fs: Any, stored: StoredCheckpoint) -> dict[str, Any]:
     """Load one stored checkpoint after checking it against its manifest."""
     try:
         data = _read_bytes(fs, stored.file)
-    except OSError as exc:
-        raise CorruptCheckpointError(f"{stored.file}: cannot be read ({exc})") from exc
+    except FileNotFoundError as exc:  # other OSErrors (a storage hiccup) propagate: retried, not skipped
+        raise CorruptCheckpointError(f"{stored.file}: missing ({exc})") from exc
     verify(data, stored.manifest, stored.file)
     state = decode_state(data, stored.file)
     if not isinstance(state, dict) or "model" not in state:
@@ -262,9 +268,39 @@ def read_stored_checkpoint(fs: Any, stored: StoredCheckpoint) -> dict[str, Any]:
     return state
 
 
+def unmanifested_checkpoints(fs: Any, trial_path: str) -> list[str]:
+    """Checkpoint folders under ``trial_path`` holding a payload but no manifest (written by a
+    normlab from before manifests, or a copy cut short), newest folder first."""
+    from pyarrow import fs as pafs
+
+    infos = fs.get_file_info(pafs.FileSelector(trial_path, allow_not_found=True))
+    folders = sorted((i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")),
+                     reverse=True)
+    manifests = fs.get_file_info([f"{f}/{MANIFEST_FILE}" for f in folders])
+    payloads = fs.get_file_info([f"{f}/{CHECKPOINT_FILE}" for f in folders])
+    return [f for f, m, p in zip(folders, manifests, payloads)
+            if m.type != pafs.FileType.File and p.type == pafs.FileType.File]
+
+
+def read_unmanifested_checkpoint(fs: Any, folder: str) -> dict[str, Any]:
+    """Load a checkpoint that has no manifest to check it against: it must load and hold a
+    model and an integer epoch (a payload cut short does not load: torch's zip format ends
+    with its index)."""
+    file = f"{folder}/{CHECKPOINT_FILE}"
+    try:
+        data = _read_bytes(fs, file)
+    except FileNotFoundError as exc:
+        raise CorruptCheckpointError(f"{file}: missing ({exc})") from exc
+    state = decode_state(data, file)
+    if not isinstance(state, dict) or "model" not in state or not isinstance(state.get("epoch"), int):
+        raise CorruptCheckpointError(f"{file} is not a normlab checkpoint (no 'model' or 'epoch' entry)")
+    return state
+
+
 def delete_stored_checkpoint(fs: Any, stored: StoredCheckpoint) -> None:
-    """Remove a checkpoint's payload and manifest (the folder stays: Ray's state may name it)."""
-    for path in (stored.file, f"{stored.folder}/{MANIFEST_FILE}"):
+    """Remove a checkpoint's manifest, then its payload (the folder stays: Ray's state may name
+    it); a crash in between leaves a payload without a manifest, which restore never prefers."""
+    for path in (f"{stored.folder}/{MANIFEST_FILE}", stored.file):
         try:
             fs.delete_file(path)
         except FileNotFoundError:

@@ -30,7 +30,11 @@ def _plan() -> dict | None:
     path = os.environ.get(ENV)
     if not path:
         return None
-    return json.loads(Path(path).read_text())
+    plan = json.loads(Path(path).read_text())
+    unknown = sorted({k.get("point") for k in plan.get("kills", [])} - set(POINTS), key=str)
+    if unknown:  # a typo would silently never fire
+        raise ValueError(f"{ENV}={path}: unknown kill point(s) {unknown}; known: {', '.join(POINTS)}")
+    return plan
 
 
 def training(trial_name: str, epoch: int) -> None:

@@ -77,10 +77,11 @@ def fused_path_valid(device_type: str, dtypes: Iterable[torch.dtype]) -> bool:
 
 def kernel_path(x: Tensor, *per_channel: Tensor | None) -> str:
     """``fused`` where ``fused_path_valid``, else ``generic``; ``force_kernel_path`` overrides."""
-    dtype, device = x.dtype, x.device
-    valid = device.type == "cpu" and dtype in _FUSED_DTYPES and all(
-        t is None or (t.dtype == dtype and t.device == device) for t in per_channel
+    given = [t for t in per_channel if t is not None]
+    valid = fused_path_valid(x.device.type, [x.dtype, *(t.dtype for t in given)]) and all(
+        t.device == x.device for t in given
     )
+    dtype, device = x.dtype, x.device
     if _forced_path is None:
         return "fused" if valid else "generic"
     if _forced_path == "fused" and not valid:

@@ -37,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from pydantic import ValidationError
 from ray import tune
 
@@ -47,8 +48,10 @@ from trainables.checkpoints import (
     CorruptCheckpointError,
     delete_stored_checkpoint,
     read_stored_checkpoint,
+    read_unmanifested_checkpoint,
     save_checkpoint,
     stored_checkpoints,
+    unmanifested_checkpoints,
 )
 from trainables.config import TrialConfig, format_validation_error
 from trainables.failures import NonRetryableError, StorageFullError, TrialConfigError, describe, is_disk_full, is_retryable
@@ -75,12 +78,20 @@ FINAL_SYNC_S = _seconds("NORMLAB_TRACKING_FINAL_WAIT_S", 120.0)
 
 
 def runtime_settings(values: dict[str, Any], cpus: float, gpus: float) -> dict[str, Any]:
-    """Threads from the CPUs Ray gave the trial; device ``cuda`` only if it was given a GPU."""
+    """Threads from the CPUs Ray gave the trial; device ``cuda`` only if it was given a GPU.
+
+    A GPU share on a node whose torch cannot use CUDA is a ``RuntimeError`` that says so (and is
+    retried: another node may be set up right)."""
     out: dict[str, Any] = {}
     if values.get("threads") is None:
         out["threads"] = max(1, int(cpus))
     if values.get("device", "auto") == "auto":
         out["device"] = auto_device(gpus)
+        if out["device"] == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(
+                f"Ray gave this trial {gpus:g} GPU, but torch on this node cannot use CUDA (torch {torch.__version__}, "
+                f"CUDA build {torch.version.cuda}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}): "
+                "install a CUDA build of torch on GPU nodes, or start this node with --num-gpus=0")
     return out
 
 
@@ -117,26 +128,45 @@ class TrialStorage:
         self.fs, self.path = fs, path
 
     def restore(self) -> tuple[dict[str, Any] | None, list[str]]:
-        """The newest complete checkpoint (None: start fresh), and a note per checkpoint skipped."""
+        """The newest complete checkpoint (None: start fresh), and a note per checkpoint skipped.
+
+        Checkpoints that fail their manifest's check are removed once skipped (so that pruning
+        never keeps them in place of good ones); a storage error other than a missing file
+        propagates (the trial is retried rather than started over). With no usable checkpoint
+        that has a manifest, the newest one without (an earlier normlab's) is tried."""
         stored, notes = stored_checkpoints(self.fs, self.path)
         for candidate in stored:
             try:
                 state = read_stored_checkpoint(self.fs, candidate)
             except CorruptCheckpointError as exc:
-                notes.append(str(exc))
+                notes.append(f"{exc} (removed)")
+                delete_stored_checkpoint(self.fs, candidate)
                 continue
             if notes:
                 notes.append(f"resumed from epoch {candidate.epoch} ({candidate.folder})")
+            return state, notes
+        for folder in unmanifested_checkpoints(self.fs, self.path):
+            try:
+                state = read_unmanifested_checkpoint(self.fs, folder)
+            except CorruptCheckpointError as exc:
+                notes.append(str(exc))
+                continue
+            notes.append(f"resumed from epoch {state['epoch']} ({folder}, a checkpoint without a manifest: it loaded "
+                         "and holds a model)")
             return state, notes
         if notes:
             notes.append("no complete checkpoint left: started from scratch")
         return None, notes
 
     def prune(self, keep: int) -> None:
-        """Keep the newest ``keep`` complete checkpoints (by epoch); older ones lose their payload."""
-        stored, _ = stored_checkpoints(self.fs, self.path)
-        for old in stored[keep:]:
-            delete_stored_checkpoint(self.fs, old)
+        """Keep the newest ``keep`` complete checkpoints (by epoch); older ones lose their payload.
+        Best effort: the epoch is already persisted, so a storage error here is only a warning."""
+        try:
+            stored, _ = stored_checkpoints(self.fs, self.path)
+            for old in stored[keep:]:
+                delete_stored_checkpoint(self.fs, old)
+        except OSError as exc:
+            log.warning("could not prune old checkpoints in %s (%s); they are kept", self.path, exc)
 
     def fsync(self) -> None:
         """Flush persisted checkpoint files to disk when the storage is a local filesystem."""
@@ -144,7 +174,12 @@ class TrialStorage:
 
         if not isinstance(self.fs, pafs.LocalFileSystem):
             return
-        for stored in stored_checkpoints(self.fs, self.path)[0][:1]:
+        try:
+            newest = stored_checkpoints(self.fs, self.path)[0][:1]
+        except OSError as exc:
+            log.warning("could not list checkpoints in %s to fsync them (%s)", self.path, exc)
+            return
+        for stored in newest:
             for name in (CHECKPOINT_FILE, MANIFEST_FILE):
                 try:
                     fd = os.open(f"{stored.folder}/{name}", os.O_RDONLY)
@@ -201,8 +236,11 @@ def train(
     knobs = {k: v for k, v in (varying(config) if varying else config).items() if not k.startswith("_")}
     # keys starting with "_" are facts for the run (e.g. the earlier stage's run it starts from), not knobs
     facts = {f"normlab.{k[1:]}": str(values.pop(k)) for k in [k for k in values if k.startswith("_")]}
-    values.update(runtime_settings(values, resources.get("CPU", 1), resources.get("GPU", 0)))
     record.config = values
+    try:
+        values.update(runtime_settings(values, resources.get("CPU", 1), resources.get("GPU", 0)))
+    except RuntimeError as exc:
+        _fail(record, tracker, storage, exc)
     try:
         cfg = TrialConfig.model_validate(values)
     except ValidationError as exc:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainables.attacks import eval_mode, torchattacks_module
+from trainables.attacks import attack_precision, eval_mode, torchattacks_module
 from trainables.checkpoints import read_state
 from trainables.failures import TrialConfigError
 from trainables.norms import is_norm_layer, norm_parameters
@@ -68,7 +68,7 @@ def adversarial_loss(make_attack: Callable[[nn.Module, TrialConfig], torchattack
 
         def loss_fn(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
             if cfg.train_eps > 0:
-                with eval_mode(model):
+                with eval_mode(model), attack_precision(x.device.type):
                     x = attack(x, y).detach()
             logits = model(x)
             return F.cross_entropy(logits, y), logits
@@ -84,7 +84,7 @@ def trades_loss(model: nn.Module, cfg: TrialConfig) -> LossFn:
     attack = torchattacks_module().TPGD(model, eps=cfg.train_eps, alpha=alpha, steps=cfg.train_steps)
 
     def loss_fn(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        with eval_mode(model):
+        with eval_mode(model), attack_precision(x.device.type):
             x_adv = attack(x).detach() if cfg.train_eps > 0 else x
         logits = model(x)
         logits_adv = model(x_adv)
@@ -142,12 +142,15 @@ REGIMES: Registry[Regime] = Registry(
 def load_initial_weights(model: nn.Module, path: str | None) -> None:
     """Load model weights from a normlab checkpoint (``{"model": ...}``) or a bare state dict."""
     if not path:
-        raise ValueError("init_from is not set")
-    state = read_state(path, f"init_from={path}")
+        raise TrialConfigError("init_from is not set")
+    try:
+        state = read_state(path, f"init_from={path}")
+    except (ValueError, FileNotFoundError) as exc:  # corrupt or missing: the same on every retry
+        raise TrialConfigError(f"init_from={path}: {exc}") from exc
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict):
-        raise ValueError(f"init_from={path} holds a {type(state).__name__}, not a state dict")
+        raise TrialConfigError(f"init_from={path} holds a {type(state).__name__}, not a state dict")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:  # the same on every retry

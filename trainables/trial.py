@@ -115,23 +115,26 @@ def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """Python's, numpy's and torch's generators, and the CUDA generator of ``device`` when it is
+    a GPU (a CPU trial never touches CUDA: on a GPU node it would take a context on GPUs that
+    Ray gave other trials)."""
     np_state = np.random.get_state()
     return {
         "python": random.getstate(),
         "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
     }
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     random.setstate(state["python"])
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
+    if state.get("cuda") and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"][0], device)
 
 
 class _Trial:
@@ -300,7 +303,7 @@ class _Trial:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": rng_state(),
+            "rng": rng_state(self.device),
             "config": self.cfg.model_dump(mode="json"),
             "history": list(history),
         }
@@ -311,7 +314,7 @@ class _Trial:
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         if checkpoint.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(checkpoint["scaler"])
-        set_rng_state(checkpoint["rng"])
+        set_rng_state(checkpoint["rng"], self.device)
 
 
 def _type_name(value: Any) -> str:
