@@ -160,7 +160,16 @@ class Finished:
 
 
 def finished_trials(stage_folder: Location) -> list[Finished]:
-    """Every trial of a stage whose newest complete checkpoint is its last epoch's."""
+    """Every trial of a stage whose newest complete checkpoint is its last epoch's; a storage
+    error is a ``StageError`` (the later stage cannot know what it would start from)."""
+    try:
+        return _finished_trials(stage_folder)
+    except OSError as exc:
+        raise StageError(f"cannot read the checkpoints of stage {stage_folder.name} at {stage_folder.uri} ({exc}); "
+                         "`normlab resume` the search once the storage answers") from exc
+
+
+def _finished_trials(stage_folder: Location) -> list[Finished]:
     infos = stage_folder.fs.get_file_info(pafs.FileSelector(stage_folder.path, allow_not_found=True))
     found = []
     for info in infos:
