@@ -162,12 +162,13 @@ def test_a_full_storage_disk_fails_the_trials_with_the_reason_not_the_driver(tmp
 def test_a_gpu_share_on_a_node_without_cuda_says_so():
     """device=auto with a GPU from Ray, on a node whose torch has no CUDA: the message names Ray's
     grant and the node's torch, not a device setting the user never made."""
-    from trainables.ray_trainable import runtime_settings
+    from trainables.ray_trainable import check_gpu_share, runtime_settings
 
-    assert runtime_settings({"device": "auto"}, cpus=2, gpus=0) == {"threads": 2, "device": "cpu"}
-    assert runtime_settings({"device": "cpu"}, cpus=1, gpus=0.5) == {"threads": 1}
+    check_gpu_share("cpu", 0.5)  # a GPU share the trial chose not to use
+    check_gpu_share("cpu", 0)
+    device = runtime_settings({"device": "auto"}, cpus=1, gpus=0.5)["device"]
     with pytest.raises(RuntimeError, match=r"Ray gave this trial 0\.5 GPU, but torch on this node cannot use CUDA"):
-        runtime_settings({"device": "auto"}, cpus=1, gpus=0.5)
+        check_gpu_share(device, 0.5)
 
 
 def test_a_cpu_trial_never_touches_cuda_for_its_random_state():

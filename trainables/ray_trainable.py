@@ -78,21 +78,24 @@ FINAL_SYNC_S = _seconds("NORMLAB_TRACKING_FINAL_WAIT_S", 120.0)
 
 
 def runtime_settings(values: dict[str, Any], cpus: float, gpus: float) -> dict[str, Any]:
-    """Threads from the CPUs Ray gave the trial; device ``cuda`` only if it was given a GPU.
-
-    A GPU share on a node whose torch cannot use CUDA is a ``RuntimeError`` that says so (and is
-    retried: another node may be set up right)."""
+    """Threads from the CPUs Ray gave the trial; device ``cuda`` only if it was given a GPU."""
     out: dict[str, Any] = {}
     if values.get("threads") is None:
         out["threads"] = max(1, int(cpus))
     if values.get("device", "auto") == "auto":
         out["device"] = auto_device(gpus)
-        if out["device"] == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(
-                f"Ray gave this trial {gpus:g} GPU, but torch on this node cannot use CUDA (torch {torch.__version__}, "
-                f"CUDA build {torch.version.cuda}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}): "
-                "install a CUDA build of torch on GPU nodes, or start this node with --num-gpus=0")
     return out
+
+
+def check_gpu_share(device: str, gpus: float) -> None:
+    """A GPU share on a node whose torch cannot use CUDA is a ``RuntimeError`` that says so,
+    instead of a complaint about a device setting the user never made (retried: another node
+    may be set up right)."""
+    if gpus > 0 and device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"Ray gave this trial {gpus:g} GPU, but torch on this node cannot use CUDA (torch {torch.__version__}, "
+            f"CUDA build {torch.version.cuda}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}): "
+            "install a CUDA build of torch on GPU nodes, or start this node with --num-gpus=0")
 
 
 def auto_device(gpus: float) -> str:
@@ -239,6 +242,7 @@ def train(
     record.config = values
     try:
         values.update(runtime_settings(values, resources.get("CPU", 1), resources.get("GPU", 0)))
+        check_gpu_share(str(values.get("device")), resources.get("GPU", 0))
     except RuntimeError as exc:
         _fail(record, tracker, storage, exc)
     try:
