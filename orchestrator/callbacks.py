@@ -176,9 +176,9 @@ class TrialRunsCallback(tune.Callback):
 
             try:
                 return self.tracker.close(record, status, reason, budget_s=CLOSE_BUDGET_S, checkpoint_file=checkpoint)
-            except Exception as exc:  # never let tracking end a search
-                log.warning("trial %s: closing its run failed: %s", trial, exc)
-                return False
+            except Exception as exc:  # never let tracking end a search; an outage is handled inside
+                log.warning("trial %s: closing its run failed: %s", trial, exc)  # close(): this is not one,
+                return None                                                      # and would not pass by waiting
 
 
 class StateBackupCallback(tune.Callback):

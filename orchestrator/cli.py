@@ -184,8 +184,6 @@ def _load_space(space: str, overrides: tuple[str, ...]) -> Any:
 def _prepare_ray(address: str | None) -> None:
     """Ray's environment before ray is imported: a loopback-only local Ray, or the
     authentication mode of the cluster at ``address`` (probed), or a clear error."""
-    import os
-
     from orchestrator.rayenv import prepare_environment
 
     joining = address or os.environ.get("RAY_ADDRESS")
@@ -251,7 +249,7 @@ def submit(space: str, overrides: tuple[str, ...], address: str | None, tracking
                              console=console)
     except (SearchStorageError, StageError) as exc:
         raise TrialFailure(str(exc)) from exc
-    except StorageError as exc:
+    except (StorageError, TrackingUnreachable) as exc:
         raise UsageFailure(str(exc)) from exc
     out.print(outcome.table)
     console.print(f"MLflow UI: {outcome.ui_url}", soft_wrap=True, markup=False)

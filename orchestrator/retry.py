@@ -21,7 +21,7 @@ import re
 import time
 from collections.abc import Callable
 from typing import TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 T = TypeVar("T")
 
@@ -114,7 +114,7 @@ def strip_credentials(uri: str) -> tuple[str, str | None, str | None]:
     if "@" not in parts.netloc:
         return uri, None, None
     userinfo, host = parts.netloc.rsplit("@", 1)
-    user, _, password = userinfo.partition(":")
+    user, _, password = (unquote(p) for p in userinfo.partition(":"))  # p%40ss in a URL is the password p@ss
     return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment)), user or None, password or None
 
 

@@ -92,7 +92,8 @@ def _row(result: Any, view: StageView, keys: list[str]) -> dict[str, Any]:
     row["epochs"] = metrics.get("epoch")
     row.update({c: metrics.get(c) for c in RESULT_COLUMNS})
     if result.error:
-        row["error"] = str(result.error).strip().splitlines()[-1][:200]
+        lines = str(result.error).strip().splitlines()
+        row["error"] = (lines[-1] if lines else type(result.error).__name__)[:200]
     return row
 
 

@@ -49,6 +49,7 @@ MAX_VALIDATED_COMBINATIONS = 2000
 MAX_GRID_COMBINATIONS = 10_000
 MAX_TRIALS = 100_000
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+RESERVED_STAGE_NAMES = ("normlab", "report")  # folders normlab keeps in a search's folder
 _Strict = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
@@ -182,6 +183,8 @@ class Search(BaseModel):
             if strip_credentials(self.storage)[2]:
                 raise ValueError("the study storage URL carries a password: Ray pickles the study (and its URL) into "
                                  "the search's state; use the database's own credentials (e.g. ~/.pgpass) instead")
+        if isinstance(self.mode, list) and len(self.mode) == 1:  # as the metric: one objective is a plain value
+            self.mode = self.mode[0]
         return self
 
     @property
@@ -267,6 +270,15 @@ class SearchSpace(BaseModel):
     def _name(cls, v: str) -> str:
         if not _NAME.match(v):
             raise ValueError(f"name {short_repr(v)} must be letters, digits, '_', '.', '-' (it names folders and MLflow experiments)")
+        return v
+
+    @field_validator("stages")
+    @classmethod
+    def _stage_names(cls, v: dict[str, Stage]) -> dict[str, Stage]:
+        for name in v:
+            if not _NAME.match(name) or name in RESERVED_STAGE_NAMES:
+                raise ValueError(f"stage name {short_repr(name)} must be letters, digits, '_', '.', '-' and not "
+                                 f"{' or '.join(RESERVED_STAGE_NAMES)} (it names the stage's folder beside normlab's own)")
         return v
 
     @field_validator("grid", mode="before")

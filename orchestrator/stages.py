@@ -108,6 +108,9 @@ def _chain_problems(space: SearchSpace, view: StageView, earlier: list[str], vie
     if space.search.algorithm == "optuna":
         problems.append(("search.algorithm", "a stage that starts from another runs its trials as a grid: "
                                              "use algorithm grid or random"))
+    if space.search.scheduler.type == "asha":
+        problems.append(("search.scheduler", "a stage that starts from another needs every earlier trial to finish its "
+                                             "last epoch, and ASHA stops some early: use scheduler fifo"))
     if space.search.num_samples != 1:
         problems.append(("search.num_samples", "a stage that starts from another needs each earlier trial told apart by "
                                                "its grid values: num_samples must be 1 (repeat with seeds: [0, 1, 2])"))

@@ -198,7 +198,8 @@ def log_search_summary(tracker: MlflowTrialTracker, *, metric: str, mode: str, b
     base = ui_base(tracker.tracking_uri)
     try:
         trials = retrying("read the search's trial runs", lambda: read_trials(tracker), deadline)
-        keys = list(tracker.name_keys) if tracker.name_keys is not None else None
+        # the keys runs are named by, where there are some (a staged search's parent run names none)
+        keys = list(tracker.name_keys) if tracker.name_keys else None
         summary = summarise(trials, metric=metric, mode=mode, keys=keys, files=files,
                             link=lambda run_id: ui_url(base, run_route(tracker.experiment_id, run_id)),
                             note_link=lambda run_id: run_route(tracker.experiment_id, run_id))  # within the UI

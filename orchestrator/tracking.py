@@ -112,6 +112,10 @@ def ensure_experiment(target: TrackingTarget, name: str) -> str:
     """
     c = client(target.uri)
     experiment = c.get_experiment_by_name(name)
+    if experiment is not None and experiment.lifecycle_stage == "deleted":
+        raise TrackingError(f"experiment {name!r} was deleted in MLflow and sits in its trash (a new one of that name "
+                            "cannot be made until it is gone): restore it in the UI, remove it for good with `mlflow gc`, "
+                            "or give the search another name")
     if experiment is not None:
         return experiment.experiment_id
     try:
@@ -166,7 +170,7 @@ def start_search_run(
             c.log_dict(run_id, spec, "search_space.resolved.json"),
             c.log_artifact(run_id, str(spec_file)),
         ), deadline)
-    except TrackingError as exc:
+    except TrackingError as exc:  # unreachable, or refused: either way no search starts
         raise TrackingUnreachable(f"MLflow tracking store {mask_uri(target.uri)}: {exc}") from exc
     return MlflowTrialTracker(target.uri, experiment_id, run_id, experiment, name_keys=tuple(name_keys),
                               name_conditions=dict(name_conditions or {}), number_names=number_names,

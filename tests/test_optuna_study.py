@@ -63,6 +63,8 @@ def test_defaults_tpe_for_one_metric_nsgaii_for_several(tmp_path):
     assert (two.sampler_name, two.multi_objective, two.metrics, two.modes) == ("nsgaii", True, ["clean_acc", "adv_acc"], ["max", "max"])
     for name in ("tpe", "nsgaii", "cmaes", "qmc", "random"):
         assert make_sampler(name, 0) is not None
+    listed = load(tmp_path, "name: x\nsearch: {algorithm: optuna, metric: [adv_acc], mode: [min]}\n").search
+    assert (listed.metric, listed.mode, listed.multi_objective) == ("adv_acc", "min", False)  # what Tune accepts
 
 
 def test_the_conditional_space_never_gives_norm_power_to_a_batchnorm_trial(tmp_path):

@@ -35,6 +35,7 @@ def test_mask_strip_and_scrub_credentials():
     assert mask_uri(uri) == "http://alice:***@mlflow.example:5000/base?token=***&experiment=7"
     assert strip_credentials(uri) == ("http://mlflow.example:5000/base?token=abc&experiment=7", "alice", "s3cr3t")
     assert strip_credentials("sqlite:///x.db") == ("sqlite:///x.db", None, None)
+    assert strip_credentials("http://al%3Ace:p%40ss@h:5000") == ("http://h:5000", "al:ce", "p@ss")  # percent-decoded
     assert mask_uri("sqlite:////tmp/a:b@c.db") == "sqlite:////tmp/a:b@c.db"  # no netloc: nothing to mask
     message = "API request to http://bob:hunter2@127.0.0.1:5000/api/2.0/runs failed: refused"
     assert "hunter2" not in scrub(message) and "http://bob:***@127.0.0.1:5000" in scrub(message)

@@ -86,7 +86,7 @@ def test_mlflow_holds_one_parent_and_one_child_per_trial(search):
         assert child.data.tags["normlab.threads"] == "1" and child.data.tags["normlab.device"] == "cpu"
 
 
-def test_runs_are_named_by_what_varies_and_the_parent_summarises_the_search(search):
+def test_runs_are_named_by_what_varies_and_the_parent_summarises_the_search(search, tmp_path):
     _, proc, client = search
     parents, children = runs(client)
     names = {c.info.run_name for c in children}
@@ -103,6 +103,8 @@ def test_runs_are_named_by_what_varies_and_the_parent_summarises_the_search(sear
     assert metrics["best_final_clean_acc"] == best.data.metrics["final_clean_acc"]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "summary")}
     assert artifacts == {"summary/trials.md", "summary/trials.csv"}
+    table = Path(client.download_artifacts(parent.info.run_id, "summary/trials.csv", str(tmp_path))).read_text()
+    assert {"norm", "lr"} <= set(table.splitlines()[0].split(","))  # the keys that vary, as columns
     experiment = parent.info.experiment_id
     url = (f"http://127.0.0.1:5000/normlab/open?expand={parent.info.run_id}#/experiments/{experiment}/runs?"
            f"workflowType=machine_learning&searchFilter=tags.%60normlab.search_run%60%20%3D%20%27{parent.info.run_name}%27")
@@ -206,3 +208,14 @@ def test_report_formats_and_plot(search):
     assert code == 0 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 5000
     code, _, err = report("nosuch", workdir=workdir)
     assert code == 2 and "no search named 'nosuch'" in err and "smoke" in err
+
+
+def test_a_search_whose_experiment_was_deleted_in_mlflow_is_one_clear_error(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    client.delete_experiment(client.create_experiment("binned"))
+    (tmp_path / "binned.yaml").write_text("name: binned\nfixed: {dataset: digits, epochs: 1}\n")
+    proc = run_normlab("submit", "binned.yaml", "--tracking-uri", uri, "--num-cpus", "1", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "experiment 'binned' was deleted in MLflow" in proc.stderr and "mlflow gc" in proc.stderr
+    assert "Traceback" not in proc.stderr

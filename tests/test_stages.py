@@ -71,6 +71,9 @@ def test_a_valid_chain_and_its_trials(tmp_path):
     (lambda t: t + "search: {{algorithm: optuna, num_samples: 4}}\n",
      "a stage that starts from another runs its trials as a grid"),
     (lambda t: t + "grid: {{lr: [0.1]}}\n", "with stages, grid and sample keys belong to the stages"),
+    (lambda t: t + "search: {{scheduler: {{type: asha}}}}\n", "needs every earlier trial to finish its last epoch"),
+    (lambda t: t.replace("pretrain", "report"), "stage name 'report' must be letters, digits"),
+    (lambda t: t.replace("pretrain", "../up"), "stage name '../up' must be letters, digits"),
 ])
 def test_the_chain_is_checked_before_anything_runs(tmp_path, change, expected):
     assert expected in problems(tmp_path, change(TWO_STAGES).format(name="chain", epochs=2))
