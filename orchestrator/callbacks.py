@@ -200,17 +200,17 @@ class StateBackupCallback(tune.Callback):
     def _run(self, force: bool = False) -> None:
         from orchestrator import snapshots, storage
 
-        if self._backup is None:
-            self._backup = snapshots.StateBackup(storage.resolve(self.experiment_uri))
-        interval = 10.0 if self._backup.folder.is_local else 60.0
-        if not self._backup.has_experiment_state():
-            interval = 2.0  # the first good copy as soon as Tune has written its state
-        if force or time.monotonic() - self._last >= interval:
-            self._last = time.monotonic()
-            try:
+        try:  # a backup must never end a search (resolving an s3:// URI may ask the network: retried next step)
+            if self._backup is None:
+                self._backup = snapshots.StateBackup(storage.resolve(self.experiment_uri))
+            interval = 10.0 if self._backup.folder.is_local else 60.0
+            if not self._backup.has_experiment_state():
+                interval = 2.0  # the first good copy as soon as Tune has written its state
+            if force or time.monotonic() - self._last >= interval:
+                self._last = time.monotonic()
                 self._backup.backup()
-            except Exception as exc:  # a backup must never end a search
-                log.debug("state backup failed: %s", exc)
+        except Exception as exc:
+            log.debug("state backup failed: %s", exc)
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         self._run()

@@ -119,6 +119,30 @@ def _study(record: SearchRecord, view: StageView) -> StudyRef | None:
     return StudyRef(record.study_storage, f"{record.study_name}-{view.name}" if view.name else record.study_name)
 
 
+def _new_experiment_name(root: Location, name: str) -> str:
+    """``<name>-<YYYYmmdd-HHMMSS>``, with ``-2``, ``-3``... when a search of that name started in the
+    same second (two submits in a loop must not share a folder, a study and a run name). On a
+    local storage path the folder is made here, which reserves the name atomically."""
+    import os
+
+    from pyarrow import fs as pafs
+
+    base = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for n in range(1, 100):
+        candidate = base if n == 1 else f"{base}-{n}"
+        where = root.child(candidate)
+        if root.is_local:
+            os.makedirs(root.path, exist_ok=True)
+            try:
+                os.mkdir(where.path)
+            except FileExistsError:
+                continue
+            return candidate
+        if root.fs.get_file_info(where.path).type == pafs.FileType.NotFound:
+            return candidate
+    raise SearchStorageError(f"{root.uri}: 99 searches named {name!r} started this second; try again")
+
+
 def _finish(tracker: MlflowTrialTracker, space: SearchSpace, console: Console, folder: Location) -> SearchSummary | None:
     """The search's summary on its parent run (best trial, counts, trial table) and its comparison
     report (tables and plots, ``compare``); never raises: the search is done either way."""
@@ -234,25 +258,29 @@ def run_search(
     console = console or Console(stderr=True)
     root = storage.resolve(storage_path)
     storage.require_bucket(root)
-    experiment = f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    experiment = _new_experiment_name(root, space.name)
     folder = root.child(experiment)
     where = init_ray(address, num_cpus=num_cpus)
     s = space.search
     console.print(f"search {space.name!r}: {space.trial_count()} trial(s) on Ray {where}")
     console.print(f"  results and checkpoints: {folder.uri}")
     study_storage = (s.storage or default_storage(target.uri)) if s.algorithm == "optuna" else None
+    # one study per stage for a staged search (_study), named after the search and the stage
+    studies = [f"{experiment}-{stage}" for stage in space.stages] or [experiment]
     if study_storage:
-        console.print(f"  Optuna study {experiment!r} ({s.sampler_name}) in {study_storage}")
+        console.print(f"  Optuna {'studies' if len(studies) > 1 else 'study'} {', '.join(map(repr, studies))} "
+                      f"({s.sampler_name}) in {study_storage}")
     params = {
         "algorithm": s.algorithm, "num_samples": s.num_samples, "metric": s.metric, "mode": s.mode,
         "scheduler": s.scheduler.type, "trials": space.trial_count(), "cpu_per_trial": space.resources.cpu,
         "gpu_per_trial": space.resources.gpu, "max_failures": space.max_failures,
-        **({"sampler": s.sampler_name, "study": experiment} if study_storage else {}),
+        **({"sampler": s.sampler_name, "study": ",".join(studies)} if study_storage else {}),
         **({"stages": ",".join(space.stages)} if space.stages else {}),
         **{f"fixed.{k}": v for k, v in space.fixed.items()},
     }
     tags = {"normlab.ray_address": where, "normlab.storage_path": folder.uri,
-            **({"normlab.study": experiment, "normlab.study_storage": study_storage} if study_storage else {})}
+            # the report's importances come from the last stage's study
+            **({"normlab.study": studies[-1], "normlab.study_storage": study_storage} if study_storage else {})}
     spec = space.model_dump(mode="json", by_alias=True)
     tracker = start_search_run(target, space.name, experiment, params=params, spec=spec, spec_file=space_file, tags=tags,
                                name_keys=())  # named per stage, by what varies in it (_stage_tracker)

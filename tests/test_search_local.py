@@ -219,3 +219,13 @@ def test_a_search_whose_experiment_was_deleted_in_mlflow_is_one_clear_error(tmp_
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "experiment 'binned' was deleted in MLflow" in proc.stderr and "mlflow gc" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_two_searches_started_in_the_same_second_get_their_own_folders(tmp_path):
+    from orchestrator import storage
+    from orchestrator.search import _new_experiment_name
+
+    root = storage.resolve(str(tmp_path / "runs"))
+    names = [_new_experiment_name(root, "twice") for _ in range(3)]
+    assert len(set(names)) == 3 and all((tmp_path / "runs" / n).is_dir() for n in names)
+    assert all(n.startswith("twice-") for n in names)
