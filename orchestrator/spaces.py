@@ -293,6 +293,9 @@ class SearchSpace(BaseModel):
         if self.seeds is not None:
             if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
                 raise ValueError("seeds: a list of different seeds >= 0, e.g. [0, 1, 2]")
+            if self.search.algorithm == "optuna":
+                raise ValueError("seeds repeats each grid trial once per seed; Optuna would treat seed as one more "
+                                 "parameter to tune (and rank its importance): fix seed in fixed, or use algorithm grid")
             for where in self.stages.values() if self.stages else [self]:
                 if "seed" in where.grid or "seed" in where.sample or "seed" in where.fixed or "seed" in self.fixed:
                     raise ValueError("seeds is a grid over seed: do not set seed elsewhere as well")

@@ -56,6 +56,11 @@ def test_settings_that_cannot_work_are_refused_with_the_reason(tmp_path, search,
     assert expected in str(info.value)
 
 
+def test_seeds_are_refused_for_an_optuna_search(tmp_path):
+    with pytest.raises(SpaceError, match="Optuna would treat seed as one more parameter to tune"):
+        load(tmp_path, "name: x\nseeds: [0, 1]\nsearch: {algorithm: optuna}\n")
+
+
 def test_defaults_tpe_for_one_metric_nsgaii_for_several(tmp_path):
     one = load(tmp_path, "name: x\nsearch: {algorithm: optuna}\n").search
     two = load(tmp_path, SPACE.format(name="x", epochs=2, trials=4)).search
