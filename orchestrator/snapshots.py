@@ -22,6 +22,7 @@ import fnmatch
 import hashlib
 import json
 import logging
+import pickletools
 
 from pyarrow import fs as pafs
 
@@ -39,11 +40,18 @@ def _state_files(folder: Location) -> list[pafs.FileInfo]:
 
 
 def is_whole(name: str, data: bytes) -> bool:
-    """Whether a state file reads back complete: a pickle ending in STOP, or JSON that parses."""
+    """Whether a state file reads back complete: a pickle whose opcodes run to its STOP (walked
+    with ``pickletools``, nothing executed), or JSON that parses."""
     if not data:
         return False
-    if data[:1] == b"\x80":  # a pickle (Ray names some of its pickles *.json): it ends with the STOP opcode
-        return data.endswith(b".")
+    if data[:1] == b"\x80":  # a pickle (Ray names some of its pickles *.json)
+        try:
+            end = 0
+            for opcode, _, pos in pickletools.genops(data):
+                end = pos
+            return opcode.name == "STOP" and end == len(data) - 1
+        except Exception:  # cut short: "pickle exhausted before seeing STOP", a bad opcode, ...
+            return False
     try:
         json.loads(data)
     except ValueError:
@@ -98,13 +106,15 @@ class StateBackup:
 
 def repair(folder: Location) -> list[str]:
     """Put the last good copy back over every state file of ``folder`` that is missing or
-    damaged; returns the names repaired."""
+    damaged; returns the names repaired. A damaged experiment state with no good copy (a
+    session whose backup could not be written either, e.g. on a full disk) is moved aside to
+    ``*.damaged``, so that Ray restores the newest whole one of an earlier session."""
     backups = folder.child(BACKUP_DIR)
     try:
         saved = _state_files(backups)
     except OSError:
         return []
-    repaired = []
+    repaired = _set_aside_damaged(folder, {i.base_name for i in saved})
     for info in saved:
         target = folder.child(info.base_name)
         try:
@@ -118,3 +128,21 @@ def repair(folder: Location) -> list[str]:
             storage.write_atomic(target, good)
             repaired.append(info.base_name)
     return repaired
+
+
+def _set_aside_damaged(folder: Location, backed_up: set[str]) -> list[str]:
+    try:
+        current = [i for i in _state_files(folder) if fnmatch.fnmatch(i.base_name, STATE_FILES[0])]
+    except OSError:
+        return []
+    moved = []
+    for info in current:
+        if info.base_name in backed_up:
+            continue
+        try:
+            if not is_whole(info.base_name, storage.read_bytes(folder.child(info.base_name))):
+                folder.fs.move(info.path, info.path + ".damaged")
+                moved.append(info.base_name)
+        except OSError as exc:
+            log.debug("cannot set %s aside: %s", info.base_name, exc)
+    return moved

@@ -35,3 +35,23 @@ def test_a_cut_state_file_is_repaired_from_the_last_good_copy(tmp_path):
     assert snapshots.repair(folder) == []  # nothing left to repair
     (tmp_path / "search-1" / "tuner.pkl").unlink()  # gone altogether
     assert snapshots.repair(folder) == ["tuner.pkl"]
+
+
+def test_a_pickle_cut_right_after_a_dot_in_its_data_is_not_whole():
+    pickled = pickle.dumps({"path": "/x/checkpoint.pt", "lr": 0.1, "rest": list(range(50))}, protocol=5)
+    cut = pickled[: pickled.index(b".pt") + 1]  # ends with the byte STOP is, inside a string
+    assert cut.endswith(b".") and not snapshots.is_whole("searcher-state-x.pkl", cut)
+
+
+def test_a_damaged_experiment_state_with_no_good_copy_is_set_aside(tmp_path):
+    """A resume on a still-full disk: its new experiment state was cut and could not be backed up;
+    moved aside, Ray restores the earlier session's whole state instead."""
+    (tmp_path / "s").mkdir()
+    folder = storage.resolve(str(tmp_path / "s"))
+    older = json.dumps({"trials": [1]}).encode()
+    (tmp_path / "s" / "experiment_state-2026-01-01.json").write_bytes(older)
+    snapshots.StateBackup(folder).backup()
+    (tmp_path / "s" / "experiment_state-2026-01-02.json").write_bytes(b'{"tri')  # the newer session's, cut
+    assert snapshots.repair(folder) == ["experiment_state-2026-01-02.json"]
+    assert sorted(p.name for p in (tmp_path / "s").glob("experiment_state-*")) == [
+        "experiment_state-2026-01-01.json", "experiment_state-2026-01-02.json.damaged"]
