@@ -319,7 +319,8 @@ def resume_search(
 
 def clear_fatal_markers(folder: Location) -> list[str]:
     """Forget the non-retryable failures recorded in a search's trial folders (a resume is
-    the user's request to try them again); returns the trial folders that had one."""
+    the user's request to try them again); returns the trial numbers (``00003``, from the
+    folder names) that had one."""
     from pyarrow import fs as pafs
 
     from trainables.ray_trainable import FATAL_FILE
