@@ -290,8 +290,8 @@ def run_search(
                   soft_wrap=True, markup=False)
     record = SearchRecord(spec, str(space_file), target.uri, target.artifact_root, tracker,
                           study_storage=study_storage, study_name=experiment if study_storage else None)
-    write_record(folder, record)
-    with search_running(tracker):
+    with search_running(tracker):  # a record that cannot be written ends the parent run FAILED, not RUNNING
+        write_record(folder, record)
         return _run_stages(space, folder, record, console)
 
 
