@@ -52,7 +52,13 @@ def is_transient(error: BaseException) -> bool:
         return error.error_code in _TRANSIENT_CODES or error.get_http_status_code() >= 500
     import requests
 
+    if isinstance(error, PERMANENT_OS_ERRORS):  # a local artifact root that is read-only, missing, ...
+        return False
     return isinstance(error, (OSError, requests.RequestException, TimeoutError))
+
+
+# OSErrors that waiting does not cure (a server outage shows as connection errors and timeouts)
+PERMANENT_OS_ERRORS = (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError)
 
 
 def retrying(what: str, call: Callable[[], T], deadline: float, *, on_retry: Callable[[], None] | None = None) -> T:
@@ -67,7 +73,7 @@ def retrying(what: str, call: Callable[[], T], deadline: float, *, on_retry: Cal
             return call()
         except Exception as exc:  # classified below; anything else is a bug and propagates
             if not is_transient(exc):
-                if _is_mlflow_error(exc):
+                if _is_mlflow_error(exc) or isinstance(exc, PERMANENT_OS_ERRORS):  # refused: said once, not waited on
                     raise TrackingError(f"{what}: {scrub(str(exc))}") from exc
                 raise
             if time.monotonic() + delay > deadline:

@@ -46,6 +46,9 @@ def test_which_errors_are_transient():
     assert is_transient(requests.ConnectionError("refused"))
     assert is_transient(MlflowException("database is locked", error_code="TEMPORARILY_UNAVAILABLE"))
     assert not is_transient(RestException({"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "no run"}))
+    assert is_transient(ConnectionRefusedError(111, "refused")) and is_transient(TimeoutError("slow"))
+    assert not is_transient(PermissionError(13, "read-only artifact root"))  # waiting would not help
+    assert not is_transient(FileNotFoundError(2, "no such folder"))
     assert not is_transient(RestException({"error_code": "INVALID_PARAMETER_VALUE", "message": "bad"}))
     assert not is_transient(TypeError("a bug"))
 
@@ -71,6 +74,10 @@ def test_retrying_waits_out_transient_errors_within_its_budget():
     with pytest.raises(TrackingError, match="RESOURCE_DOES_NOT_EXIST|no run"):
         retrying("log", lambda: (_ for _ in ()).throw(RestException({"error_code": "RESOURCE_DOES_NOT_EXIST",
                                                                      "message": "no run"})), time.monotonic() + 30)
+    started = time.monotonic()
+    with pytest.raises(TrackingError, match="log: .*read-only"):  # refused at once, not waited on for 30 s
+        retrying("log", lambda: (_ for _ in ()).throw(PermissionError(13, "read-only")), time.monotonic() + 30)
+    assert time.monotonic() - started < 2
     with pytest.raises(TypeError):  # a bug is not an outage: it surfaces at once
         retrying("log", lambda: (_ for _ in ()).throw(TypeError("bug")), time.monotonic() + 30)
 
