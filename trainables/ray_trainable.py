@@ -142,8 +142,11 @@ class TrialStorage:
             try:
                 state = read_stored_checkpoint(self.fs, candidate)
             except CorruptCheckpointError as exc:
-                notes.append(f"{exc} (removed)")
-                delete_stored_checkpoint(self.fs, candidate)
+                try:
+                    delete_stored_checkpoint(self.fs, candidate)
+                    notes.append(f"{exc} (removed)")
+                except OSError as removal:  # kept; restore skips it again next time
+                    notes.append(f"{exc} (could not be removed: {removal})")
                 continue
             if notes:
                 notes.append(f"resumed from epoch {candidate.epoch} ({candidate.folder})")
