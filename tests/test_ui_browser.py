@@ -111,6 +111,11 @@ def browser_page(chromium, tmp_path):
             context.close()
 
 
+def _shows(locator, timeout_ms: int = 60_000) -> None:
+    """Wait until one of the elements ``locator`` matches is visible: the UI fetches each part of a page on its own."""
+    locator.filter(visible=True).first.wait_for(timeout=timeout_ms)
+
+
 def _shoot(page, tmp_path: Path, name: str) -> Path:
     shot = tmp_path / name
     page.screenshot(path=str(shot))
@@ -150,8 +155,8 @@ def _look(page, ui_url: str, tmp_path: Path) -> None:
         link = page.get_by_role("link", name=name, exact=True)
         assert link.is_visible()
         assert link.evaluate("a => a.scrollWidth <= a.clientWidth + 1"), f"{name!r} is cut off in the table"
-    assert page.locator("text=final_adv_acc").first.is_visible() and page.locator("text=final_clean_acc").first.is_visible()
-    assert page.locator("text=4 matching runs").is_visible()  # this search only: the parent and three trials
+    for text in ("final_adv_acc", "final_clean_acc", "4 matching runs"):  # the last: the parent and three trials only
+        _shows(page.locator(f"text={text}"))  # this search only: the parent and three trials
     _shoot(page, tmp_path, "runs-table.png")
 
     page.locator("label:has(input[name=runs-view-mode][value=CHART])").click()
@@ -163,17 +168,16 @@ def _look(page, ui_url: str, tmp_path: Path) -> None:
     assert lines.count() >= len(TRIALS)  # one curve of adv_acc per trial
     assert all(lines.nth(i).get_attribute("d") for i in range(lines.count()))
     for name in TRIALS:
-        assert card.get_by_text(f"{name} (adv_acc)").count() >= 1  # the legend names the trials
+        _shows(card.get_by_text(f"{name} (adv_acc)"))  # the legend names the trials
     _shoot(page, tmp_path, "adv-acc-chart.png")
 
     page.locator("label:has(input[name=runs-view-mode][value=TABLE])").click()
     parent.first.click()  # the parent run's page: the search's summary
     page.get_by_text("Best trial by final_adv_acc (max)").wait_for(timeout=60_000)
+    for name in TRIALS:  # the child runs the page lists under "Child runs" (fetched after the description shows)
+        _shows(page.get_by_role("link", name=name, exact=True))
     best = page.locator("a[href*='/runs/'][href*='workflowType=machine_learning']", has_text="pgd_at")  # its link
     assert best.count() == 1 and best.inner_text() in TRIALS
-    for name in TRIALS:  # the child runs listed on the parent's page
-        assert page.get_by_role("link", name=name, exact=True).first.is_visible()
-    assert page.get_by_text("3 trials: 3 finished").is_visible()
-    assert page.locator("text=best_final_adv_acc").first.is_visible()
-    assert page.locator("text=trials_finished").first.is_visible()
+    for text in ("3 trials: 3 finished", "best_final_adv_acc", "trials_finished"):
+        _shows(page.locator(f"text={text}"))
     _shoot(page, tmp_path, "parent-run.png")
