@@ -68,7 +68,17 @@ def needs_checkpoint(values: dict[str, Any]) -> bool:
 
 
 def _comparable(value: Any) -> Any:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+    """A hashable form of a knob's value: numbers as floats (YAML's 1 is JSON's 1.0), lists as
+    tuples and mappings as sorted pairs, so list-valued keys (``eval_eps: [[2, 8], [4]]``) match too."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, (list, tuple)):
+        return tuple(_comparable(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((str(k), _comparable(v)) for k, v in value.items()))
+    return value
 
 
 def match_key(values: dict[str, Any], keys: list[str]) -> tuple:

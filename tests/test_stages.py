@@ -22,7 +22,7 @@ from conftest import normlab_env, run_normlab
 from mlflow.tracking import MlflowClient
 
 from orchestrator.spaces import SpaceError, load_space
-from orchestrator.stages import stage_views
+from orchestrator.stages import Finished, StageError, seeded_combinations, stage_views
 
 COMMON = """
 name: {name}
@@ -57,6 +57,35 @@ def test_a_valid_chain_and_its_trials(tmp_path):
     assert [(v.name, v.init_from) for v in views] == [("pretrain", None), ("finetune", "pretrain")]
     assert views[0].space.trial_count() == 4 and views[1].space.trial_count() == 8 and space.trial_count() == 12
     assert views[1].space.fixed["epochs"] == 2 and "seed" in views[1].space.grid  # top-level fixed and seeds reach every stage
+
+
+LIST_KEYED = """
+name: lists
+fixed: {dataset: digits, epochs: 2, eval_attacks: [fgsm]}
+stages:
+  pretrain:
+    fixed: {regime: standard}
+    grid: {norm: [batchnorm], eval_eps: [[0.1], [0.05, 0.2]]}
+  finetune:
+    init_from: {stage: pretrain}
+    fixed: {regime: bn_finetune_adv}
+    grid: {norm: [batchnorm], eval_eps: [[0.1], [0.05, 0.2]]}
+"""
+
+
+def test_a_list_valued_shared_key_matches_each_trial_to_its_own(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text(LIST_KEYED)
+    space, _ = load_space(str(path))  # validation matches the chain one to one
+    pretrain, finetune = stage_views(space)
+    # what the earlier trials recorded: their configs as JSON gives them back (floats, lists)
+    finished = [Finished("t1", {"norm": "batchnorm", "eval_eps": [0.05, 0.2], "seed": 0}, "run1", "/c/1"),
+                Finished("t0", {"norm": "batchnorm", "eval_eps": [0.1], "seed": 0}, "run0", "/c/0")]
+    combos = seeded_combinations(finetune, pretrain, finished)
+    assert [(c["eval_eps"], c["init_from"], c["_init_from_run_id"]) for c in combos] == [
+        ([0.1], "/c/0", "run0"), ([0.05, 0.2], "/c/1", "run1")]
+    with pytest.raises(StageError, match=r"eval_eps=\[0.05, 0.2\]"):
+        seeded_combinations(finetune, pretrain, finished[1:])
 
 
 @pytest.mark.parametrize(("change", "expected"), [
