@@ -119,6 +119,24 @@ def _study(record: SearchRecord, view: StageView) -> StudyRef | None:
     return StudyRef(record.study_storage, f"{record.study_name}-{view.name}" if view.name else record.study_name)
 
 
+def _record_retried(study: StudyRef | None, view: StageView, results: list[Any], console: Console) -> None:
+    """Tell the study the trials that failed before and finished in this session (see
+    ``orchestrator.study.record_retried``); a study that cannot be reached is a warning."""
+    if study is None:
+        return
+    from orchestrator.study import record_retried
+
+    finished = {r.metrics["trial_id"]: r.metrics for r in results if not r.error and r.metrics and "trial_id" in r.metrics}
+    try:
+        added = record_retried(study.storage, study.name, view.space.search.metrics, finished)
+    except Exception as exc:  # the search's results stand; the study misses the retried trials
+        console.print(f"[yellow]warning[/]: could not add the retried trials to Optuna study {study.name!r} ({escape(str(exc))})")
+        return
+    if added:
+        console.print(f"Optuna study {study.name!r}: {len(added)} trial(s) that had failed finished on retry; "
+                      "added as COMPLETE (normlab.retry_of names the failed one)")
+
+
 def _new_experiment_name(root: Location, name: str) -> str:
     """``<name>-<YYYYmmdd-HHMMSS>``, with ``-2``, ``-3``... when a search of that name started in the
     same second (two submits in a loop must not share a folder, a study and a run name). On a
@@ -222,7 +240,9 @@ def _run_stages(space: SearchSpace, folder: Location, record: SearchRecord, cons
             parent, name = (folder, view.name) if view.name else (folder.parent(), folder.name)
             tuner = build_tuner(view.space, storage_path=parent.uri, experiment=name, tracker=tracker,
                                 callbacks=callbacks, study=_study(record, view), combinations=combinations)
-        stage_rows = [_row(result, view, keys) for result in _fit(tuner, stage_folder.uri)]
+        results = list(_fit(tuner, stage_folder.uri))
+        _record_retried(_study(record, view), view, results, console)
+        stage_rows = [_row(result, view, keys) for result in results]
         rows += sorted(stage_rows, key=lambda r: r["trial"])
         failed = [r for r in stage_rows if r["status"] == "ERROR"]
         if failed and i + 1 < len(views):

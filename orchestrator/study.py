@@ -12,7 +12,11 @@ its Ray trial id as a user attribute (the MLflow run carries it as a tag), and a
 resumed search marks FAIL the trials that the study had handed out after Ray's last
 snapshot of the searcher, which Ray will never run (a driver killed between the two), so
 that no trial is left RUNNING forever and every Ray trial is in the study exactly once.
-Errored Ray trials are told to the study as FAIL (Ray's searcher does that).
+Errored Ray trials are told to the study as FAIL (Ray's searcher does that). One that
+``normlab resume`` retries and that then finishes cannot be told again: Optuna never changes
+a finished trial, and Ray's searcher drops a second completion. ``record_retried`` adds it to
+the study as a COMPLETE copy (same parameters, the final values, ``normlab.retry_of`` = the
+FAIL trial's number), so the sampler, the Pareto front and the importances all count it.
 
 Samplers: ``tpe`` (default for one metric), ``nsgaii`` (default for several), ``cmaes``
 (one metric), ``qmc``, ``random``; all seeded with ``search.sampler_seed``.
@@ -21,6 +25,7 @@ Samplers: ``tpe`` (default for one metric), ``nsgaii`` (default for several), ``
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +107,37 @@ class StudySearch(OptunaSearch):
             log.warning("study %s: trial(s) %s were handed out but never run (the driver died): marked FAIL",
                         self._study_name, orphans)
         return orphans
+
+
+def record_retried(url: str, study_name: str, metrics: list[str], finished: dict[str, dict[str, Any]]) -> list[str]:
+    """Add a COMPLETE copy of each FAIL trial whose Ray trial has since finished (``finished``:
+    Ray trial id -> its last result); returns those Ray trial ids. A trial already COMPLETE in
+    the study (told by Ray, or copied by an earlier call) is left alone."""
+    import optuna
+    from optuna.trial import TrialState
+
+    study = load_study(url, study_name)
+    by_ray: dict[str, list[Any]] = {}
+    for trial in study.get_trials(deepcopy=False):
+        if RAY_TRIAL_ATTR in trial.user_attrs:
+            by_ray.setdefault(trial.user_attrs[RAY_TRIAL_ATTR], []).append(trial)
+    added = []
+    for ray_id, result in finished.items():
+        trials = by_ray.get(ray_id, [])
+        failed = [t for t in trials if t.state == TrialState.FAIL]
+        if not failed or any(t.state == TrialState.COMPLETE for t in trials):
+            continue
+        values = [result.get(m) for m in metrics]
+        if any(not isinstance(v, (int, float)) or not math.isfinite(v) for v in values):
+            continue  # Ray would not have told these either
+        source = failed[0]
+        study.add_trial(optuna.trial.create_trial(
+            params=source.params, distributions=source.distributions, values=[float(v) for v in values],
+            user_attrs={**source.user_attrs, "normlab.retry_of": source.number}))
+        added.append(ray_id)
+    if added:
+        log.info("study %s: trial(s) %s failed, were retried and finished: added as COMPLETE", study_name, added)
+    return added
 
 
 def pareto_front(points: list[tuple[float, ...]], modes: list[str]) -> list[int]:

@@ -4,6 +4,7 @@ study with every Ray trial in it exactly once."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from orchestrator.spaces import SpaceError, load_space
-from orchestrator.study import RAY_TRIAL_ATTR, StudySearch, make_sampler, pareto_front, rdb_storage
+from orchestrator.study import RAY_TRIAL_ATTR, StudySearch, make_sampler, pareto_front, rdb_storage, record_retried
 from orchestrator.tuner import OptunaSpace
 
 SPACE = """
@@ -101,6 +102,31 @@ def test_trials_handed_out_but_never_run_are_marked_failed(tmp_path):
     assert study.trials[0].user_attrs[RAY_TRIAL_ATTR] == "ray-1" and "normlab.lost" in study.trials[1].user_attrs
 
 
+def test_a_failed_trial_that_finishes_on_retry_is_added_to_the_study_once(tmp_path):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    space = load(tmp_path, SPACE.format(name="x", epochs=2, trials=4))
+    metrics = ["clean_acc", "adv_acc"]
+    searcher = StudySearch(space=OptunaSpace(space), metric=metrics, mode=["max", "max"],
+                           sampler=make_sampler("nsgaii", 0), storage=rdb_storage(url), study_name="s")
+    params = {ray_id: searcher.suggest(ray_id) for ray_id in ("ray-1", "ray-2", "ray-3")}
+    searcher.on_trial_complete("ray-1", error=True)  # failed, then retried by `normlab resume`
+    searcher.on_trial_complete("ray-2", result={"clean_acc": 0.9, "adv_acc": 0.2})
+    searcher.on_trial_complete("ray-3", error=True)  # failed, and fails again
+    searcher.on_trial_complete("ray-1", result={"clean_acc": 0.8, "adv_acc": 0.4})  # what Ray does: dropped
+    assert optuna.load_study(study_name="s", storage=url).trials[0].state == TrialState.FAIL
+
+    finished = {"ray-1": {"clean_acc": 0.8, "adv_acc": 0.4, "epoch": 2}, "ray-2": {"clean_acc": 0.9, "adv_acc": 0.2}}
+    assert record_retried(url, "s", metrics, finished) == ["ray-1"]
+    assert record_retried(url, "s", metrics, finished) == []  # once
+    study = optuna.load_study(study_name="s", storage=url)
+    assert [(t.number, t.state) for t in study.trials] == [
+        (0, TrialState.FAIL), (1, TrialState.COMPLETE), (2, TrialState.FAIL), (3, TrialState.COMPLETE)]
+    copy = study.trials[3]
+    assert copy.values == [0.8, 0.4] and copy.user_attrs[RAY_TRIAL_ATTR] == "ray-1" and copy.user_attrs["normlab.retry_of"] == 0
+    assert copy.params == study.trials[0].params and {k: copy.params[k] for k in params["ray-1"]} == params["ray-1"]
+    assert sorted(t.user_attrs[RAY_TRIAL_ATTR] for t in study.best_trials) == ["ray-1", "ray-2"]  # the front counts it
+
+
 def test_pareto_front():
     points = [(0.9, 0.1), (0.5, 0.5), (0.4, 0.4), (0.1, 0.9), (0.9, 0.05)]
     assert pareto_front(points, ["max", "max"]) == [0, 1, 3]
@@ -179,3 +205,37 @@ def test_a_killed_multi_objective_search_resumes_into_the_same_study(tmp_path):
     assert parent.data.tags["normlab.study"] == study.study_name
     assert {"report/pareto_front.png", "report/param_importances.png"} <= {
         a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+
+
+@pytest.mark.slow
+def test_a_trial_that_failed_and_finished_on_resume_counts_in_the_study(tmp_path):
+    trials = 3
+    (tmp_path / "space.yaml").write_text(textwrap.dedent(SPACE.format(name="retry", epochs=2, trials=trials))
+                                         + "max_failures: 0\n")
+    plan = tmp_path / "faults.json"  # each trial's worker dies once, after its first checkpoint (no retry)
+    plan.write_text(json.dumps({"kills": [{"trial": "*", "epoch": 1, "point": "after_report"}],
+                                "state_dir": str(tmp_path / "faults")}))
+    url = f"sqlite:///{tmp_path / 'normlab_runs' / 'optuna.db'}"
+    submitted = run_normlab("submit", "space.yaml", "--num-cpus", "2", cwd=tmp_path, NORMLAB_FAULTS=str(plan))
+    assert submitted.returncode != 0 and f"{trials} trial(s) failed" in submitted.stderr, submitted.stderr[-3000:]
+    study = optuna.load_study(study_name=optuna.get_all_study_names(url)[0], storage=url)
+    failed = study.trials
+    assert [t.state for t in failed] == [TrialState.FAIL] * trials
+
+    resumed = run_normlab("resume", "retry", "--num-cpus", "2", cwd=tmp_path, NORMLAB_FAULTS=str(plan))
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"{trials} trial(s) that had failed finished on retry" in resumed.stderr
+    study = optuna.load_study(study_name=study.study_name, storage=url)
+    assert study.trials[:trials] == failed  # the failed trials stay as they were
+    copies = study.trials[trials:]
+    assert [t.state for t in copies] == [TrialState.COMPLETE] * trials
+    copied = sorted(copies, key=lambda t: t.user_attrs["normlab.retry_of"])  # one copy of each failed trial
+    assert [(t.user_attrs["normlab.retry_of"], t.params) for t in copied] == [(t.number, t.params) for t in failed]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'normlab_runs' / 'mlflow.db'}")
+    runs = {r.data.tags["normlab.trial_id"]: r for r in client.search_runs([client.get_experiment_by_name("retry").experiment_id])
+            if "mlflow.parentRunId" in r.data.tags}
+    for copy in copies:  # each holds what its trial reported at its last epoch
+        run = runs[copy.user_attrs[RAY_TRIAL_ATTR]]
+        assert run.info.status == "FINISHED" and run.data.metrics["epoch"] == 2
+        assert copy.values == pytest.approx([run.data.metrics["clean_acc"], run.data.metrics["adv_acc"]])
+    assert len(study.best_trials) >= 1  # the Pareto front is made of them
