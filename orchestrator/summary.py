@@ -117,10 +117,12 @@ def ranking_metric(trials: list[TrialRun], metric: str) -> str:
 
 
 def best_trial(trials: list[TrialRun], metric: str, mode: str) -> TrialRun | None:
-    """The trial with the best finite ``metric`` (``mode`` max or min); ties go to the first by name."""
+    """The trial with the best finite ``metric`` (``mode`` max or min); ties go to the first by name.
+    A failed trial is a candidate only when no other trial has logged ``metric``."""
     candidates = [t for t in trials if math.isfinite(t.metrics.get(metric, math.nan))]
     if not candidates:
         return None
+    candidates = [t for t in candidates if t.status != "FAILED"] or candidates
     sign = -1.0 if mode == "max" else 1.0
     return min(sorted(candidates, key=lambda t: t.name), key=lambda t: sign * t.metrics[metric])
 
@@ -147,7 +149,10 @@ def summarise(trials: list[TrialRun], *, metric: str, mode: str, keys: list[str]
         tags.update({"normlab.best_run_name": best.name, "normlab.best_run_id": best.run_id,
                      "normlab.best_run_url": link(best.run_id)})
         shown = ", ".join(f"{m} {best.metrics[m]:.4f}" for m in RESULT_METRICS if m in best.metrics)
-        lines.append(f"Best trial by {by} ({mode}): [{best.name}]({note_link(best.run_id)}) ({shown or 'no final metrics'}).")
+        shown = shown or f"{by} {best.metrics[by]:.4f}; no final metrics"
+        if best.status != "FINISHED":
+            shown += f"; {best.status.lower()}"
+        lines.append(f"Best trial by {by} ({mode}): [{best.name}]({note_link(best.run_id)}) ({shown}).")
     else:
         lines.append(f"No trial has logged {by} yet.")
     counted = ", ".join(f"{counts[s]} {s.lower()}" for s in STATUSES if counts.get(s))
@@ -215,5 +220,9 @@ def describe(summary: SearchSummary | None) -> str:
     if summary is None or summary.best is None:
         return "no best trial (no trial logged the search's metric)"
     best = summary.best
+    by = summary.tags["normlab.best_by"]
     values = ", ".join(f"{m} {format_value(best.metrics[m])}" for m in RESULT_METRICS if m in best.metrics)
-    return f"best trial: {best.name} ({values}) by {summary.tags['normlab.best_by']}"
+    values = values or f"{by.split(' ')[0]} {format_value(best.metrics.get(by.split(' ')[0], math.nan))}"
+    if best.status != "FINISHED":
+        values += f"; {best.status.lower()}"
+    return f"best trial: {best.name} ({values}) by {by}"

@@ -10,7 +10,7 @@ import pytest
 from conftest import free_port
 from mlflow.tracking import MlflowClient
 
-from orchestrator.summary import REPORT_FILES, TrialRun, log_search_summary, summarise
+from orchestrator.summary import REPORT_FILES, TrialRun, describe, log_search_summary, summarise
 from orchestrator.tracking import resolve_tracking, start_search_run
 from orchestrator.trial_runs import MlflowTrialTracker
 from trainables.record import TrialRecord
@@ -98,6 +98,16 @@ def test_without_final_metrics_the_last_value_of_the_metric_ranks():
     assert summary.tags["normlab.best_by"] == "adv_acc (max)" and set(summary.files) == set(REPORT_FILES)
     nothing = summarise([TrialRun("c", "3", "FAILED")], metric="adv_acc", mode="max")
     assert nothing.best is None and "normlab.best_run_id" not in nothing.tags and nothing.metrics["trials_failed"] == 1
+    assert describe(summary) == "best trial: b (adv_acc 0.7; killed) by adv_acc (max)"
+
+
+def test_a_failed_trial_is_best_only_when_no_other_trial_logged_the_metric():
+    failed = TrialRun("a", "1", "FAILED", metrics={"adv_acc": 0.9})  # its last epoch before it failed
+    summary = summarise([failed, TrialRun("b", "2", "KILLED", metrics={"adv_acc": 0.5})], metric="adv_acc", mode="max")
+    assert summary.best.name == "b"
+    alone = summarise([failed, TrialRun("c", "3", "FAILED")], metric="adv_acc", mode="max")
+    assert alone.best.name == "a" and describe(alone) == "best trial: a (adv_acc 0.9; failed) by adv_acc (max)"
+    assert "(adv_acc 0.9000; no final metrics; failed)" in alone.note
 
 
 def test_another_report_file_is_one_more_function():
