@@ -146,7 +146,7 @@ def _group_label(row: Any, keys: list[str]) -> str:
 
 def accuracy_vs_eps_figure(comp: pd.DataFrame):  # noqa: ANN201
     """Accuracy against eps (eps 0 = clean) per group, one panel per attack; dashed: batch
-    statistics (for groups that have them); one legend beside the panels."""
+    statistics (for groups that have them); one legend beside the panels. None: no curve."""
     attacks, eps, keys = comp.attrs.get("attacks", []), comp.attrs.get("eps", []), comp.attrs["keys"]
     fig = _figure(4.5 * max(1, len(attacks)) + 2.5, 4.5)
     top = 0.0
@@ -168,6 +168,8 @@ def accuracy_vs_eps_figure(comp: pd.DataFrame):  # noqa: ANN201
         ax.set_xlabel("eps (pixel scale)")
         ax.set_ylabel("accuracy")
         ax.grid(alpha=0.3)
+    if not any(ax.lines for ax in fig.axes):  # no group has a curve (every trial failed before its final sweep)
+        return None
     for ax in fig.axes:
         ax.set_ylim(0, min(1.02, max(0.1, top * 1.1)))
     if fig.axes:
@@ -176,16 +178,18 @@ def accuracy_vs_eps_figure(comp: pd.DataFrame):  # noqa: ANN201
 
 
 def tracked_vs_batch_figure(comp: pd.DataFrame):  # noqa: ANN201
-    """Bars per group: clean and primary-attack accuracy, tracked against batch statistics."""
+    """Bars per group: clean and primary-attack accuracy, tracked against batch statistics. None: no bar."""
     import numpy as np
 
     attack, eps = comp.attrs.get("primary", ("", 0.0))
     keys = comp.attrs["keys"]
     metrics = [m for m in ("final_clean_acc", adv_metric(attack, eps)) if f"{m}_mean" in comp.columns]
+    bars = [(m, s) for m in metrics for s in ("", BATCH) if f"{m}{s}_mean" in comp.columns]
+    if not any(comp[f"{m}{s}_mean"].notna().any() for m, s in bars):
+        return None  # nothing to draw (every trial failed before its final sweep)
     fig = _figure(max(6.0, 1.4 * len(comp) + 2.0), 4.5)
     ax = fig.add_subplot()
     x = np.arange(len(comp))
-    bars = [(m, s) for m in metrics for s in ("", BATCH) if f"{m}{s}_mean" in comp.columns]
     width = 0.8 / max(1, len(bars))
     for b, (m, s) in enumerate(bars):
         means = comp[f"{m}{s}_mean"].to_numpy()
@@ -202,11 +206,13 @@ def tracked_vs_batch_figure(comp: pd.DataFrame):  # noqa: ANN201
 
 
 def pareto_figure(frame: pd.DataFrame, metrics: list[str], modes: list[str]):  # noqa: ANN201
-    """Every finished trial on the first two objectives; the Pareto front joined and marked."""
+    """Every finished trial on the first two objectives; the Pareto front joined and marked. None: no trial."""
     from orchestrator.study import pareto_front
 
     finished = frame[frame["status"] == "FINISHED"]
     x, y = (f"last_{m}" for m in metrics[:2])
+    if finished.empty or x not in finished or y not in finished:
+        return None  # no finished trial to place
     points = list(zip(finished[x], finished[y]))
     front = sorted((points[i] for i in pareto_front(points, modes[:2])), key=lambda p: p[0])
     fig = _figure(6.5, 5)
@@ -262,6 +268,8 @@ def write_report(frame: pd.DataFrame, compare: list[str], folder: Path, study: A
     if study is not None and len([t for t in study.trials if t.state.name == "COMPLETE"]) >= 2 and study.trials[0].params:
         figures["param_importances.png"] = importance_figure(study, metrics)
     for name, fig in figures.items():
+        if fig is None:  # nothing to draw
+            continue
         fig.savefig(folder / name, dpi=110)
         written[name] = folder / name
     return written

@@ -93,3 +93,23 @@ def test_an_unknown_compare_key_says_which_keys_vary(tmp_path):
         comparison(frame, ["regime"])
     comp = comparison(frame, ["norm"])
     assert comp.loc[0, "n"] == 1 and comp.loc[0, "final_clean_acc_mean"] == 0.9
+
+
+def test_a_report_of_trials_that_all_failed_has_tables_and_no_empty_plots(tmp_path):
+    import pandas as pd
+
+    from orchestrator.compare import write_report
+
+    def frame(status: str) -> pd.DataFrame:
+        rows = [{"status": status, "norm": norm, "seed": "0", "final_clean_acc": 0.9, "adv_acc_fgsm_eps0.1": 0.3,
+                 "last_clean_acc": 0.9, "last_adv_acc": 0.3} for norm in ("batchnorm", "robustnorm")]
+        result = pd.DataFrame(rows)
+        result.attrs.update(varying=["norm"], attacks=["fgsm"], eps=[0.1], primary=("fgsm", 0.1),
+                            search_params={"metric": "['clean_acc', 'adv_acc']", "mode": "max"})
+        return result
+
+    written = write_report(frame("FAILED"), ["norm"], tmp_path / "failed")
+    assert sorted(written) == ["comparison.csv", "comparison.md", "comparison.txt"]
+    assert sorted(p.name for p in (tmp_path / "failed").iterdir()) == sorted(written)
+    written = write_report(frame("FINISHED"), ["norm"], tmp_path / "finished")
+    assert {"accuracy_vs_eps.png", "tracked_vs_batch.png", "pareto_front.png"} <= set(written)
