@@ -327,6 +327,7 @@ def resume_search(
         repaired = snapshots.repair(stage_folder)
         if repaired:
             console.print(f"[yellow]repaired[/] damaged Ray Tune state from normlab's last good copy: {', '.join(repaired)}")
+        snapshots.check_loadable(stage_folder)  # before anything is changed: a search this version cannot restore
     check_reachable(TrackingTarget(record.tracking_uri, record.artifact_root))
     where = init_ray(address, num_cpus=num_cpus)
     console.print(f"resuming search {folder.name} on Ray {where}; MLflow {record.tracking_uri}")

@@ -146,3 +146,31 @@ def _set_aside_damaged(folder: Location, backed_up: set[str]) -> list[str]:
         except OSError as exc:
             log.debug("cannot set %s aside: %s", info.base_name, exc)
     return moved
+
+
+class IncompatibleStateError(LookupError):
+    """A search's Tune state names code this normlab no longer has (started by an earlier version)."""
+
+
+def check_loadable(folder: Location) -> None:
+    """Raise ``IncompatibleStateError`` when ``tuner.pkl`` of ``folder`` cannot be unpickled
+    because a class or module it names is gone (an earlier normlab's callback, say); Ray
+    would fail on it inside ``Tuner.restore`` with a bare ``AttributeError``. Missing or
+    damaged files are left to ``repair`` and Ray."""
+    import ray.cloudpickle
+
+    target = folder.child("tuner.pkl")
+    try:
+        data = storage.read_bytes(target)
+    except FileNotFoundError:
+        return
+    if not is_whole(target.name, data):
+        return
+    try:
+        ray.cloudpickle.loads(data)
+    except (AttributeError, ImportError) as exc:
+        raise IncompatibleStateError(
+            f"{target.uri}: this search was started by an earlier normlab, and its Ray Tune state names code this "
+            f"version does not have ({exc}). Its MLflow runs and checkpoints are intact, but it cannot be resumed: "
+            "submit the search file again"
+        ) from exc

@@ -55,3 +55,28 @@ def test_a_damaged_experiment_state_with_no_good_copy_is_set_aside(tmp_path):
     assert snapshots.repair(folder) == ["experiment_state-2026-01-02.json"]
     assert sorted(p.name for p in (tmp_path / "s").glob("experiment_state-*")) == [
         "experiment_state-2026-01-01.json", "experiment_state-2026-01-02.json.damaged"]
+
+
+def test_a_state_naming_code_this_version_lacks_is_one_clear_error(tmp_path, monkeypatch):
+    import sys
+
+    import pytest
+
+    (tmp_path / "oldnormlab.py").write_text("class CloseRunsCallback:\n    def __init__(self):\n        self.tracker = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import oldnormlab
+
+    search = tmp_path / "search-1"
+    search.mkdir()
+    folder = storage.resolve(str(search))
+    snapshots.check_loadable(folder)  # no tuner.pkl: nothing to say
+    (search / "tuner.pkl").write_bytes(pickle.dumps({"callbacks": [oldnormlab.CloseRunsCallback()]}))
+    snapshots.check_loadable(folder)  # loadable while the class exists
+    del oldnormlab.CloseRunsCallback  # the class an earlier normlab pickled is gone
+    with pytest.raises(snapshots.IncompatibleStateError, match="started by an earlier normlab") as info:
+        snapshots.check_loadable(folder)
+    assert "CloseRunsCallback" in str(info.value) and "submit the search file again" in str(info.value)
+    sys.modules.pop("oldnormlab")
+    (tmp_path / "oldnormlab.py").unlink()  # the module too
+    with pytest.raises(snapshots.IncompatibleStateError, match="oldnormlab"):
+        snapshots.check_loadable(folder)
