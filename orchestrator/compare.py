@@ -172,8 +172,7 @@ def accuracy_vs_eps_figure(comp: pd.DataFrame):  # noqa: ANN201
         return None
     for ax in fig.axes:
         ax.set_ylim(0, min(1.02, max(0.1, top * 1.1)))
-    if fig.axes:
-        fig.legend(*fig.axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize="x-small")
+    fig.legend(*fig.axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize="x-small")
     return fig
 
 

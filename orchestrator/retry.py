@@ -42,6 +42,10 @@ class TrackingUnavailable(TrackingError):
     """The tracking server stayed unreachable for the whole time budget."""
 
 
+# OSErrors that waiting does not cure (a server outage shows as connection errors and timeouts)
+PERMANENT_OS_ERRORS = (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError)
+
+
 def is_transient(error: BaseException) -> bool:
     """Whether retrying the same request later may succeed."""
     try:
@@ -55,10 +59,6 @@ def is_transient(error: BaseException) -> bool:
     if isinstance(error, PERMANENT_OS_ERRORS):  # a local artifact root that is read-only, missing, ...
         return False
     return isinstance(error, (OSError, requests.RequestException, TimeoutError))
-
-
-# OSErrors that waiting does not cure (a server outage shows as connection errors and timeouts)
-PERMANENT_OS_ERRORS = (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError)
 
 
 def retrying(what: str, call: Callable[[], T], deadline: float, *, on_retry: Callable[[], None] | None = None) -> T:

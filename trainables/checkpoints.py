@@ -255,12 +255,18 @@ def stored_checkpoints(fs: Any, trial_path: str) -> tuple[list[StoredCheckpoint]
     return stored, notes
 
 
+def _read_payload(fs: Any, file: str) -> bytes:
+    """A checkpoint's bytes; a missing file is a ``CorruptCheckpointError``, any other OSError (a
+    storage hiccup) propagates, so the trial is retried and nothing is skipped."""
+    try:
+        return _read_bytes(fs, file)
+    except FileNotFoundError as exc:
+        raise CorruptCheckpointError(f"{file}: missing ({exc})") from exc
+
+
 def read_stored_checkpoint(fs: Any, stored: StoredCheckpoint) -> dict[str, Any]:
     """Load one stored checkpoint after checking it against its manifest."""
-    try:
-        data = _read_bytes(fs, stored.file)
-    except FileNotFoundError as exc:  # other OSErrors (a storage hiccup) propagate: retried, not skipped
-        raise CorruptCheckpointError(f"{stored.file}: missing ({exc})") from exc
+    data = _read_payload(fs, stored.file)
     verify(data, stored.manifest, stored.file)
     state = decode_state(data, stored.file)
     if not isinstance(state, dict) or "model" not in state:
@@ -287,11 +293,7 @@ def read_unmanifested_checkpoint(fs: Any, folder: str) -> dict[str, Any]:
     model and an integer epoch (a payload cut short does not load: torch's zip format ends
     with its index)."""
     file = f"{folder}/{CHECKPOINT_FILE}"
-    try:
-        data = _read_bytes(fs, file)
-    except FileNotFoundError as exc:
-        raise CorruptCheckpointError(f"{file}: missing ({exc})") from exc
-    state = decode_state(data, file)
+    state = decode_state(_read_payload(fs, file), file)
     if not isinstance(state, dict) or "model" not in state or not isinstance(state.get("epoch"), int):
         raise CorruptCheckpointError(f"{file} is not a normlab checkpoint (no 'model' or 'epoch' entry)")
     return state
