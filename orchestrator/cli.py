@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,23 @@ def build_trial_config(config_file: Path | None, overrides: tuple[str, ...]) -> 
         raise UsageFailure("invalid trial configuration\n" + format_validation_error(exc, source)) from exc
 
 
+def _check_writable_folder(folder: Path, what: str) -> None:
+    """Make ``folder`` and write and remove a file in it, or a UsageFailure naming ``what`` (the
+    option and its value): a folder that cannot be written (a file in the way, no permission, a
+    read-only disk) is refused before any work starts, not after the first epoch."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".normlab-probe-", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        if isinstance(exc, FileExistsError):
+            reason = "a file is in the way"
+        else:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise UsageFailure(f"{what}: cannot write in the folder {folder} ({reason})") from exc
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="normlab")
 def main() -> None:
@@ -141,6 +159,10 @@ def trial(
     cfg = build_trial_config(config_file, overrides)
     if resume and not checkpoint_dir:
         raise UsageFailure("--resume needs --checkpoint-dir")
+    if checkpoint_dir:
+        _check_writable_folder(checkpoint_dir, f"--checkpoint-dir {checkpoint_dir}")
+    if json_out:
+        _check_writable_folder(json_out.parent, f"--json-out {json_out}")
     checkpoint = None
     last = checkpoint_dir / "last.pt" if checkpoint_dir else None
     if resume and last and last.exists():
@@ -215,7 +237,7 @@ def validate(space: str, overrides: tuple[str, ...]) -> None:
 @click.option("--address", help="Ray cluster to run on (host:port of a head, or ray://host:10001). Default: a local Ray on 127.0.0.1.")
 @click.option("--tracking-uri", help="MLflow tracking URI every node can reach. Default: $MLFLOW_TRACKING_URI, else normlab_runs/mlflow.db.")
 @click.option("--storage-path", help="Ray Tune results and checkpoints: a shared folder or s3:// for several nodes. Default: normlab_runs/ray_results.")
-@click.option("--num-cpus", type=int, help="CPUs of the local Ray (default: all).")
+@click.option("--num-cpus", type=click.IntRange(min=1), help="CPUs of the local Ray (default: all).")
 def submit(space: str, overrides: tuple[str, ...], address: str | None, tracking_uri: str | None,
            storage_path: str | None, num_cpus: int | None) -> None:
     """Run a search: every trial on Ray Tune, every trial in MLflow.
@@ -284,7 +306,7 @@ def _check_resume_arguments(search: str, storage_path: str | None) -> None:
 @click.argument("search")
 @click.option("--address", help="Ray cluster to resume on (default: a local Ray on 127.0.0.1).")
 @click.option("--storage-path", help="Where the search was stored, when SEARCH is a name (default: normlab_runs/ray_results; s3://... too).")
-@click.option("--num-cpus", type=int, help="CPUs of the local Ray (default: all).")
+@click.option("--num-cpus", type=click.IntRange(min=1), help="CPUs of the local Ray (default: all).")
 def resume(search: str, address: str | None, storage_path: str | None, num_cpus: int | None) -> None:
     """Continue a search that was interrupted or had failed trials.
 
@@ -391,8 +413,8 @@ def _compare_report(frame: Any, target: Any, keys: list[str], fmt: str, out_dir:
 @main.command()
 @click.option("--tracking-uri", help="MLflow store to show (default: $MLFLOW_TRACKING_URI, else normlab_runs/mlflow.db).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; 0.0.0.0 exposes the UI to the network.")
-@click.option("--port", default=5000, show_default=True, type=int)
-@click.option("--workers", default=1, show_default=True, type=int, help="Server worker processes.")
+@click.option("--port", default=5000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1), help="Server worker processes.")
 @click.option("--allowed-hosts", help="Host names the UI may be reached by, when --host exposes it (MLflow refuses others).")
 @click.option("--search", "search", metavar="NAME", help="Open this search: its name (the newest such search) or its run name NAME-YYYYmmdd-HHMMSS. Default: the newest search.")
 def ui(tracking_uri: str | None, host: str, port: int, workers: int, allowed_hosts: str | None, search: str | None) -> None:

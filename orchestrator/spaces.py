@@ -11,7 +11,7 @@ A search space is one YAML file::
       lr: {loguniform: [0.01, 0.1]}
       norm_power: {uniform: [0.1, 0.5], when: {norm: [robustnorm]}}
     search: {algorithm: random, num_samples: 4, metric: adv_acc, mode: max,
-             scheduler: {type: asha, grace_period: 2}}
+             scheduler: {type: asha, grace_period: 2}}              # or scheduler: fifo
     resources: {cpu: 1, gpu: 0.5}
     max_failures: 2
     checkpoint: {every: 1, keep: 2}
@@ -19,7 +19,11 @@ A search space is one YAML file::
 Every trial key must be a ``TrialConfig`` field and every value one it accepts; a key
 with a ``when`` condition is only set for trials whose fixed or grid keys match it,
 others keep the ``TrialConfig`` default. ``load_space`` reports every problem at once,
-each with the file, the key path and what is allowed, before anything starts.
+each with the file, the key path and what is allowed, before anything starts, including
+what would only fail once the search runs: a name too long for a folder, a seed numpy
+cannot take, ``true`` for a number, an ``init_from`` file that does not exist (a relative
+one is made absolute: trials run in folders of their own), a study storage URL SQLAlchemy
+cannot read or has no driver for here.
 
 Files are read with the bounded reader of ``trainables.safe_yaml``; the grid is counted,
 never built, before its size is checked (at most ``MAX_GRID_COMBINATIONS`` combinations
@@ -31,6 +35,7 @@ from __future__ import annotations
 import difflib
 import itertools
 import math
+import os
 import re
 from collections import Counter
 from collections.abc import Iterator
@@ -40,7 +45,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from trainables.config import TrialConfig, format_validation_error, is_integer_knob, parse_overrides
+from trainables.config import (
+    MAX_SEED,
+    NumbersNotBooleans,
+    TrialConfig,
+    format_validation_error,
+    is_integer_knob,
+    parse_overrides,
+)
 from trainables.problems import MAX_PROBLEMS, Problem, problem_lines, short_repr
 from trainables.safe_yaml import YamlRefused, load_yaml_file
 
@@ -49,6 +61,9 @@ MAX_VALIDATED_COMBINATIONS = 2000
 MAX_GRID_COMBINATIONS = 10_000
 MAX_TRIALS = 100_000
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# A search's folder is NAME-YYYYmmdd-HHMMSS[-N] and a stage's folder is its name: far below a folder
+# name's 255 bytes (and MLflow's 256-character experiment names, Optuna's 512-character study names).
+MAX_NAME_LENGTH = 100
 RESERVED_STAGE_NAMES = ("normlab", "report")  # folders normlab keeps in a search's folder
 _Strict = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -73,7 +88,7 @@ class GridKey(BaseModel):
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
 
 
-class SampleKey(BaseModel):
+class SampleKey(NumbersNotBooleans):
     """A sampled key: exactly one distribution (``int`` bounds are inclusive), optionally conditional."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
@@ -107,19 +122,31 @@ class SampleKey(BaseModel):
         return list(self.arguments(self.kind))
 
 
-class Scheduler(BaseModel):
+class Scheduler(NumbersNotBooleans):
+    """ASHA or FIFO; ``scheduler: fifo`` is short for ``scheduler: {type: fifo}``."""
+
     model_config = _Strict
     type: Literal["fifo", "asha"] = "fifo"
     max_t: int | None = Field(None, gt=0, description="ASHA: most epochs a trial runs (default: epochs)")
     grace_period: int = Field(1, gt=0, description="ASHA: epochs before a trial can be stopped")
     reduction_factor: float = Field(3.0, gt=1.0, description="ASHA: keep 1/reduction_factor at each rung")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            return {"type": data}
+        if not isinstance(data, (dict, Scheduler)):
+            raise ValueError(f"fifo or asha, or a mapping such as {{type: asha, grace_period: 2}} "
+                             f"(got {short_repr(data)})")
+        return data
+
 
 SAMPLERS = ("tpe", "cmaes", "nsgaii", "qmc", "random")
 Mode = Literal["max", "min"]
 
 
-class Search(BaseModel):
+class Search(NumbersNotBooleans):
     model_config = _Strict
     algorithm: Literal["grid", "random", "optuna"] = "grid"
     num_samples: int = Field(1, gt=0, description="grid/random: repeats of the grid; optuna: number of trials")
@@ -130,7 +157,7 @@ class Search(BaseModel):
     storage: str | None = Field(None, description="optuna: SQLAlchemy URL of the study (default: sqlite beside the MLflow store)")
     scheduler: Scheduler = Field(default_factory=Scheduler)
     max_concurrent_trials: int | None = Field(None, gt=0)
-    sampler_seed: int = Field(0, ge=0, description="seed of the random / Optuna sampler")
+    sampler_seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the random / Optuna sampler (numpy's range)")
 
     @field_validator("mode", mode="before")
     @classmethod
@@ -138,6 +165,18 @@ class Search(BaseModel):
         if not all(m in ("max", "min") for m in (v if isinstance(v, list) else [v])):
             raise ValueError(f"allowed: 'max' or 'min', or a list of them, one per metric (got {short_repr(v)})")
         return v
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from orchestrator.retry import strip_credentials
+
+        if strip_credentials(v)[2]:
+            raise ValueError("the study storage URL carries a password: Ray pickles the study (and its URL) into "
+                             "the search's state; use the database's own credentials (e.g. ~/.pgpass) instead")
+        return check_storage_url(v)
 
     @field_validator("metric", mode="before")
     @classmethod
@@ -174,15 +213,9 @@ class Search(BaseModel):
                                  "grid and random searches rank trials on one metric")
             if self.scheduler.type == "asha":
                 raise ValueError("ASHA cannot stop trials on several metrics: it ranks trials on one metric at each "
-                                 "rung, and with several objectives no single ranking exists; use scheduler fifo")
+                                 "rung, and with several objectives no single ranking exists; use scheduler: fifo")
             if self.sampler == "cmaes":
                 raise ValueError("CMA-ES optimises a single objective: with several metrics use nsgaii, tpe, qmc or random")
-        if self.storage:
-            from orchestrator.retry import strip_credentials
-
-            if strip_credentials(self.storage)[2]:
-                raise ValueError("the study storage URL carries a password: Ray pickles the study (and its URL) into "
-                                 "the search's state; use the database's own credentials (e.g. ~/.pgpass) instead")
         if isinstance(self.mode, list) and len(self.mode) == 1:  # as the metric: one objective is a plain value
             self.mode = self.mode[0]
         return self
@@ -209,13 +242,44 @@ class Search(BaseModel):
         return pairs[0] if len(pairs) == 1 else "[" + ", ".join(pairs) + "]"
 
 
-class Resources(BaseModel):
+def check_storage_url(url: str) -> str:
+    """``url`` if SQLAlchemy can read it as a database URL, its driver imports here (Optuna's
+    storage is opened by the driver process) and a SQLite file's folder exists; a ValueError
+    otherwise. The URL is never quoted back (it may hold secrets in its query)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    example = "e.g. sqlite:////abs/path/optuna.db"
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError) as exc:
+        raise ValueError("SQLAlchemy cannot read this as a database URL "
+                         f"(dialect[+driver]://[user@]host[:port]/database, {example})") from exc
+    try:
+        dialect = parsed.get_dialect()
+    except NoSuchModuleError as exc:
+        raise ValueError(f"SQLAlchemy knows no database kind {short_repr(parsed.drivername)} ({example})") from exc
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        missing = getattr(exc, "name", None) or str(exc)
+        raise ValueError(f"the driver of {short_repr(parsed.drivername)} is not installed here (no module "
+                         f"{short_repr(missing)}): install it, or name a driver that is installed") from exc
+    database = parsed.database or ""
+    on_disk = database and database != ":memory:" and not database.startswith("file:")
+    if parsed.get_backend_name() == "sqlite" and on_disk:
+        if not Path(database).parent.is_dir():
+            raise ValueError(f"the folder {short_repr(str(Path(database).parent))} of the SQLite file does not exist")
+    return url
+
+
+class Resources(NumbersNotBooleans):
     model_config = _Strict
     cpu: float = Field(1.0, gt=0, description="CPUs per trial (sets torch threads)")
     gpu: float = Field(0.0, ge=0, le=1, description="GPUs per trial, at most 1 (a trial uses one device); 0.5: two trials share a GPU")
 
 
-class CheckpointPolicy(BaseModel):
+class CheckpointPolicy(NumbersNotBooleans):
     model_config = _Strict
     every: int = Field(1, gt=0, description="checkpoint every N epochs (and always after the last)")
     keep: int = Field(2, gt=0, description="checkpoints kept per trial")
@@ -229,8 +293,19 @@ def _grid_shorthand(v: Any) -> Any:
 
 
 class InitFrom(BaseModel):
+    """``init_from: {stage: pretrain}``, or ``init_from: pretrain`` for short."""
+
     model_config = _Strict
     stage: str = Field(description="an earlier stage: each trial starts from the final checkpoint of its match there")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            return {"stage": data}
+        if not isinstance(data, (dict, InitFrom)):
+            raise ValueError(f"an earlier stage's name, or {{stage: NAME}} (got {short_repr(data)})")
+        return data
 
 
 class Stage(BaseModel):
@@ -249,7 +324,7 @@ class Stage(BaseModel):
         return _grid_shorthand(v)
 
 
-class SearchSpace(BaseModel):
+class SearchSpace(NumbersNotBooleans):
     """A validated search-space file."""
 
     model_config = _Strict
@@ -270,6 +345,9 @@ class SearchSpace(BaseModel):
     def _name(cls, v: str) -> str:
         if not _NAME.match(v):
             raise ValueError(f"name {short_repr(v)} must be letters, digits, '_', '.', '-' (it names folders and MLflow experiments)")
+        if len(v) > MAX_NAME_LENGTH:
+            raise ValueError(f"name is {len(v)} characters long; at most {MAX_NAME_LENGTH} (it names the search's "
+                             "folder NAME-YYYYmmdd-HHMMSS and its MLflow experiment)")
         return v
 
     @field_validator("stages")
@@ -279,6 +357,17 @@ class SearchSpace(BaseModel):
             if not _NAME.match(name) or name in RESERVED_STAGE_NAMES:
                 raise ValueError(f"stage name {short_repr(name)} must be letters, digits, '_', '.', '-' and not "
                                  f"{' or '.join(RESERVED_STAGE_NAMES)} (it names the stage's folder beside normlab's own)")
+            if len(name) > MAX_NAME_LENGTH:
+                raise ValueError(f"stage name {short_repr(name)} is {len(name)} characters long; at most "
+                                 f"{MAX_NAME_LENGTH} (it names the stage's folder and its Optuna study)")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seed_list(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or len(set(v)) != len(v) or min(v) < 0 or max(v) > MAX_SEED):
+            raise ValueError(f"a list of different seeds from 0 to {MAX_SEED} (2**32 - 1, the most numpy's generator "
+                             "takes), e.g. [0, 1, 2]")
         return v
 
     @field_validator("grid", mode="before")
@@ -291,8 +380,6 @@ class SearchSpace(BaseModel):
         if self.stages and (self.grid or self.sample):
             raise ValueError("with stages, grid and sample keys belong to the stages (fixed keys may stay at the top)")
         if self.seeds is not None:
-            if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
-                raise ValueError("seeds: a list of different seeds >= 0, e.g. [0, 1, 2]")
             if self.search.algorithm == "optuna":
                 raise ValueError("seeds repeats each grid trial once per seed; Optuna would treat seed as one more "
                                  "parameter to tune (and rank its importance): fix seed in fixed, or use algorithm grid")
@@ -509,6 +596,53 @@ def semantic_problems(space: SearchSpace) -> list[Problem]:
     return _combination_problems(space, base)
 
 
+def _trial_key_holders(space: SearchSpace) -> Iterator[tuple[str, Stage | SearchSpace]]:
+    """The top level and each stage, with the prefix of their key paths."""
+    yield "", space
+    for name, stage in space.stages.items():
+        yield f"stages.{name}.", stage
+
+
+def init_from_problems(space: SearchSpace) -> list[Problem]:
+    """Every ``init_from`` checkpoint a file names (in fixed, grid or sample choices, of the search
+    and its stages) must be an existing file: refused here rather than when its trials start. A
+    relative path is made absolute (trials run in folders of their own); URIs (``s3://``) are
+    read where the trials run and are not checked. A stage's ``init_from: STAGE`` is a later
+    checkpoint, not a file: ``stages`` checks it."""
+    problems: list[Problem] = []
+    stages = set(space.stages)
+
+    def check(path: str, value: Any) -> Any:
+        if not isinstance(value, str) or "://" in value or value.lower() in ("", "none", "null", "~"):
+            return value  # TrialConfig reports a non-string; None means no checkpoint
+        try:
+            file = Path(value).expanduser()
+            exists, is_file = file.exists(), file.is_file()
+            absolute = os.path.abspath(file)
+        except (OSError, ValueError, RuntimeError) as exc:  # NUL byte, name too long, unknown ~user
+            problems.append((path, f"not a usable path ({exc})"))
+            return value
+        if not is_file:
+            reason = (f"{short_repr(value)} is a folder, not a checkpoint file" if exists else
+                      f"no such file {short_repr(value)}; init_from names the checkpoint file a trial starts from")
+            if value in stages:
+                reason += f" (to start from stage {value}'s trials, give that stage init_from: {value})"
+            problems.append((path, reason))
+            return value
+        return absolute if absolute != value else value
+
+    for prefix, holder in _trial_key_holders(space):
+        if "init_from" in holder.fixed:
+            holder.fixed["init_from"] = check(f"{prefix}fixed.init_from", holder.fixed["init_from"])
+        if "init_from" in holder.grid:
+            values = holder.grid["init_from"].values
+            values[:] = [check(f"{prefix}grid.init_from[{i}]", v) for i, v in enumerate(values)]
+        sample = holder.sample.get("init_from")
+        if sample is not None and sample.choice is not None:
+            sample.choice[:] = [check(f"{prefix}sample.init_from.choice[{i}]", v) for i, v in enumerate(sample.choice)]
+    return problems
+
+
 def _combination_problems(space: SearchSpace, base: dict[str, Any]) -> list[Problem]:
     """Whole trial configurations, so cross-field rules (e.g. regime needs init_from) are checked."""
     problems: list[Problem] = []
@@ -551,6 +685,9 @@ SEARCH_OVERRIDES = {
 }
 
 
+SHORTHANDS = {"scheduler": "type"}  # a mapping given as one word: scheduler: fifo is {type: fifo}
+
+
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """Command-line ``KEY=VALUE``: search settings by their short name, or a trial key fixed for every trial.
 
@@ -572,9 +709,12 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
                 raw.pop("seeds", None)
         node = raw
         for p in parents:
-            if not isinstance(node.get(p) or {}, dict):
+            child = node.get(p) or {}
+            if p in SHORTHANDS and isinstance(child, str):  # scheduler: fifo, then scheduler=asha
+                child = {SHORTHANDS[p]: child}
+            if not isinstance(child, dict):
                 break
-            node[p] = dict(node.get(p) or {})
+            node[p] = dict(child)
             node = node[p]
         else:
             node[leaf] = value
@@ -669,14 +809,17 @@ def load_space(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -
                 msg = "unknown key (allowed here: " + ", ".join(_allowed_at(e["loc"])) + ")"
             elif e["type"] == "literal_error":
                 msg = msg.replace("Input should be", "allowed:")
+            elif e["type"] in ("model_type", "model_attributes_type"):
+                msg = "expected a mapping (keys: " + ", ".join(_allowed_at((*e["loc"], ""))) + ")"
             problems.append((path_s, msg))
         raise SpaceError(source, problems) from err
+    problems = init_from_problems(space)
     if space.stages:
         from orchestrator.stages import stage_problems
 
-        problems = stage_problems(space)
+        problems += stage_problems(space)
     else:
-        problems = semantic_problems(space)
+        problems += semantic_problems(space)
     if problems:
         raise SpaceError(source, problems)
     return space, path

@@ -2,13 +2,13 @@
 
 A search file may declare ``stages:`` (in order); each stage has its own ``fixed``, ``grid``
 and ``sample`` keys (the top level's ``fixed`` keys, ``seeds`` and search settings apply to
-all). A stage with ``init_from: {stage: pretrain}`` starts each of its trials whose regime
-starts from a checkpoint (``bn_finetune_adv``) from the *final* checkpoint of its match in
-the earlier stage: the one earlier trial whose values of the keys that vary there (its
-grid keys, e.g. ``norm`` and ``seed``) equal this trial's. Its other trials (``pgd_at``,
-``bn_only_adv`` from random init) start as usual. Matching must be one to one, and a
-matched pair must build the same network (model, norm, dataset): ``validate`` checks the
-whole chain before anything runs.
+all). A stage with ``init_from: {stage: pretrain}`` (or ``init_from: pretrain``) starts each
+of its trials whose regime starts from a checkpoint (``bn_finetune_adv``) from the *final*
+checkpoint of its match in the earlier stage: the one earlier trial whose values of the keys
+that vary there (its grid keys, e.g. ``norm`` and ``seed``) equal this trial's. Its other
+trials (``pgd_at``, ``bn_only_adv`` from random init) start as usual. Matching must be one
+to one, and a matched pair must build the same network (model, norm, dataset): ``validate``
+checks the whole chain before anything runs.
 
 On disk a staged search is one folder with a Ray Tune experiment per stage
 (``<search>/<stage>/``) and one normlab record; in MLflow one parent run, and one child run
@@ -112,7 +112,10 @@ def _chain_problems(space: SearchSpace, view: StageView, earlier: list[str], vie
     where = f"stages.{view.name}.init_from.stage"
     if view.init_from not in earlier:
         allowed = ", ".join(earlier) or "none (it is the first stage)"
-        return [(where, f"{view.init_from!r} is not an earlier stage; earlier stages: {allowed}")]
+        hint = ""
+        if "/" in view.init_from or view.init_from.endswith(".pt"):
+            hint = f"; a checkpoint file is the trial knob init_from (fixed: {{init_from: {view.init_from}}})"
+        return [(where, f"{view.init_from!r} is not an earlier stage; earlier stages: {allowed}{hint}")]
     source = views[view.init_from].space
     problems: list[Problem] = []
     if space.search.algorithm == "optuna":
@@ -120,7 +123,7 @@ def _chain_problems(space: SearchSpace, view: StageView, earlier: list[str], vie
                                              "use algorithm grid or random"))
     if space.search.scheduler.type == "asha":
         problems.append(("search.scheduler", "a stage that starts from another needs every earlier trial to finish its "
-                                             "last epoch, and ASHA stops some early: use scheduler fifo"))
+                                             "last epoch, and ASHA stops some early: use scheduler: fifo"))
     if space.search.num_samples != 1:
         problems.append(("search.num_samples", "a stage that starts from another needs each earlier trial told apart by "
                                                "its grid values: num_samples must be 1 (repeat with seeds: [0, 1, 2])"))

@@ -4,12 +4,14 @@ The field names are the flat names used everywhere: ``KEY=VALUE`` overrides on t
 command line, keys in search-space files, and MLflow params. Unknown keys are errors
 (``extra="forbid"``); registry-valued fields must name a registry entry, and the error
 lists the known names. List fields accept a list or a comma-separated string
-(``eval_attacks=fgsm,pgd``).
+(``eval_attacks=fgsm,pgd``). Number fields refuse ``true``/``false`` (pydantic alone would take
+them as 1 and 0); ``seed`` goes from 0 to ``MAX_SEED``.
 """
 
 from __future__ import annotations
 
 import re
+from functools import cache
 from typing import Annotated, Any, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -33,6 +35,7 @@ _REGISTRY_FIELDS: dict[str, Registry] = {
     "optimizer": OPTIMIZERS, "lr_schedule": LR_SCHEDULES,
 }
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+MAX_SEED = 2**32 - 1  # numpy's generator takes no larger seed; Ray's and Optuna's samplers seed numpy too
 
 
 def _known(registry: Registry, value: str) -> str:
@@ -49,7 +52,37 @@ def _split_list(value: Any) -> Any:
     return value
 
 
-class TrialConfig(BaseModel):
+def _leaf_types(annotation: Any) -> set[type]:
+    """The plain types inside an annotation (``list[float] | None`` -> {float, NoneType})."""
+    args = get_args(annotation)
+    if not args:
+        return {annotation} if isinstance(annotation, type) else set()
+    return set().union(*(_leaf_types(a) for a in args))
+
+
+@cache
+def _number_kind(model: type[BaseModel], name: str) -> str | None:
+    """'a whole number' or 'a number' for a field that holds numbers (or lists of them), else None."""
+    types = _leaf_types(model.model_fields[name].annotation)
+    if bool in types or not types & {int, float}:
+        return None
+    return "a number" if float in types else "a whole number"
+
+
+class NumbersNotBooleans(BaseModel):
+    """A model whose number fields refuse ``true``/``false``, alone or in a list: pydantic's lax
+    mode takes them as 1 and 0, so ``epochs: true`` would train one epoch."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _not_boolean(cls, value: Any, info: ValidationInfo) -> Any:
+        kind = _number_kind(cls, info.field_name) if info.field_name else None
+        if kind and any(isinstance(v, bool) for v in (value if isinstance(value, (list, tuple)) else [value])):
+            raise ValueError(f"Input should be {kind}, not true or false")
+        return value
+
+
+class TrialConfig(NumbersNotBooleans):
     """One trial: data, model, norm, regime, optimisation, evaluation, run settings."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
@@ -105,7 +138,7 @@ class TrialConfig(BaseModel):
     shift_diagnostic: bool = Field(False, description="after the final sweep, measure how far the primary attack shifts each BatchNorm/RobustNorm layer's input mean and variance (metrics shift_mean_<layer>, shift_var_<layer>, shift_*_avg)")
 
     # --- run -----------------------------------------------------------------------------
-    seed: int = Field(0, ge=0, description="random seed")
+    seed: int = Field(0, ge=0, description=f"random seed, 0 to {MAX_SEED} (2**32 - 1)")
     device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:N, mps")
     threads: int | None = Field(None, gt=0, description="torch CPU threads (None: torch's default)")
     amp: bool = Field(False, description="mixed-precision training steps (torch.autocast: bfloat16 on CPU, float16 with a gradient scaler on CUDA); evaluation stays float32")
@@ -152,6 +185,13 @@ class TrialConfig(BaseModel):
     def _eps_unique(cls, v: list[float]) -> list[float]:
         if len(set(v)) != len(v):
             raise ValueError(f"eps values listed twice: {v}")
+        return v
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, v: int) -> int:
+        if v > MAX_SEED:
+            raise ValueError(f"a seed goes from 0 to {MAX_SEED} (2**32 - 1, the most numpy's generator takes)")
         return v
 
     @field_validator("device")
