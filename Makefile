@@ -1,9 +1,14 @@
 # normlab developer entry points. Everything installs into .venv inside the checkout.
-#   make quickstart   set up, then run the quickstart search (local Ray, local MLflow, digits)
-#   make test         set up, then run every test: the default suite, then the slow one (what CI runs)
-#   make test-fast    the default suite only (fast: what to run while working)
-#   make test-slow    the slow tests only (real data, killed workers, outages, several nodes, S3)
-#   make bench        the benchmarks in benchmarks/
+#   make quickstart    set up, then run the quickstart search (local Ray, local MLflow, digits)
+#   make test          set up, then lint and run every test: the default suite, then the slow one (what CI runs)
+#   make test-fast     the default suite only (fast: what to run while working)
+#   make test-slow     the slow tests only (real data, killed workers, outages, several nodes, S3)
+#   make lint          ruff check and ruff format --check on the whole tree
+#   make bench         the benchmarks in benchmarks/
+#   make lock          refresh requirements/lock.txt after a change to pyproject.toml
+#   make lock-upgrade  move every pin in requirements/lock.txt to the newest version allowed
+#   make test-latest   build .venv-latest at the newest versions pyproject allows and run the
+#                      default suite there: a dependency release that breaks us shows up here
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -11,7 +16,7 @@ PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.normlab-installed
 CHROMIUM ?= chromium
 
-.PHONY: setup browser quickstart test test-fast test-slow bench clean
+.PHONY: setup browser quickstart test test-fast test-slow lint bench lock lock-upgrade test-latest clean
 
 setup: $(STAMP) browser
 
@@ -29,22 +34,57 @@ browser:
 		exit 1; \
 	fi
 
-# torchattacks goes in last and with --no-deps: it pins requests~=2.25.1, which MLflow
-# cannot use; its real needs (torch, torchvision, scipy, tqdm, numpy, requests) are ours.
-$(STAMP): pyproject.toml
+# The environment is requirements/lock.txt, exactly: every package (transitive ones, pip and
+# setuptools included) at the version the tests passed with, each file checked against its
+# hash. It installs with --no-deps, so no resolver runs: torchattacks' requests pin (see
+# requirements/nodeps.in) cannot pull anything in. A changed lock or pyproject rebuilds the
+# environment from scratch, and setup ends by proving the environment is the lock
+# (trainables/environment.py check), then records which lock it came from ($(VENV)/normlab-lock.txt,
+# read into every run's tags).
+LOCK = requirements/lock.txt
+
+$(STAMP): pyproject.toml $(LOCK)
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
-	$(PY) -m pip install --quiet --no-deps 'torchattacks==3.5.1'
-	$(PY) -c "import torch, torchvision, torchattacks, ray, mlflow, optuna; print('normlab environment ready: torch', torch.__version__, 'ray', ray.__version__, 'mlflow', mlflow.__version__)"
+	$(PY) -m pip install --quiet --require-hashes --no-deps -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PY) -m trainables.environment check $(LOCK)
+	cp $(LOCK) $(VENV)/normlab-lock.txt
+	$(PY) -c "import torch, torchvision, torchattacks, ray, mlflow, optuna; print('normlab environment ready: torch', torch.__version__, 'ray', ray.__version__, 'mlflow', mlflow.__version__, 'optuna', optuna.__version__)"
 	touch $(STAMP)
+
+lock:
+	requirements/lock.sh
+
+lock-upgrade:
+	requirements/lock.sh --upgrade
+
+# A second environment at the newest releases pyproject allows (no lock), and the default
+# suite in it. First it names every package whose newest release differs from the lock, so a
+# failure points at the release that caused it.
+LATEST = .venv-latest
+test-latest: browser
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install --quiet --upgrade pip
+	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e '.[test]'
+	$(LATEST)/bin/python -m pip install --quiet --upgrade --no-deps -r requirements/nodeps.in
+	@echo "== packages at the newest allowed release that differ from $(LOCK):"
+	@$(LATEST)/bin/python -m trainables.environment diff $(LOCK)
+	@$(LATEST)/bin/python -m pytest -p no:cacheprovider || { \
+		echo "make test-latest: the default suite FAILS at the newest allowed releases; the packages above differ from the lock." >&2; \
+		exit 1; }
 
 quickstart: setup
 	$(VENV)/bin/normlab submit quickstart
 
-test: setup
+test: setup lint
 	$(PY) -m pytest
 	$(PY) -m pytest -m slow
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test-fast: setup
 	$(PY) -m pytest
@@ -58,4 +98,4 @@ bench: setup
 	$(PY) benchmarks/bench_overhead.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache normlab_runs mlruns mlflow.db
+	rm -rf $(VENV) $(LATEST) .venv-lock .pytest_cache normlab_runs mlruns mlflow.db

@@ -42,6 +42,7 @@ from orchestrator.tracking import (
 )
 from orchestrator.tuner import StudyRef, TrialResolver, build_tuner, init_ray, trainable
 from orchestrator.ui_links import search_url
+from trainables.environment import environment_tags
 
 RESULT_COLUMNS = ("final_clean_acc", "final_adv_acc")
 
@@ -298,7 +299,7 @@ def run_search(
         **({"stages": ",".join(space.stages)} if space.stages else {}),
         **{f"fixed.{k}": v for k, v in space.fixed.items()},
     }
-    tags = {"normlab.ray_address": where, "normlab.storage_path": folder.uri,
+    tags = {"normlab.ray_address": where, "normlab.storage_path": folder.uri, **environment_tags(),
             # the report's importances come from the last stage's study
             **({"normlab.study": studies[-1], "normlab.study_storage": study_storage} if study_storage else {})}
     spec = space.model_dump(mode="json", by_alias=True)

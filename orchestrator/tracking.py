@@ -35,6 +35,7 @@ from orchestrator.trial_runs import (  # noqa: F401  (tag names, re-exported for
     trial_params,
 )
 from orchestrator.ui_links import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
+from trainables.environment import environment_tags
 
 DEFAULT_DIR = "normlab_runs"
 DRIVER_BUDGET_S = float(os.environ.get("NORMLAB_TRACKING_DRIVER_WAIT_S", 60))
@@ -194,9 +195,13 @@ def search_running(tracker: MlflowTrialTracker, *, resumed: bool = False) -> Ite
     """
     c = client(tracker.tracking_uri)
     if resumed:
+        from mlflow.entities import RunTag
+
         _set_parent(tracker, "mark it resumed", lambda: (
             c.update_run(tracker.parent_run_id, status="RUNNING"),
             c.set_tag(tracker.parent_run_id, "normlab.resumed_at", time.strftime("%Y-%m-%d %H:%M:%S")),
+            # the driver that resumed may run another install than the one that submitted
+            c.log_batch(tracker.parent_run_id, tags=[RunTag(k, v) for k, v in environment_tags("normlab.resume_env.").items()]),
         ), DRIVER_BUDGET_S)
     status = "FAILED"
     try:

@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import ray
 import torch
 from click.testing import CliRunner
 from conftest import run_normlab
@@ -14,6 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import main
 from trainables.config import TrialConfig
+from trainables.environment import environment_tags
 
 SPACE = """
 name: smoke
@@ -74,6 +76,10 @@ def test_mlflow_holds_one_parent_and_one_child_per_trial(search):
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["normlab.ray_address"].startswith("local")
     assert parent.data.tags["mlflow.source.git.commit"]
+    # the install the search ran with, on the driver and on each trial's node (test_environment.py)
+    env = environment_tags()
+    assert env["normlab.env.torch"] == torch.__version__.split("+")[0] and env["normlab.env.ray"] == ray.__version__
+    assert {k: parent.data.tags.get(k) for k in env} == env
     assert parent.data.params["algorithm"] == "grid" and parent.data.params["trials"] == "4"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"search_space.resolved.json", "smoke.yaml"} <= artifacts
@@ -84,6 +90,7 @@ def test_mlflow_holds_one_parent_and_one_child_per_trial(search):
         expected = set(TrialConfig.model_fields) - {"device", "threads"}
         assert set(child.data.params) == expected
         assert child.data.tags["normlab.threads"] == "1" and child.data.tags["normlab.device"] == "cpu"
+        assert {k: child.data.tags.get(k) for k in env} == env
 
 
 def test_runs_are_named_by_what_varies_and_the_parent_summarises_the_search(search, tmp_path):

@@ -54,6 +54,7 @@ from trainables.checkpoints import (
     unmanifested_checkpoints,
 )
 from trainables.config import TrialConfig, format_validation_error
+from trainables.environment import environment_tags
 from trainables.failures import NonRetryableError, StorageFullError, TrialConfigError, describe, is_disk_full, is_retryable
 from trainables.record import TrialRecord, TrialTracker
 from trainables.trial import run_trial
@@ -105,7 +106,8 @@ def auto_device(gpus: float) -> str:
 
 
 def runtime_tags(values: dict[str, Any], gpus: float) -> dict[str, str]:
-    """Facts of this attempt for the run: device, threads, node, GPU ids and share."""
+    """Facts of this attempt for the run: device, threads, node, GPU ids and share, and the node's
+    environment (lock hash and package versions: ``trainables.environment``)."""
     import ray
 
     context = ray.get_runtime_context()
@@ -118,6 +120,7 @@ def runtime_tags(values: dict[str, Any], gpus: float) -> dict[str, str]:
         "normlab.gpu_share": f"{gpus:g}",
         "normlab.gpu_ids": ",".join(str(i) for i in ray.get_gpu_ids()),
         "normlab.cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+        **environment_tags(),
     }
 
 
