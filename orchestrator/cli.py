@@ -256,6 +256,7 @@ def submit(space: str, overrides: tuple[str, ...], address: str | None, tracking
     from orchestrator.search import SearchStorageError, run_search
     from orchestrator.stages import StageError
     from orchestrator.storage import StorageError
+    from orchestrator.study import SearcherStateError
     from orchestrator.tracking import TrackingUnreachable, check_reachable, resolve_tracking
 
     target = resolve_tracking(tracking_uri)
@@ -271,7 +272,7 @@ def submit(space: str, overrides: tuple[str, ...], address: str | None, tracking
                              console=console)
     except (SearchStorageError, StageError) as exc:
         raise TrialFailure(str(exc)) from exc
-    except (StorageError, TrackingUnreachable) as exc:
+    except (StorageError, TrackingUnreachable, SearcherStateError) as exc:  # a sampler that cannot be saved
         raise UsageFailure(str(exc)) from exc
     out.print(outcome.table)
     console.print(f"MLflow UI: {outcome.ui_url}", soft_wrap=True, markup=False)
@@ -320,12 +321,13 @@ def resume(search: str, address: str | None, storage_path: str | None, num_cpus:
     from orchestrator.search import SearchStorageError, resume_search
     from orchestrator.stages import StageError
     from orchestrator.storage import StorageError
+    from orchestrator.study import SearcherStateError
     from orchestrator.tracking import TrackingUnreachable
 
     try:
         folder = find_experiment(search, storage_path)
         outcome = resume_search(folder, address=address, num_cpus=num_cpus, console=console)
-    except (LookupError, TrackingUnreachable, ConnectionError, StorageError) as exc:
+    except (LookupError, TrackingUnreachable, ConnectionError, StorageError, SearcherStateError) as exc:
         raise UsageFailure(str(exc)) from exc
     except (SearchStorageError, StageError) as exc:
         raise TrialFailure(str(exc)) from exc

@@ -20,20 +20,42 @@ FAIL trial's number), so the sampler, the Pareto front and the importances all c
 
 Samplers: ``tpe`` (default for one metric), ``nsgaii`` (default for several), ``cmaes``
 (one metric), ``qmc``, ``random``; all seeded with ``search.sampler_seed``.
+
+Pickling: Ray Tune pickles the searcher into the Tuner's state (``tuner.pkl``, when the
+search starts) and into its searcher checkpoints (``searcher-state-*.pkl``, through ``save``
+and ``restore``), and a resumed search is rebuilt from both. A sampler may keep things that
+pickle cannot write: Optuna 5.1's NSGA-II keeps a ``threading.Lock``. ``StudySearch`` pickles
+its whole state (sampler and study included) with ``dumps_state``, Ray's cloudpickle with one
+addition: thread primitives (locks, RLocks, conditions, thread-local storage) are written
+as "make a fresh one" and come back new and released, every reference to one still sharing
+it. Everything else the sampler keeps comes back as it was: its RNG state (a resumed study
+continues the same random stream), its caches and its generation bookkeeping. The study
+reconnects to its RDB storage on load and reads every trial from there. Anything else that
+cannot be pickled (a generator, a socket) is a ``SearcherStateError`` when the search
+starts: one line naming the sampler, the Optuna release and what it keeps, never a traceback.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import math
+import pickle
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from ray import cloudpickle
 from ray.tune.search.optuna import OptunaSearch
 
 log = logging.getLogger("normlab.study")
 DEFAULT_FILE = "optuna.db"
 RAY_TRIAL_ATTR = "ray_trial_id"
+STATE_KEY = "normlab.searcher_state"  # what StudySearch.__getstate__ returns: its state, pickled
+# normlab's sampler names, by the Optuna class that make_sampler builds for each
+SAMPLER_CLASSES = {"tpe": "TPESampler", "nsgaii": "NSGAIISampler", "cmaes": "CmaEsSampler",
+                   "qmc": "QMCSampler", "random": "RandomSampler"}
 
 
 def default_storage(tracking_uri: str, workdir: Path | None = None) -> str:
@@ -56,6 +78,89 @@ def make_sampler(name: str, seed: int) -> Any:
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
     }
     return samplers[name]()
+
+
+def sampler_name(sampler: Any) -> str:
+    """normlab's name of ``sampler`` (``nsgaii``), else its class name."""
+    names = {cls: name for name, cls in SAMPLER_CLASSES.items()}
+    for cls in type(sampler).__mro__:
+        if cls.__name__ in names:
+            return names[cls.__name__]
+    return type(sampler).__name__
+
+
+class SearcherStateError(pickle.PicklingError):
+    """The searcher keeps something that cannot be pickled, so Ray Tune can neither save nor
+    resume the search; the message is one line naming the sampler and what it keeps."""
+
+
+def _rebuilt_condition(condition: threading.Condition) -> tuple[Any, ...]:
+    return threading.Condition, (condition._lock,)  # the lock pickled in turn: still shared
+
+
+def _rebuilt_local(local: threading.local) -> tuple[Any, ...]:
+    type(local)()  # a thread-local that needs arguments could not be made again: refuse it now
+    return type(local), ()
+
+
+# thread primitives, written as a fresh one of the same kind (a lock comes back released)
+_REBUILT: dict[type, Callable[[Any], tuple[Any, ...]]] = {
+    type(threading.Lock()): lambda _: (threading.Lock, ()),
+    type(threading.RLock()): lambda _: (threading.RLock, ()),
+    threading.Condition: _rebuilt_condition,
+}
+
+
+class _StatePickler(cloudpickle.Pickler):
+    """Ray's cloudpickle, writing thread primitives as fresh ones (see the module doc)."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        rebuild = _REBUILT.get(type(obj))
+        if rebuild is not None:
+            return rebuild(obj)
+        if isinstance(obj, threading.local):
+            return _rebuilt_local(obj)
+        return super().reducer_override(obj)
+
+
+def dumps_state(obj: Any) -> bytes:
+    """``obj`` pickled with its thread primitives made fresh on load; ``pickle.loads`` reads it."""
+    buffer = io.BytesIO()
+    _StatePickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buffer.getvalue()
+
+
+def _parts(obj: Any) -> Iterator[tuple[str, Any]]:
+    """What pickle writes of ``obj``: items, elements, or the state of its reduction, named."""
+    if isinstance(obj, dict):
+        yield from ((f"[{k!r}]", v) for k, v in obj.items())
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        yield from ((f"[{i}]", v) for i, v in enumerate(obj))
+    elif not isinstance(obj, type):
+        try:
+            reduced = obj.__reduce_ex__(pickle.HIGHEST_PROTOCOL)
+        except Exception:  # noqa: BLE001  (it refuses to be pickled at all: a leaf)
+            return
+        if not isinstance(reduced, tuple) or len(reduced) < 3:
+            return
+        state = reduced[2][0] if isinstance(reduced[2], tuple) and len(reduced[2]) == 2 else reduced[2]
+        if isinstance(state, dict):
+            yield from ((f".{k}", v) for k, v in state.items())
+        yield from ((f"<arg {i}>", v) for i, v in enumerate(reduced[1] or ()))
+
+
+def _unpicklable(obj: Any, path: str, depth: int = 0) -> tuple[str, Any, Exception] | None:
+    """The innermost part of ``obj`` that cannot be pickled: its path, itself, the error."""
+    try:
+        dumps_state(obj)
+        return None
+    except Exception as exc:  # noqa: BLE001
+        error = exc
+    for name, part in _parts(obj) if depth < 12 else ():
+        found = _unpicklable(part, path + name, depth + 1)
+        if found is not None:
+            return found
+    return path, obj, error
 
 
 def rdb_storage(url: str) -> Any:
@@ -84,9 +189,50 @@ class StudySearch(OptunaSearch):
             self._ot_trials[trial_id].set_user_attr(RAY_TRIAL_ATTR, trial_id)
         return params
 
+    def __getstate__(self) -> dict[str, bytes]:
+        """What Ray pickles into the Tuner's state: the whole state, pickled by ``dumps_state``."""
+        return {STATE_KEY: self.pickled_state()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if STATE_KEY in state:  # else a searcher pickled before normlab pickled its own state
+            state = pickle.loads(state[STATE_KEY])
+        self.__dict__.update(state)
+
+    def save(self, checkpoint_path: str) -> None:
+        """Ray's searcher checkpoint: the same dict as ``OptunaSearch.save`` writes (its
+        ``restore`` reads it), pickled by ``dumps_state``."""
+        data = self.pickled_state()
+        with open(checkpoint_path, "wb") as out:
+            out.write(data)
+
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
         self.fail_orphans()
+
+    def pickled_state(self) -> bytes:
+        """The searcher's attributes, pickled (see the module doc), or a ``SearcherStateError``."""
+        state = self.__dict__.copy()
+        try:
+            return dumps_state(state)
+        except Exception as exc:  # pickle raises TypeError, PicklingError, AttributeError...
+            raise SearcherStateError(self._unsaveable(state, exc)) from exc
+
+    def _unsaveable(self, state: dict[str, Any], error: Exception) -> str:
+        import optuna
+
+        name = sampler_name(self._sampler)
+        found = None
+        for key in sorted(state, key=lambda k: k != "_sampler"):  # a path through the sampler if there is one
+            found = _unpicklable(state[key], "sampler" if key == "_sampler" else f"searcher.{key}")
+            if found is not None:
+                break
+        path, culprit, error = found or ("searcher", state, error)
+        reason = " ".join(str(error).split()) or type(error).__name__
+        owner = f"the {name} sampler of Optuna {optuna.__version__}" if path.startswith("sampler") else \
+            f"the Optuna search ({name} sampler, Optuna {optuna.__version__})"
+        return (f"{owner} keeps a {type(culprit).__module__}.{type(culprit).__qualname__} ({path}) which cannot be "
+                f"saved ({reason}), so Ray Tune could neither checkpoint nor resume this search; choose another "
+                f"sampler (search.sampler: {', '.join(n for n in SAMPLER_CLASSES if n != name)}) or another Optuna release")
 
     def fail_orphans(self) -> list[int]:
         """Mark FAIL the study's RUNNING trials that Ray does not know; returns their numbers."""

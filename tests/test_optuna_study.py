@@ -1,6 +1,7 @@
 """Optuna searches: settings that cannot work are refused, the conditional space holds, the
 study lives in RDB storage, and a killed multi-objective search resumes into the same
-study with every Ray trial in it exactly once."""
+study with every Ray trial in it exactly once and its NSGA-II sampler's history kept (the
+searcher's pickling itself: test_sampler_pickling.py)."""
 
 from __future__ import annotations
 
@@ -157,6 +158,8 @@ def test_a_killed_multi_objective_search_resumes_into_the_same_study(tmp_path):
                 break
             time.sleep(0.5)
         assert driver.poll() is None and before, (tmp_path / "submit.log").read_text()[-3000:]
+        generation = optuna.samplers.NSGAIISampler._get_generation_key()
+        before_generations = {n: t.system_attrs[generation] for n, t in enumerate(study.trials) if n in before}
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait(timeout=30)
     finally:
@@ -174,6 +177,14 @@ def test_a_killed_multi_objective_search_resumes_into_the_same_study(tmp_path):
     ray_ids = [t.user_attrs[RAY_TRIAL_ATTR] for t in complete]
     assert len(set(ray_ids)) == trials  # ... exactly once
     assert all(t.state == TrialState.FAIL and "normlab.lost" in t.user_attrs for t in others)  # nothing left RUNNING
+    handed = [t.user_attrs[RAY_TRIAL_ATTR] for t in study.trials if RAY_TRIAL_ATTR in t.user_attrs]
+    assert len(set(handed)) == len(handed)  # no Ray trial twice in the study, lost ones included
+    # the sampler's history is kept: each trial is in NSGA-II's generations (those from before the kill
+    # unchanged), and its random stream went on from where it was instead of starting over from the seed
+    # (a restarted stream would hand the first trials' parameters out again)
+    assert {n: study.trials[n].system_attrs[generation] for n in before} == before_generations
+    assert all(generation in t.system_attrs for t in complete)
+    assert len({t.params["lr"] for t in study.trials}) == len(study.trials)
     for number, (values, params) in before.items():  # the history from before the kill is intact
         assert (tuple(study.trials[number].values), study.trials[number].params) == (values, params)
     assert [t.number for t in study.trials] == list(range(len(study.trials)))
