@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-# Ray binds to and advertises 127.0.0.1 only with this (DESIGN.md, known traps).
+# Ray binds to and advertises 127.0.0.1 only with this (docs/design.md, known traps).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

@@ -2,7 +2,7 @@
 
 `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` keeps Ray on loopback, where `ray start --address`
 refuses a second node on one host; Ray's own test cluster starts them anyway, and tasks
-spread over them (DESIGN.md, known traps). These tests drive `normlab submit --address`
+spread over them (docs/design.md, known traps). These tests drive `normlab submit --address`
 against such clusters exactly as a researcher would against a real one:
 
 - two nodes, one of them removed mid-search: its trials move to the other node from

@@ -1,7 +1,7 @@
 """The Optuna searcher's state pickles and restores for every sampler, whatever the sampler
 keeps: thread locks come back fresh, the RNG state, the caches and the study's trials come
 back as they were; a sampler that keeps something truly unpicklable is one clear error
-naming it. (Optuna 5.1's NSGA-II keeps a ``threading.Lock``: see DESIGN.md, known traps.)"""
+naming it. (Optuna 5.1's NSGA-II keeps a ``threading.Lock``: see docs/design.md, known traps.)"""
 
 from __future__ import annotations
 

@@ -106,7 +106,7 @@ def test_submit_to_a_real_head_and_mlflow_server(cluster):
 
 
 def test_a_driver_without_the_token_is_refused_by_the_head(cluster):
-    """Token authentication really is on: the trap DESIGN.md describes, and why normlab sets RAY_AUTH_MODE."""
+    """Token authentication really is on: the trap docs/design.md describes, and why normlab sets RAY_AUTH_MODE."""
     env = {**cluster["env"], "RAY_AUTH_MODE": "disabled"}
     code = f"import ray; ray.init(address='{cluster['address']}')"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)

@@ -60,7 +60,7 @@ _BN_BACKWARD = torch.ops.aten.native_batch_norm_backward.default
 # forward as eval-mode ``batch_norm`` with variance ``s ** 2`` and eps 0, the backward's
 # reductions as ``native_batch_norm_backward`` in eval mode with no saved statistics.
 # That backward call is only valid on the CPU: PyTorch's CUDA kernel requires the saved
-# mean and inverse std whenever weight or bias gradients are asked for (DESIGN.md,
+# mean and inverse std whenever weight or bias gradients are asked for (docs/design.md,
 # known traps), and half precision would overflow or underflow ``s ** 2``. Everywhere
 # else RobustNorm takes the "generic" path: plain broadcasting ops that autograd's own
 # formulas would use, with per-channel statistics accumulated in at least float32.
