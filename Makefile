@@ -37,16 +37,22 @@ browser:
 # The environment is requirements/lock.txt, exactly: every package (transitive ones, pip and
 # setuptools included) at the version the tests passed with, each file checked against its
 # hash. It installs with --no-deps, so no resolver runs: torchattacks' requests pin (see
-# requirements/nodeps.in) cannot pull anything in. A changed lock or pyproject rebuilds the
-# environment from scratch, and setup ends by proving the environment is the lock
+# requirements/nodeps.in) cannot pull anything in. A changed lock rebuilds the environment
+# from scratch (a changed pyproject reinstalls normlab only), and setup ends by proving the environment is the lock
 # (trainables/environment.py check), then records which lock it came from ($(VENV)/normlab-lock.txt,
 # read into every run's tags).
 LOCK = requirements/lock.txt
 
-$(STAMP): pyproject.toml $(LOCK)
+LOCKED = $(VENV)/.normlab-locked
+
+$(LOCKED): $(LOCK)
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --require-hashes --no-deps -r $(LOCK)
+	touch $(LOCKED)
+
+# normlab itself (again when pyproject.toml changes: its entry points), then the proof
+$(STAMP): pyproject.toml $(LOCKED)
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(PY) -m trainables.environment check $(LOCK)
 	cp $(LOCK) $(VENV)/normlab-lock.txt
