@@ -55,6 +55,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `trainables` without an install
 
 from _machine import cpu_model, default_threads, load_average, write_json
+
 from trainables.norms import RobustNorm, force_kernel_path  # noqa: E402
 
 BATCH = 128

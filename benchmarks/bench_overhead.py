@@ -21,15 +21,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from orchestrator.rayenv import prepare_environment
+from orchestrator.running.rayenv import prepare_environment
 
 prepare_environment(local_ray=True)
 
 import torch  # noqa: E402
 
-from orchestrator.spaces import SearchSpace  # noqa: E402
-from orchestrator.tracking import TrackingTarget, check_reachable, search_running, start_search_run  # noqa: E402
-from orchestrator.tuner import build_tuner, init_ray  # noqa: E402
+from orchestrator.running.tuner import build_tuner, init_ray  # noqa: E402
+from orchestrator.searchfile.space import SearchSpace  # noqa: E402
+from orchestrator.tracking.search_run import TrackingTarget, check_reachable, search_running, start_search_run  # noqa: E402
 from trainables.config import TrialConfig  # noqa: E402
 from trainables.trial import run_trial  # noqa: E402
 

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `trainables` without an install
 
 from _machine import cpu_model, default_threads, load_average, write_json
+
 from trainables.config import TrialConfig  # noqa: E402
 from trainables.data import augment  # noqa: E402
 from trainables.models import create_model  # noqa: E402

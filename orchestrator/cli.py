@@ -124,7 +124,7 @@ def _check_writable_folder(folder: Path, what: str) -> None:
 @click.version_option(package_name="normlab")
 def main() -> None:
     """normlab: adversarial robustness of normalization layers, as Ray Tune searches."""
-    from orchestrator.rayenv import prepare_environment
+    from orchestrator.running.rayenv import prepare_environment
 
     prepare_environment()  # before anything imports ray or mlflow
 
@@ -152,7 +152,7 @@ def trial(
                     regime=pgd_at epochs=10 eval_attacks=fgsm,pgd eval_eps=0.05,0.1 \\
                     --json-out result.json
     """
-    from orchestrator.views import final_table, shift_table
+    from orchestrator.display.views import final_table, shift_table
     from trainables.checkpoints import load_checkpoint, save_checkpoint
     from trainables.trial import check_checkpoint, run_trial
 
@@ -195,7 +195,8 @@ def trial(
 
 
 def _load_space(space: str, overrides: tuple[str, ...]) -> Any:
-    from orchestrator.spaces import SpaceError, load_space
+    from orchestrator.searchfile.load import load_space
+    from orchestrator.searchfile.space import SpaceError
 
     try:
         return load_space(space, overrides)
@@ -206,7 +207,7 @@ def _load_space(space: str, overrides: tuple[str, ...]) -> Any:
 def _prepare_ray(address: str | None) -> None:
     """Ray's environment before ray is imported: a loopback-only local Ray, or the
     authentication mode of the cluster at ``address`` (probed), or a clear error."""
-    from orchestrator.rayenv import prepare_environment
+    from orchestrator.running.rayenv import prepare_environment
 
     joining = address or os.environ.get("RAY_ADDRESS")
     try:
@@ -253,11 +254,11 @@ def submit(space: str, overrides: tuple[str, ...], address: str | None, tracking
     _prepare_ray(address)
     import shlex
 
-    from orchestrator.search import SearchStorageError, run_search
-    from orchestrator.stages import StageError
-    from orchestrator.storage import StorageError
-    from orchestrator.study import SearcherStateError
-    from orchestrator.tracking import TrackingUnreachable, check_reachable, resolve_tracking
+    from orchestrator.running.driver import SearchStorageError, run_search
+    from orchestrator.running.stage_inputs import StageError
+    from orchestrator.state.storage import StorageError
+    from orchestrator.studies.study import SearcherStateError
+    from orchestrator.tracking.search_run import TrackingUnreachable, check_reachable, resolve_tracking
 
     target = resolve_tracking(tracking_uri)
     try:
@@ -317,12 +318,12 @@ def resume(search: str, address: str | None, storage_path: str | None, num_cpus:
     """
     _check_resume_arguments(search, storage_path)
     _prepare_ray(address)
-    from orchestrator.records import find_experiment
-    from orchestrator.search import SearchStorageError, resume_search
-    from orchestrator.stages import StageError
-    from orchestrator.storage import StorageError
-    from orchestrator.study import SearcherStateError
-    from orchestrator.tracking import TrackingUnreachable
+    from orchestrator.running.driver import SearchStorageError, resume_search
+    from orchestrator.running.stage_inputs import StageError
+    from orchestrator.state.records import find_experiment
+    from orchestrator.state.storage import StorageError
+    from orchestrator.studies.study import SearcherStateError
+    from orchestrator.tracking.search_run import TrackingUnreachable
 
     try:
         folder = find_experiment(search, storage_path)
@@ -343,8 +344,8 @@ def resume(search: str, address: str | None, storage_path: str | None, num_cpus:
 @click.option("--storage-path", help="Where searches were stored (default: normlab_runs/ray_results).")
 def status(name: str | None, storage_path: str | None) -> None:
     """Searches in the storage path: each trial's state, epochs done, last metrics."""
-    from orchestrator.status import search_status
-    from orchestrator.storage import StorageError
+    from orchestrator.running.status import search_status
+    from orchestrator.state.storage import StorageError
 
     try:
         tables = search_status(storage_path, name)
@@ -369,8 +370,8 @@ def status(name: str | None, storage_path: str | None) -> None:
 def report(name: str, tracking_uri: str | None, run_id: str | None, compare: str | None, fmt: str, out_dir: Path | None,
            log: bool, plot: Path | None) -> None:
     """The results of search NAME from MLflow: one row per trial, or (--compare) the papers' table."""
-    from orchestrator.report import render, search_results, tradeoff_figure
-    from orchestrator.tracking import TrackingUnreachable, check_reachable, resolve_tracking
+    from orchestrator.reports.results import render, search_results, tradeoff_figure
+    from orchestrator.tracking.search_run import TrackingUnreachable, check_reachable, resolve_tracking
 
     target = resolve_tracking(tracking_uri)
     try:
@@ -393,8 +394,8 @@ def report(name: str, tracking_uri: str | None, run_id: str | None, compare: str
 
 
 def _compare_report(frame: Any, target: Any, keys: list[str], fmt: str, out_dir: Path | None, log: bool) -> None:
-    from orchestrator import compare
-    from orchestrator.reports import log_report, study_of
+    from orchestrator.reports import compare
+    from orchestrator.reports.publish import log_report, study_of
 
     try:
         comp = compare.comparison(frame, keys)
@@ -424,11 +425,11 @@ def ui(tracking_uri: str | None, host: str, port: int, workers: int, allowed_hos
 
     The URL opens the runs of the newest search (or --search NAME): its parent run and one
     child run per trial, named by what varies. It goes through a page of normlab's that
-    keeps MLflow's AI assistant from opening by itself (see orchestrator/ui_links.py).
+    keeps MLflow's AI assistant from opening by itself (see orchestrator/tracking/links.py).
     """
-    from orchestrator.tracking import TAG_SEARCH_RUN, find_search_run, resolve_tracking
-    from orchestrator.ui_links import runs_route, ui_url
-    from orchestrator.ui_server import serve
+    from orchestrator.tracking.links import runs_route, ui_url
+    from orchestrator.tracking.search_run import TAG_SEARCH_RUN, find_search_run, resolve_tracking
+    from orchestrator.ui.server import serve
 
     target = resolve_tracking(tracking_uri)
     shown_host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)

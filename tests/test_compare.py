@@ -85,7 +85,7 @@ def test_an_unknown_compare_key_says_which_keys_vary(tmp_path):
     """Without a search to read: the error path of --compare, checked on a hand-made frame."""
     import pandas as pd
 
-    from orchestrator.compare import comparison
+    from orchestrator.reports.compare import comparison
 
     frame = pd.DataFrame([{"status": "FINISHED", "norm": "batchnorm", "seed": "0", "final_clean_acc": 0.9}])
     frame.attrs.update(varying=["norm", "seed"], attacks=[], eps=[])
@@ -98,7 +98,7 @@ def test_an_unknown_compare_key_says_which_keys_vary(tmp_path):
 def test_a_report_of_trials_that_all_failed_has_tables_and_no_empty_plots(tmp_path):
     import pandas as pd
 
-    from orchestrator.compare import write_report
+    from orchestrator.reports.compare import write_report
 
     def frame(status: str) -> pd.DataFrame:
         rows = [{"status": status, "norm": norm, "seed": "0", "final_clean_acc": 0.9, "adv_acc_fgsm_eps0.1": 0.3,

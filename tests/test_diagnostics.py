@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from orchestrator import trial_runs
-from orchestrator.views import shift_figure, shift_table
+from orchestrator.display.views import shift_figure, shift_table
+from orchestrator.tracking import trial_runs
 from trainables.attacks import AttackSettings, Perturber, module_modes
 from trainables.config import TrialConfig
 from trainables.data import load_dataset

@@ -165,7 +165,8 @@ def test_docs_exist_and_have_examples():
 @pytest.mark.parametrize("example", YAML_EXAMPLES, ids=_ids(YAML_EXAMPLES))
 def test_yaml_example_validates(example: Example, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from orchestrator.cli import UsageFailure, build_trial_config
-    from orchestrator.spaces import SpaceError, load_space
+    from orchestrator.searchfile.load import load_space
+    from orchestrator.searchfile.space import SpaceError
 
     first = example.text.lstrip().splitlines()[0].strip() if example.text.strip() else ""
     if first == "# not-validated":

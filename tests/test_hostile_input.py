@@ -25,7 +25,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestrator.spaces import MAX_GRID_COMBINATIONS, GridKey, SearchSpace, SpaceError, load_space
+from orchestrator.searchfile.load import load_space
+from orchestrator.searchfile.space import MAX_GRID_COMBINATIONS, GridKey, SearchSpace, SpaceError
 from trainables.attacks import ATTACKS
 from trainables.config import TrialConfig, parse_overrides
 from trainables.models import MODELS

@@ -164,7 +164,7 @@ def legacy_workdir():
 
 @pytest.mark.slow
 def test_searches_killed_by_an_earlier_normlab_resume_to_the_end(legacy_workdir):
-    from orchestrator.study import RAY_TRIAL_ATTR
+    from orchestrator.studies.study import RAY_TRIAL_ATTR
 
     for name in SEARCHES:
         resumed = run_normlab("resume", name, "--num-cpus", "2", cwd=legacy_workdir)

@@ -116,11 +116,11 @@ def test_two_nodes_one_lost_mid_search(tmp_path, cluster):
 
 def test_a_driver_matches_the_clusters_authentication_whatever_token_files_lie_around(tmp_path, cluster):
     """The cluster has authentication off; a stale token in HOME made normlab set RAY_AUTH_MODE=token."""
-    from orchestrator.rayenv import cluster_auth_mode
+    from orchestrator.running.rayenv import cluster_auth_mode
 
     assert cluster_auth_mode(cluster.address) == "disabled"
     home = stale_token_home(tmp_path)
-    code = ("import os; from orchestrator.rayenv import prepare_environment; "
+    code = ("import os; from orchestrator.running.rayenv import prepare_environment; "
             f"prepare_environment(address='{cluster.address}'); print(os.environ['RAY_AUTH_MODE'])")
     import subprocess
     import sys

@@ -19,9 +19,17 @@ from conftest import normlab_env, run_normlab
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from orchestrator.spaces import SpaceError, load_space
-from orchestrator.study import RAY_TRIAL_ATTR, StudySearch, make_sampler, pareto_front, rdb_storage, record_retried
-from orchestrator.tuner import OptunaSpace
+from orchestrator.running.tuner import OptunaSpace
+from orchestrator.searchfile.load import load_space
+from orchestrator.searchfile.space import SpaceError
+from orchestrator.studies.study import (
+    RAY_TRIAL_ATTR,
+    StudySearch,
+    make_sampler,
+    pareto_front,
+    rdb_storage,
+    record_retried,
+)
 
 SPACE = """
 name: {name}

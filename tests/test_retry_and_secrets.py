@@ -19,15 +19,8 @@ from conftest import MlflowServer, run_normlab
 from mlflow.exceptions import MlflowException, RestException
 from mlflow.tracking import MlflowClient
 
-from orchestrator.retry import (
-    TrackingError,
-    TrackingUnavailable,
-    is_transient,
-    mask_uri,
-    retrying,
-    scrub,
-    strip_credentials,
-)
+from orchestrator.credentials.uris import mask_uri, scrub, strip_credentials
+from orchestrator.tracking.retry import TrackingError, TrackingUnavailable, is_transient, retrying
 
 
 def test_mask_strip_and_scrub_credentials():

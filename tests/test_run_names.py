@@ -7,10 +7,10 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestrator.run_names import format_value, run_name, trial_number, varying_keys
-from orchestrator.search import SearchRecord
-from orchestrator.tracking import resolve_tracking, start_search_run
-from orchestrator.trial_runs import MlflowTrialTracker
+from orchestrator.running.driver import SearchRecord
+from orchestrator.tracking.run_names import format_value, run_name, trial_number, varying_keys
+from orchestrator.tracking.search_run import resolve_tracking, start_search_run
+from orchestrator.tracking.trial_runs import MlflowTrialTracker
 from trainables.record import TrialRecord
 
 

@@ -19,9 +19,9 @@ import pytest
 from conftest import normlab_env
 from ray import cloudpickle, tune
 
-from orchestrator.spaces import load_space
-from orchestrator.study import SAMPLER_CLASSES, SearcherStateError, StudySearch, dumps_state, make_sampler
-from orchestrator.tuner import StudyRef, search_algorithm
+from orchestrator.running.tuner import StudyRef, search_algorithm
+from orchestrator.searchfile.load import load_space
+from orchestrator.studies.study import SAMPLER_CLASSES, SearcherStateError, StudySearch, dumps_state, make_sampler
 
 SAMPLERS = list(SAMPLER_CLASSES)
 SPACE = """
@@ -207,10 +207,10 @@ def test_submit_with_a_sampler_that_cannot_be_saved_fails_with_one_line(tmp_path
     (tmp_path / "submit.py").write_text(textwrap.dedent("""
         import sys
 
-        from orchestrator.rayenv import prepare_environment
+        from orchestrator.running.rayenv import prepare_environment
 
         prepare_environment(local_ray=True)  # before ray is imported, as the command does
-        import orchestrator.study as study
+        import orchestrator.studies.study as study
 
         made = study.make_sampler
 

@@ -229,8 +229,8 @@ def test_a_search_whose_experiment_was_deleted_in_mlflow_is_one_clear_error(tmp_
 
 
 def test_two_searches_started_in_the_same_second_get_their_own_folders(tmp_path):
-    from orchestrator import storage
-    from orchestrator.search import _new_experiment_name
+    from orchestrator.running.driver import _new_experiment_name
+    from orchestrator.state import storage
 
     root = storage.resolve(str(tmp_path / "runs"))
     names = [_new_experiment_name(root, "twice") for _ in range(3)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 
-from orchestrator import snapshots, storage
+from orchestrator.state import snapshots, storage
 
 
 def test_whole_and_cut_state_files_are_told_apart():

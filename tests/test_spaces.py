@@ -11,8 +11,9 @@ import optuna
 import pytest
 from ray.tune.search.variant_generator import generate_variants
 
-from orchestrator.spaces import SampleKey, SpaceError, builtin_spaces, load_space
-from orchestrator.tuner import OptunaSpace, TrialResolver, param_space
+from orchestrator.running.tuner import OptunaSpace, TrialResolver, param_space
+from orchestrator.searchfile.load import builtin_spaces, load_space
+from orchestrator.searchfile.space import SampleKey, SpaceError
 from trainables.config import TrialConfig
 
 GOOD = """

@@ -21,8 +21,9 @@ import torch
 from conftest import normlab_env, run_normlab
 from mlflow.tracking import MlflowClient
 
-from orchestrator.spaces import SpaceError, load_space
-from orchestrator.stages import Finished, StageError, seeded_combinations, stage_views
+from orchestrator.running.stage_inputs import Finished, StageError, seeded_combinations
+from orchestrator.searchfile.load import load_space
+from orchestrator.searchfile.space import SpaceError, stage_views
 
 COMMON = """
 name: {name}

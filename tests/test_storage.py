@@ -22,9 +22,9 @@ from conftest import normlab_env, run_normlab
 from mlflow.tracking import MlflowClient
 from pyarrow import fs as pafs
 
-from orchestrator import storage
 from orchestrator.cli import main
-from orchestrator.records import RECORD_FILE, SearchRecord
+from orchestrator.state import storage
+from orchestrator.state.records import RECORD_FILE, SearchRecord
 
 # ------------------------------------------------------------------ without a server
 

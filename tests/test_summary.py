@@ -10,9 +10,9 @@ import pytest
 from conftest import free_port
 from mlflow.tracking import MlflowClient
 
-from orchestrator.summary import REPORT_FILES, TrialRun, describe, log_search_summary, summarise
-from orchestrator.tracking import resolve_tracking, start_search_run
-from orchestrator.trial_runs import MlflowTrialTracker
+from orchestrator.tracking.search_run import resolve_tracking, start_search_run
+from orchestrator.tracking.summary import REPORT_FILES, TrialRun, describe, log_search_summary, summarise
+from orchestrator.tracking.trial_runs import MlflowTrialTracker
 from trainables.record import TrialRecord
 
 

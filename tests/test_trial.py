@@ -7,7 +7,8 @@ import torch
 
 from trainables.checkpoints import load_checkpoint, save_checkpoint
 from trainables.config import TrialConfig
-from trainables.trial import CheckpointMismatchError, NonFiniteLossError, adv_metric, run_trial
+from trainables.metrics import adv_metric
+from trainables.trial import CheckpointMismatchError, NonFiniteLossError, run_trial
 
 TIMING = ("epoch_seconds", "train_images_per_s")
 

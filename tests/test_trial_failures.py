@@ -27,9 +27,9 @@ def test_a_config_error_inside_a_trial_fails_once_with_a_run_that_says_why(tmp_p
     import ray
     from ray import tune
 
-    from orchestrator.callbacks import TrialRunsCallback
-    from orchestrator.tracking import resolve_tracking, start_search_run
-    from orchestrator.tuner import TrialResolver
+    from orchestrator.running.callbacks import TrialRunsCallback
+    from orchestrator.running.tuner import TrialResolver
+    from orchestrator.tracking.search_run import resolve_tracking, start_search_run
     from trainables.ray_trainable import train
 
     target = resolve_tracking(None, workdir=tmp_path)

@@ -13,8 +13,8 @@ import requests
 from conftest import free_port, normlab_env, run_normlab
 from mlflow.tracking import MlflowClient
 
-from orchestrator.tracking import resolve_tracking
-from orchestrator.ui_links import runs_route, search_url
+from orchestrator.tracking.links import runs_route, search_url
+from orchestrator.tracking.search_run import resolve_tracking
 from trainables.ray_trainable import runtime_settings
 
 

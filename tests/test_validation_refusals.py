@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import run_normlab
 
-from orchestrator.spaces import MAX_NAME_LENGTH, SpaceError, load_space
+from orchestrator.searchfile.load import load_space
+from orchestrator.searchfile.space import MAX_NAME_LENGTH, SpaceError
 from trainables.config import MAX_SEED
 
 STAGED = """

@@ -21,6 +21,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from trainables.data import eval_batches
+from trainables.registry import Registry
+
 if TYPE_CHECKING:
     import torchattacks
 
@@ -37,9 +40,6 @@ def torchattacks_module():  # noqa: ANN201
         ) from exc
     return torchattacks
 
-
-from trainables.data import eval_batches
-from trainables.registry import Registry
 
 
 @dataclass(frozen=True)

@@ -44,9 +44,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from trainables.attacks import eval_mode
 from trainables.data import eval_batches
+from trainables.metrics import SHIFT_PREFIX
 from trainables.norms import RobustNorm
 
-SHIFT_PREFIX = "shift_"
 SHIFT_KINDS = ("mean", "var")
 AVERAGE = "avg"
 SHIFT_AVERAGES = tuple(f"{SHIFT_PREFIX}{kind}_{AVERAGE}" for kind in SHIFT_KINDS)  # shift_mean_avg, shift_var_avg

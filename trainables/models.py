@@ -15,7 +15,7 @@ All models accept any number of input channels and any input size >= 8x8.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -55,13 +55,20 @@ from trainables.checkpoints import (
 )
 from trainables.config import TrialConfig, format_validation_error
 from trainables.environment import environment_tags
-from trainables.failures import NonRetryableError, StorageFullError, TrialConfigError, describe, is_disk_full, is_retryable
+from trainables.failures import (
+    NonRetryableError,
+    StorageFullError,
+    TrialConfigError,
+    describe,
+    is_disk_full,
+    is_retryable,
+)
+from trainables.metrics import EPOCH_METRICS
 from trainables.record import TrialRecord, TrialTracker
 from trainables.trial import run_trial
 
 RUN_ID_KEY = "mlflow_run_id"
 FATAL_FILE = "normlab_fatal.json"
-SHOWN_FIRST = ("clean_acc", "adv_acc", "train_loss", "train_acc")
 log = logging.getLogger("normlab.trial")
 
 
@@ -318,7 +325,7 @@ def train(
 def _shown(metrics: dict[str, Any], knobs: dict[str, Any]) -> dict[str, Any]:
     """The metrics in the order Tune's progress table should show them (it shows the first few),
     and the trial's varying knobs."""
-    return {k: metrics[k] for k in SHOWN_FIRST if k in metrics} | metrics | {"knobs": knobs}
+    return {k: metrics[k] for k in EPOCH_METRICS if k in metrics} | metrics | {"knobs": knobs}
 
 
 def _save(state: dict[str, Any], path: Path, record: TrialRecord, epoch: int) -> Path:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from trainables.trial import is_final_metric
+from trainables.metrics import is_final_metric
 
 
 @dataclass

@@ -30,8 +30,9 @@ from tqdm.auto import tqdm
 from trainables.attacks import AttackSettings, Perturber, clean_accuracy, robust_accuracy
 from trainables.config import TrialConfig
 from trainables.data import DEFAULT_AUGMENTATION, TensorData, augment, batch_indices, load_dataset
-from trainables.diagnostics import MAX_SHIFT_SAMPLES, SHIFT_PREFIX, measure_shift, shift_metrics
+from trainables.diagnostics import MAX_SHIFT_SAMPLES, measure_shift, shift_metrics
 from trainables.failures import NonRetryableError, TrialConfigError
+from trainables.metrics import BATCHSTATS, adv_metric, is_final_metric
 from trainables.models import create_model
 from trainables.norms import norm_layer_factory, stats_mode, stats_mode_layers
 from trainables.optim import build_optimizer, build_scheduler
@@ -82,16 +83,6 @@ class TrialResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def adv_metric(attack: str, eps: float, suffix: str = "") -> str:
-    """Metric name of one attack x eps pair, e.g. ``adv_acc_pgd_eps0.1``."""
-    return f"adv_acc_{attack}_eps{eps:g}{suffix}"
-
-
-def is_final_metric(name: str) -> bool:
-    """Metrics of the final sweep (``final_*``, ``adv_acc_<attack>_eps<eps>[_batchstats]``, ``shift_*``)."""
-    return name.startswith(("final_", "adv_acc_", SHIFT_PREFIX))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -277,10 +268,10 @@ class _Trial:
         final = self._sweep("", clean_acc)
         if self.stats_layers:
             if all(layer.stats_mode == "batch" for layer in self.stats_layers):
-                final.update({f"{k}_batchstats": v for k, v in list(final.items())})
+                final.update({f"{k}{BATCHSTATS}": v for k, v in list(final.items())})
             else:
                 with stats_mode(self.model, "batch"):
-                    final.update(self._sweep("_batchstats"))
+                    final.update(self._sweep(BATCHSTATS))
         if self.cfg.shift_diagnostic:
             final.update(self.shift_diagnostic())
         return final

@@ -25,13 +25,12 @@ from typing import TYPE_CHECKING, Any
 from rich.table import Table
 
 from trainables.diagnostics import SHIFT_AVERAGES
-from trainables.trial import adv_metric
+from trainables.metrics import BATCHSTATS, adv_metric
 
 if TYPE_CHECKING:
     import pandas as pd
 
 GROUP_EXCLUDED = ("seed",)
-BATCH = "_batchstats"
 
 
 def metric_columns(frame: pd.DataFrame) -> list[str]:
@@ -41,7 +40,7 @@ def metric_columns(frame: pd.DataFrame) -> list[str]:
     attacks, eps = frame.attrs.get("attacks", []), frame.attrs.get("eps", [])
     tracked = ["final_clean_acc", *(adv_metric(a, e) for a in attacks for e in eps)]
     columns = [c for c in tracked if c in frame.columns]
-    batch = [c + BATCH for c in columns if c + BATCH in frame.columns and frame[c + BATCH].notna().any()]
+    batch = [c + BATCHSTATS for c in columns if c + BATCHSTATS in frame.columns and frame[c + BATCHSTATS].notna().any()]
     shift = [c for c in SHIFT_AVERAGES if c in frame.columns and frame[c].notna().any()]
     return columns + batch + shift
 
@@ -51,8 +50,8 @@ def label(metric: str) -> str:
     ``shift_mean_avg`` -> ``shift mean``."""
     if metric in SHIFT_AVERAGES:
         return metric.removesuffix("_avg").replace("_", " ")
-    batch = metric.endswith(BATCH)
-    base = metric.removesuffix(BATCH)
+    batch = metric.endswith(BATCHSTATS)
+    base = metric.removesuffix(BATCHSTATS)
     text = "clean" if base == "final_clean_acc" else base.removeprefix("adv_acc_").replace("_eps", " ")
     return f"{text} (batch)" if batch else text
 
@@ -153,7 +152,7 @@ def accuracy_vs_eps_figure(comp: pd.DataFrame):  # noqa: ANN201
     for j, attack in enumerate(attacks):
         ax = fig.add_subplot(1, len(attacks), j + 1)
         for i, (_, row) in enumerate(comp.iterrows()):
-            for suffix, style in (("", "-"), (BATCH, "--")):
+            for suffix, style in (("", "-"), (BATCHSTATS, "--")):
                 names = ["final_clean_acc" + suffix, *(adv_metric(attack, e) + suffix for e in eps)]
                 if f"{names[-1]}_mean" not in comp.columns:
                     continue
@@ -183,7 +182,7 @@ def tracked_vs_batch_figure(comp: pd.DataFrame):  # noqa: ANN201
     attack, eps = comp.attrs.get("primary", ("", 0.0))
     keys = comp.attrs["keys"]
     metrics = [m for m in ("final_clean_acc", adv_metric(attack, eps)) if f"{m}_mean" in comp.columns]
-    bars = [(m, s) for m in metrics for s in ("", BATCH) if f"{m}{s}_mean" in comp.columns]
+    bars = [(m, s) for m in metrics for s in ("", BATCHSTATS) if f"{m}{s}_mean" in comp.columns]
     if not any(comp[f"{m}{s}_mean"].notna().any() for m, s in bars):
         return None  # nothing to draw (every trial failed before its final sweep)
     fig = _figure(max(6.0, 1.4 * len(comp) + 2.0), 4.5)
@@ -206,7 +205,7 @@ def tracked_vs_batch_figure(comp: pd.DataFrame):  # noqa: ANN201
 
 def pareto_figure(frame: pd.DataFrame, metrics: list[str], modes: list[str]):  # noqa: ANN201
     """Every finished trial on the first two objectives; the Pareto front joined and marked. None: no trial."""
-    from orchestrator.study import pareto_front
+    from orchestrator.studies.study import pareto_front
 
     finished = frame[frame["status"] == "FINISHED"]
     x, y = (f"last_{m}" for m in metrics[:2])

@@ -33,6 +33,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pyarrow import fs as pafs
 
+from orchestrator.credentials.uris import strip_credentials
+
 DEFAULT_ROOT = Path("normlab_runs") / "ray_results"
 STATE_PATTERN = "experiment_state-*.json"  # Ray Tune's experiment snapshots
 
@@ -86,11 +88,6 @@ def join(uri: str, name: str) -> str:
     return urlunsplit(parts._replace(path=posixpath.join(parts.path or "/", name)))
 
 
-def _redacted(uri: str) -> str:
-    parts = urlsplit(uri)
-    return urlunsplit(parts._replace(netloc=parts.hostname or "")) if parts.password or parts.username else uri
-
-
 def resolve(path: str | None, workdir: Path | None = None) -> Location:
     """The storage folder for ``path`` (default: ``normlab_runs/ray_results`` in ``workdir``
     or the current folder), resolved with the call Ray Tune makes."""
@@ -99,7 +96,7 @@ def resolve(path: str | None, workdir: Path | None = None) -> Location:
         parts = urlsplit(uri)
         if parts.username or parts.password:
             raise StorageError(
-                f"storage URI {_redacted(uri)} carries credentials (user:secret@): remove them and set "
+                f"storage URI {strip_credentials(uri)[0]} carries credentials (user:secret@): remove them and set "
                 "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or a profile) instead; Ray would write them into "
                 "the experiment state it keeps in the storage"
             )

@@ -13,11 +13,11 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from orchestrator import snapshots, storage
-from orchestrator.callbacks import trial_error
-from orchestrator.records import RecordError, experiment_dirs, load_record
-from orchestrator.stages import stage_views
-from orchestrator.storage import Location
+from orchestrator.running.callbacks import trial_error
+from orchestrator.searchfile.space import stage_views
+from orchestrator.state import snapshots, storage
+from orchestrator.state.records import RecordError, experiment_dirs, load_record
+from orchestrator.state.storage import Location
 
 
 def _fmt(value: Any) -> str:

@@ -2,7 +2,7 @@
 
 ``/normlab/open?expand=<parent run>#/experiments/1/runs?...`` runs in the UI's own
 origin, so it can set what MLflow's UI keeps in the browser's localStorage
-(``orchestrator.ui_links`` says why): the MLflow Assistant counts as already opened once
+(``orchestrator.tracking.links`` says why): the MLflow Assistant counts as already opened once
 (it would otherwise open by itself on a loopback host); unless the user picked one, the
 workflow is model training (the runs table, not the GenAI overview, wherever the UI falls
 back to its default); the parent run is unfolded, so its trials show; and on a first
@@ -23,7 +23,7 @@ from importlib.metadata import EntryPoint
 from typing import Any
 
 APP_NAME = "normlab"
-APP_REF = "orchestrator.ui_server:app"
+APP_REF = "orchestrator.ui.server:app"
 
 # MLflow's UI keeps its settings in localStorage as <key>_v<version> = JSON, and each
 # experiment page's table state under MLflowLocalStorage-1.1-ExperimentPage-["<id>"]-
@@ -118,5 +118,5 @@ def serve(args: list[str]) -> None:
     cli.main(args=[*args, "--app-name", APP_NAME], prog_name="mlflow")
 
 
-if __name__ == "__main__":  # python -m orchestrator.ui_server ui --backend-store-uri ... (what `normlab ui` runs)
+if __name__ == "__main__":  # python -m orchestrator.ui.server ui --backend-store-uri ... (what `normlab ui` runs)
     serve(sys.argv[1:])

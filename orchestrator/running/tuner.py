@@ -20,8 +20,8 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator, Searcher
 
-from orchestrator.rayenv import check_ray_head
-from orchestrator.spaces import SampleKey, SearchSpace, matches
+from orchestrator.running.rayenv import check_ray_head
+from orchestrator.searchfile.space import SampleKey, SearchSpace, matches
 from trainables.config import TrialConfig
 from trainables.ray_trainable import train
 
@@ -139,7 +139,7 @@ def search_algorithm(space: SearchSpace, study: StudyRef | None = None) -> Searc
     if s.algorithm == "optuna":
         import optuna
 
-        from orchestrator.study import StudySearch, make_sampler, rdb_storage
+        from orchestrator.studies.study import StudySearch, make_sampler, rdb_storage
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         if study is None:
@@ -243,13 +243,13 @@ _LOOPBACK_PROXY = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://12
 def init_ray(address: str | None, *, num_cpus: int | None = None) -> str:
     """Connect to the cluster at ``address``, or start a local Ray bound to 127.0.0.1 only.
 
-    Returns a description of where the search runs. (``orchestrator.rayenv`` prepares the
+    Returns a description of where the search runs. (``orchestrator.running.rayenv`` prepares the
     environment, token authentication included, before ray is imported.)
     """
     if ray.is_initialized():
         return "already connected"
     address = address or os.environ.get("RAY_ADDRESS")  # e.g. inside `ray job submit`
-    from orchestrator.tracking import credentials_env
+    from orchestrator.tracking.search_run import credentials_env
 
     secrets = credentials_env()  # tracking credentials reach trials through Ray, never through storage
     if address:

@@ -15,10 +15,10 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from orchestrator import storage
-from orchestrator.spaces import SearchSpace
-from orchestrator.storage import Location
-from orchestrator.trial_runs import MlflowTrialTracker
+from orchestrator.searchfile.space import SearchSpace
+from orchestrator.state import storage
+from orchestrator.state.storage import Location
+from orchestrator.tracking.trial_runs import MlflowTrialTracker
 
 RECORD_FILE = "normlab/search.json"  # in a subfolder: Ray rewrites the top-level files of a search in place
 LEGACY_RECORD_FILE = "normlab_search.json"

@@ -8,14 +8,14 @@ from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
-from orchestrator.tracking import PARENT_TAG, TAG_SEARCH
-from orchestrator.views import final_table, robustness_figure  # noqa: F401  (re-exported: one trial's views)
+from orchestrator.display.views import final_table, robustness_figure  # noqa: F401  (re-exported: one trial's views)
+from orchestrator.tracking.search_run import PARENT_TAG, TAG_SEARCH
 from trainables.diagnostics import SHIFT_AVERAGES
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from orchestrator.tracking import TrackingTarget
+    from orchestrator.tracking.search_run import TrackingTarget
 
 ALWAYS_SHOWN = ("norm", "regime")
 NOT_COMPARED = ("init_from",)  # differs per trial by construction (a later stage's checkpoints)

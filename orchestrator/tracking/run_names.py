@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from orchestrator.spaces import matches
+from orchestrator.searchfile.space import matches
 
 ALWAYS = ("norm", "regime")
 LAST = ("seed",)

@@ -32,31 +32,23 @@ and ``MAX_TRIALS`` trials), so no file makes validation slow or large.
 
 from __future__ import annotations
 
-import difflib
-import itertools
-import math
-import os
 import re
 from collections import Counter
 from collections.abc import Iterator
-from importlib import resources
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from trainables.config import (
     MAX_SEED,
     NumbersNotBooleans,
     TrialConfig,
-    format_validation_error,
-    is_integer_knob,
-    parse_overrides,
 )
-from trainables.problems import MAX_PROBLEMS, Problem, problem_lines, short_repr
-from trainables.safe_yaml import YamlRefused, load_yaml_file
+from trainables.metrics import EPOCH_METRICS
+from trainables.problems import Problem, problem_lines, short_repr
 
-PER_EPOCH_METRICS = ("adv_acc", "clean_acc", "train_acc", "train_loss")
 MAX_VALIDATED_COMBINATIONS = 2000
 MAX_GRID_COMBINATIONS = 10_000
 MAX_TRIALS = 100_000
@@ -171,7 +163,7 @@ class Search(NumbersNotBooleans):
     def _storage(cls, v: str | None) -> str | None:
         if v is None:
             return v
-        from orchestrator.retry import strip_credentials
+        from orchestrator.credentials.uris import strip_credentials
 
         if strip_credentials(v)[2]:
             raise ValueError("the study storage URL carries a password: Ray pickles the study (and its URL) into "
@@ -189,10 +181,10 @@ class Search(NumbersNotBooleans):
     @classmethod
     def _metric(cls, v: str | list[str]) -> str | list[str]:
         for name in [v] if isinstance(v, str) else v:
-            if name not in PER_EPOCH_METRICS:
+            if name not in EPOCH_METRICS:
                 raise ValueError(
                     f"unknown metric {short_repr(name)}; the search metric must be reported every epoch (for schedulers "
-                    f"and Optuna): one of {', '.join(PER_EPOCH_METRICS)}. adv_acc is the first of eval_attacks at the "
+                    f"and Optuna): one of {', '.join(EPOCH_METRICS)}. adv_acc is the first of eval_attacks at the "
                     "first of eval_eps; final_* metrics are measured once, after the last epoch"
                 )
         if isinstance(v, list) and (not v or len(set(v)) != len(v)):
@@ -423,8 +415,6 @@ class SearchSpace(NumbersNotBooleans):
     def trial_count(self) -> int:
         """Trials the search will run: grid combinations x num_samples, or Optuna's budget (summed over stages)."""
         if self.stages:
-            from orchestrator.stages import stage_views
-
             return sum(view.space.trial_count() for view in stage_views(self))
         if self.search.algorithm == "optuna":
             return self.search.num_samples
@@ -488,355 +478,23 @@ def count_grid_combinations(grid: dict[str, GridKey], fixed: dict[str, Any], lim
         states = following
     return sum(states.values())
 
+@dataclass(frozen=True)
+class StageView:
+    """One stage as a one-stage search space; ``name`` is '' for a search without stages."""
 
-# --------------------------------------------------------------------- validation
-
-
-def _field_problems(values: dict[str, Any], keys: list[str]) -> dict[str, str]:
-    """Problems TrialConfig finds with ``keys`` of ``values`` (other fields' problems ignored)."""
-    try:
-        TrialConfig.model_validate(values)
-    except ValidationError as err:
-        out: dict[str, str] = {}
-        for e in err.errors():
-            if e["loc"] and e["loc"][0] in keys:
-                line = format_validation_error(ValidationError.from_exception_data(err.title, [e]))
-                out.setdefault(str(e["loc"][0]), line.split(": ", 1)[1] if ": " in line else line)
-        return out
-    return {}
+    name: str
+    space: SearchSpace
+    init_from: str | None = None
 
 
-def _unknown_key(key: str, hint: bool = True) -> str:
-    """An unknown knob, with the closest names (``hint``: they cost a string comparison per knob)."""
-    close = difflib.get_close_matches(key, list(TrialConfig.model_fields), n=3) if hint else []
-    hint_text = f"; did you mean {', '.join(close)}?" if close else ""
-    return f"{short_repr(key)} is not a trial knob{hint_text} (`normlab trial --help` lists them all)"
-
-
-def _grid_size(count: int | None) -> str:
-    if count is None:
-        return f"more than {MAX_GRID_COMBINATIONS:,}"
-    return f"{count:,}" if count < 10**15 else f"about 10^{int(math.log10(count))}"
-
-
-def size_problems(space: SearchSpace) -> list[Problem]:
-    """A grid over ``MAX_GRID_COMBINATIONS`` combinations or a search over ``MAX_TRIALS`` trials."""
-    if space.search.algorithm == "optuna":
-        if space.search.num_samples > MAX_TRIALS:
-            return [("search.num_samples", f"{space.search.num_samples:,} trials; at most {MAX_TRIALS:,}")]
-        return []
-    count = space.combination_count()
-    if count is None or count > MAX_GRID_COMBINATIONS:
-        reason = (f"{_grid_size(count)} combinations of grid values; at most {MAX_GRID_COMBINATIONS:,} "
-                  "(list fewer values, add when: conditions, or sample keys with algorithm random or optuna)")
-        return [("grid", reason)]
-    trials = count * space.search.num_samples
-    if trials > MAX_TRIALS:
-        reason = f"{trials:,} trials ({count:,} grid combinations x {space.search.num_samples:,} samples); at most {MAX_TRIALS:,}"
-        return [("search.num_samples", reason)]
-    return []
-
-
-def semantic_problems(space: SearchSpace) -> list[Problem]:
-    """Problems beyond the file's structure: unknown knobs, sizes, bad values, impossible combinations."""
-    problems: list[Problem] = []
-    known = set(TrialConfig.model_fields)
-    sections = {"fixed": list(space.fixed), "grid": list(space.grid), "sample": list(space.sample)}
-    seen: dict[str, str] = {}
-    for section, keys in sections.items():
-        for key in keys:
-            if key not in known:
-                problems.append((f"{section}.{key}", _unknown_key(key, hint=len(problems) < MAX_PROBLEMS)))
-            elif key in seen:
-                problems.append((f"{section}.{key}", f"also set in {seen[key]}: a key belongs to one section"))
-            seen.setdefault(key, section)
-    if all(key in known for key in space.grid):  # at most one grid key per knob: counting is quick
-        too_big = size_problems(space)
-        if too_big:
-            return too_big + problems
-    fixed = {k: v for k, v in space.fixed.items() if k in known}
-    grid = {k: v for k, v in space.grid.items() if k in known}
-    sample = {k: v for k, v in space.sample.items() if k in known}
-
-    fixed_problems = _field_problems(fixed, list(fixed))
-    problems += [(f"fixed.{k}", msg) for k, msg in fixed_problems.items()]
-    base = {k: v for k, v in fixed.items() if k not in fixed_problems}
-
-    def check_value(path: str, key: str, value: Any) -> None:
-        found = _field_problems({**base, key: value}, [key])
-        if key in found:
-            problems.append((path, found[key]))
-
-    for key, spec in grid.items():
-        for i, value in enumerate(spec.values):
-            check_value(f"grid.{key}[{i}]", key, value)
-    for key, spec in sample.items():
-        if spec.kind in ("uniform", "loguniform") and is_integer_knob(key):
-            problems.append((f"sample.{key}.{spec.kind}", f"draws fractional numbers, but {key} is a whole number: use int: [low, high]"))
-            continue
-        for i, value in enumerate(spec.probe_values()):
-            check_value(f"sample.{key}.{spec.kind}[{i}]", key, value)
-    for section, specs in (("grid", grid), ("sample", sample)):
-        for key, spec in specs.items():
-            for cond_key, allowed in spec.when.items():
-                path = f"{section}.{key}.when.{cond_key}"
-                if cond_key not in known:
-                    problems.append((path, _unknown_key(cond_key, hint=len(problems) < MAX_PROBLEMS)))
-                elif cond_key in space.sample:
-                    problems.append((path, "a condition can only test fixed or grid keys, not sampled ones"))
-                elif cond_key == key:
-                    problems.append((path, "a key cannot depend on itself"))
-                else:
-                    for i, value in enumerate(allowed):
-                        check_value(f"{path}[{i}]", cond_key, value)
-    if space.search.algorithm == "grid" and space.sample:
-        problems.append(("search.algorithm", "sampled keys need algorithm 'random' or 'optuna' (grid enumerates only grid keys)"))
-    if problems:
-        return problems
-    return _combination_problems(space, base)
-
-
-def _trial_key_holders(space: SearchSpace) -> Iterator[tuple[str, Stage | SearchSpace]]:
-    """The top level and each stage, with the prefix of their key paths."""
-    yield "", space
-    for name, stage in space.stages.items():
-        yield f"stages.{name}.", stage
-
-
-def init_from_problems(space: SearchSpace) -> list[Problem]:
-    """Every ``init_from`` checkpoint a file names (in fixed, grid or sample choices, of the search
-    and its stages) must be an existing file: refused here rather than when its trials start. A
-    relative path is made absolute (trials run in folders of their own); URIs (``s3://``) are
-    read where the trials run and are not checked. A stage's ``init_from: STAGE`` is a later
-    checkpoint, not a file: ``stages`` checks it."""
-    problems: list[Problem] = []
-    stages = set(space.stages)
-
-    def check(path: str, value: Any) -> Any:
-        if not isinstance(value, str) or "://" in value or value.lower() in ("", "none", "null", "~"):
-            return value  # TrialConfig reports a non-string; None means no checkpoint
-        try:
-            file = Path(value).expanduser()
-            exists, is_file = file.exists(), file.is_file()
-            absolute = os.path.abspath(file)
-        except (OSError, ValueError, RuntimeError) as exc:  # NUL byte, name too long, unknown ~user
-            problems.append((path, f"not a usable path ({exc})"))
-            return value
-        if not is_file:
-            reason = (f"{short_repr(value)} is a folder, not a checkpoint file" if exists else
-                      f"no such file {short_repr(value)}; init_from names the checkpoint file a trial starts from")
-            if value in stages:
-                reason += f" (to start from stage {value}'s trials, give that stage init_from: {value})"
-            problems.append((path, reason))
-            return value
-        return absolute if absolute != value else value
-
-    for prefix, holder in _trial_key_holders(space):
-        if "init_from" in holder.fixed:
-            holder.fixed["init_from"] = check(f"{prefix}fixed.init_from", holder.fixed["init_from"])
-        if "init_from" in holder.grid:
-            values = holder.grid["init_from"].values
-            values[:] = [check(f"{prefix}grid.init_from[{i}]", v) for i, v in enumerate(values)]
-        sample = holder.sample.get("init_from")
-        if sample is not None and sample.choice is not None:
-            sample.choice[:] = [check(f"{prefix}sample.init_from.choice[{i}]", v) for i, v in enumerate(sample.choice)]
-    return problems
-
-
-def _combination_problems(space: SearchSpace, base: dict[str, Any]) -> list[Problem]:
-    """Whole trial configurations, so cross-field rules (e.g. regime needs init_from) are checked."""
-    problems: list[Problem] = []
-    combos = itertools.islice(space.iter_grid_combinations(), MAX_VALIDATED_COMBINATIONS)
-    probe = {k: s.probe_values()[0] for k, s in space.sample.items() if not s.when}
-    for i, combo in enumerate(combos):
-        values = {**base, **probe, **combo}
-        try:
-            cfg = TrialConfig.model_validate(values)
-        except ValidationError as err:
-            label = ", ".join(f"{k}={v if isinstance(v, str) else short_repr(v)}" for k, v in combo.items()) or "fixed keys"
-            detail = format_validation_error(err).replace("(config): ", "").replace("\n", "; ")
-            problems.append((f"grid combination {i + 1} ({label})", detail))
-            if len(problems) >= 5:
-                problems.append(("", f"(further combinations not listed; {space.combination_count()} in all)"))
-                break
-            continue
-        if space.search.scheduler.type == "asha" and (space.search.scheduler.max_t or cfg.epochs) < space.search.scheduler.grace_period:
-            problems.append(("search.scheduler.grace_period", f"larger than max_t / epochs ({cfg.epochs})"))
-            break
-    return problems
-
-
-# -------------------------------------------------------------------- loading
-
-SEARCH_OVERRIDES = {
-    "num_samples": ("search", "num_samples"),
-    "algorithm": ("search", "algorithm"),
-    "metric": ("search", "metric"),
-    "mode": ("search", "mode"),
-    "scheduler": ("search", "scheduler", "type"),
-    "max_concurrent_trials": ("search", "max_concurrent_trials"),
-    "sampler_seed": ("search", "sampler_seed"),
-    "cpu": ("resources", "cpu"),
-    "gpu": ("resources", "gpu"),
-    "max_failures": ("max_failures",),
-    "checkpoint_every": ("checkpoint", "every"),
-    "checkpoint_keep": ("checkpoint", "keep"),
-    "name": ("name",),
-}
-
-
-SHORTHANDS = {"scheduler": "type"}  # a mapping given as one word: scheduler: fifo is {type: fifo}
-
-
-def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Command-line ``KEY=VALUE``: search settings by their short name, or a trial key fixed for every trial.
-
-    A section of the file that is not a mapping is left as it is, for validation to report.
-    """
-    raw = dict(raw)
-    if isinstance(raw.get("stages"), dict):
-        raw["stages"] = {k: dict(v) if isinstance(v, dict) else v for k, v in raw["stages"].items()}
-    for key, value in overrides.items():
-        *parents, leaf = SEARCH_OVERRIDES.get(key, ("fixed", key))
-        if key not in SEARCH_OVERRIDES:
-            stages = raw.get("stages") if isinstance(raw.get("stages"), dict) else {}
-            holders = [raw, *(st for st in stages.values() if isinstance(st, dict))]
-            for holder in holders:  # a trial knob on the command line holds for every trial, every stage
-                for section in ("grid", "sample", "fixed") if holder is not raw else ("grid", "sample"):
-                    if isinstance(holder.get(section), dict) and key in holder[section]:
-                        holder[section] = {k: v for k, v in holder[section].items() if k != key}
-            if key == "seed":
-                raw.pop("seeds", None)
-        node = raw
-        for p in parents:
-            child = node.get(p) or {}
-            if p in SHORTHANDS and isinstance(child, str):  # scheduler: fifo, then scheduler=asha
-                child = {SHORTHANDS[p]: child}
-            if not isinstance(child, dict):
-                break
-            node[p] = dict(child)
-            node = node[p]
-        else:
-            node[leaf] = value
-    return raw
-
-
-def choose_data(raw: dict[str, Any], path: Path) -> dict[str, Any]:
-    """``data_options:``, a list of alternative fixed keys (e.g. a dataset on disk, then digits):
-    the first whose ``if_exists`` path exists is merged into ``fixed`` (it wins over the file's
-    own fixed keys; command-line overrides win over it). Relative paths (``if_exists`` and a
-    ``data_dir``) are looked up in the working directory, then beside the folder that holds the
-    file's package or folder (a checkout), and stored absolute, so trials on any node read the
-    same folder."""
-    options = raw.get("data_options")
-    if options is None:
-        return raw
-    if not isinstance(options, list) or not all(isinstance(o, dict) for o in options) or not options:
-        raise ValueError("a list of mappings of fixed keys, each with an optional if_exists: PATH")
-    bases = [Path.cwd(), path.resolve().parent.parent]
-
-    def find(value: str) -> Path | None:
-        candidate = Path(value).expanduser()
-        for base in [Path("/")] if candidate.is_absolute() else bases:
-            if (base / candidate).exists():
-                return (base / candidate).resolve()
-        return None
-
-    for option in options:
-        condition = option.get("if_exists")
-        if condition is not None and find(str(condition)) is None:
-            continue
-        chosen = {k: v for k, v in option.items() if k != "if_exists"}
-        if isinstance(chosen.get("data_dir"), str):
-            found = find(chosen["data_dir"])
-            chosen["data_dir"] = str(found) if found else chosen["data_dir"]
-        raw = {k: v for k, v in raw.items() if k != "data_options"}
-        raw["fixed"] = {**(raw.get("fixed") or {}), **chosen} if isinstance(raw.get("fixed") or {}, dict) else raw.get("fixed")
-        return raw
-    raise ValueError("no option applies: every if_exists path is missing; add a last option without if_exists")
-
-
-def builtin_spaces() -> dict[str, Path]:
-    """Search spaces shipped in the ``search_spaces`` package, by name."""
-    folder = resources.files("search_spaces")
-    return {Path(str(f)).stem: Path(str(f)) for f in folder.iterdir() if str(f).endswith((".yaml", ".yml"))}
-
-
-def resolve_space_path(name_or_path: str) -> Path:
-    """A built-in space name (``quickstart``) or a path to a YAML file."""
-    try:
-        path = Path(name_or_path).expanduser()
-        if path.suffix in (".yaml", ".yml") or path.exists():
-            if not path.is_file():
-                raise SpaceError(str(path), [("", "not a file" if path.exists() else "no such file")])
-            return path
-    except (OSError, ValueError, RuntimeError) as exc:  # name too long, NUL byte, unknown ~user
-        if isinstance(exc, SpaceError):
-            raise
-        raise SpaceError(name_or_path, [("", f"not a usable path: {exc}")]) from exc
-    builtin = builtin_spaces()
-    if name_or_path in builtin:
-        return builtin[name_or_path]
-    raise SpaceError(name_or_path, [("", f"neither a file nor a built-in search space; built-in: {', '.join(sorted(builtin))}")])
-
-
-def load_space(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> tuple[SearchSpace, Path]:
-    """Read, override and validate a search space; raise ``SpaceError`` listing every problem."""
-    path = resolve_space_path(name_or_path)
-    source = str(path)
-    try:
-        raw = load_yaml_file(path)
-    except YamlRefused as exc:
-        raise SpaceError(source, exc.problems) from exc
-    if not isinstance(raw, dict):
-        raise SpaceError(source, [("", f"expected a mapping at the top level, got {type(raw).__name__}")])
-    try:
-        raw = choose_data(raw, path)
-    except ValueError as exc:
-        raise SpaceError(source, [("data_options", str(exc))]) from exc
-    try:
-        raw = apply_overrides(raw, parse_overrides(list(overrides)))
-    except ValueError as exc:
-        raise SpaceError("command line", [("", str(exc))]) from exc
-    try:
-        space = SearchSpace.model_validate(raw)
-    except ValidationError as err:
-        problems = []
-        for e in err.errors():
-            path_s = ".".join(str(p)[:40] for p in e["loc"])
-            msg = e["msg"].removeprefix("Value error, ")
-            if e["type"] == "extra_forbidden":
-                msg = "unknown key (allowed here: " + ", ".join(_allowed_at(e["loc"])) + ")"
-            elif e["type"] == "literal_error":
-                msg = msg.replace("Input should be", "allowed:")
-            elif e["type"] in ("model_type", "model_attributes_type"):
-                msg = "expected a mapping (keys: " + ", ".join(_allowed_at((*e["loc"], ""))) + ")"
-            problems.append((path_s, msg))
-        raise SpaceError(source, problems) from err
-    problems = init_from_problems(space)
-    if space.stages:
-        from orchestrator.stages import stage_problems
-
-        problems += stage_problems(space)
-    else:
-        problems += semantic_problems(space)
-    if problems:
-        raise SpaceError(source, problems)
-    return space, path
-
-
-def _allowed_at(loc: tuple[Any, ...]) -> list[str]:
-    """Field names allowed at the parent of ``loc`` (for 'unknown key' messages)."""
-    model: type[BaseModel] = SearchSpace
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        if field is None:
-            if model is SearchSpace:
-                break
-            continue
-        annotation = field.annotation
-        inner = getattr(annotation, "__args__", ())
-        candidates = [a for a in (annotation, *inner) if isinstance(a, type) and issubclass(a, BaseModel)]
-        if candidates:
-            model = candidates[0]
-    return [field.alias or name for name, field in model.model_fields.items()]
+def stage_views(space: SearchSpace) -> list[StageView]:
+    """The stages of ``space`` in order (a search without stages is one unnamed stage)."""
+    if not space.stages:
+        return [StageView("", space)]
+    return [
+        StageView(name, space.model_copy(update={
+            "fixed": {**space.fixed, **stage.fixed}, "grid": stage.grid, "sample": stage.sample, "stages": {},
+            "description": stage.description or space.description,
+        }), stage.init_from.stage if stage.init_from else None)
+        for name, stage in space.stages.items()
+    ]

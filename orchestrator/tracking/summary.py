@@ -34,11 +34,11 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from orchestrator.retry import TrackingError, retrying
-from orchestrator.run_names import ALWAYS, format_value
-from orchestrator.trial_runs import PARENT_TAG, MlflowTrialTracker, client
-from orchestrator.ui_links import run_route, ui_base, ui_url
-from trainables.trial import is_final_metric
+from orchestrator.tracking.links import run_route, ui_base, ui_url
+from orchestrator.tracking.retry import TrackingError, retrying
+from orchestrator.tracking.run_names import ALWAYS, format_value
+from orchestrator.tracking.trial_runs import PARENT_TAG, MlflowTrialTracker, client
+from trainables.metrics import is_final_metric
 
 log = logging.getLogger("normlab.tracking")
 NOTE_TAG = "mlflow.note.content"

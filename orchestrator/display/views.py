@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from rich.table import Table
 
 from trainables.diagnostics import AVERAGE, shift_metric, shifts_from_metrics
-from trainables.trial import adv_metric
+from trainables.metrics import adv_metric
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -26,8 +26,8 @@ import pickletools
 
 from pyarrow import fs as pafs
 
-from orchestrator import storage
-from orchestrator.storage import Location
+from orchestrator.state import storage
+from orchestrator.state.storage import Location
 
 STATE_FILES = ("experiment_state-*.json", "*-state-*.json", "searcher-state-*.pkl", "tuner.pkl")
 BACKUP_DIR = "normlab/state"
@@ -47,7 +47,7 @@ def is_whole(name: str, data: bytes) -> bool:
     if data[:1] == b"\x80":  # a pickle (Ray names some of its pickles *.json)
         try:
             end = 0
-            for opcode, _, pos in pickletools.genops(data):
+            for opcode, _, pos in pickletools.genops(data):  # noqa: B007  (the last opcode is read after the loop)
                 end = pos
             return opcode.name == "STOP" and end == len(data) - 1
         except Exception:  # cut short: "pickle exhausted before seeing STOP", a bad opcode, ...

@@ -24,15 +24,16 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from orchestrator import snapshots, storage
-from orchestrator.callbacks import StateBackupCallback, TrialRunsCallback
-from orchestrator.records import SearchRecord, load_record, write_record
-from orchestrator.run_names import varying_keys
-from orchestrator.spaces import SearchSpace
-from orchestrator.stages import StageView, finished_trials, seeded_combinations, stage_views
-from orchestrator.storage import Location
-from orchestrator.summary import SearchSummary, describe, log_search_summary
-from orchestrator.tracking import (
+from orchestrator.running.callbacks import StateBackupCallback, TrialRunsCallback
+from orchestrator.running.stage_inputs import finished_trials, seeded_combinations
+from orchestrator.running.tuner import StudyRef, TrialResolver, build_tuner, init_ray, trainable
+from orchestrator.searchfile.space import SearchSpace, StageView, stage_views
+from orchestrator.state import snapshots, storage
+from orchestrator.state.records import SearchRecord, load_record, write_record
+from orchestrator.state.storage import Location
+from orchestrator.tracking.links import search_url
+from orchestrator.tracking.run_names import varying_keys
+from orchestrator.tracking.search_run import (
     DRIVER_BUDGET_S,
     MlflowTrialTracker,
     TrackingTarget,
@@ -40,8 +41,7 @@ from orchestrator.tracking import (
     search_running,
     start_search_run,
 )
-from orchestrator.tuner import StudyRef, TrialResolver, build_tuner, init_ray, trainable
-from orchestrator.ui_links import search_url
+from orchestrator.tracking.summary import SearchSummary, describe, log_search_summary
 from trainables.environment import environment_tags
 
 RESULT_COLUMNS = ("final_clean_acc", "final_adv_acc")
@@ -122,10 +122,10 @@ def _study(record: SearchRecord, view: StageView) -> StudyRef | None:
 
 def _record_retried(study: StudyRef | None, view: StageView, results: list[Any], console: Console) -> None:
     """Tell the study the trials that failed before and finished in this session (see
-    ``orchestrator.study.record_retried``); a study that cannot be reached is a warning."""
+    ``orchestrator.studies.study.record_retried``); a study that cannot be reached is a warning."""
     if study is None:
         return
-    from orchestrator.study import record_retried
+    from orchestrator.studies.study import record_retried
 
     finished = {r.metrics["trial_id"]: r.metrics for r in results if not r.error and r.metrics and "trial_id" in r.metrics}
     try:
@@ -179,9 +179,9 @@ def _finish(tracker: MlflowTrialTracker, space: SearchSpace, console: Console, f
 def _log_comparison(tracker: MlflowTrialTracker, console: Console, search_folder: Location) -> None:
     """The comparison report beside the search's Ray state when that is a local folder (else only in
     MLflow: nothing falls back to the driver's working directory), logged to the parent run."""
-    from orchestrator import compare
-    from orchestrator.report import search_results
-    from orchestrator.reports import log_report, study_of
+    from orchestrator.reports import compare
+    from orchestrator.reports.publish import log_report, study_of
+    from orchestrator.reports.results import search_results
 
     try:
         frame = search_results(TrackingTarget(tracker.tracking_uri), tracker.search_name, tracker.parent_run_id)
@@ -274,7 +274,7 @@ def run_search(
     console: Console | None = None,
 ) -> SearchOutcome:
     """Run every trial of ``space`` on Ray Tune, tracked in MLflow; return the results table."""
-    from orchestrator.study import default_storage
+    from orchestrator.studies.study import default_storage
 
     console = console or Console(stderr=True)
     root = storage.resolve(storage_path)

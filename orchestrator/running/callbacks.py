@@ -29,7 +29,7 @@ from typing import Any
 
 from ray import tune
 
-from orchestrator.trial_runs import MlflowTrialTracker
+from orchestrator.tracking.trial_runs import MlflowTrialTracker
 from trainables.checkpoints import CorruptCheckpointError, read_stored_checkpoint, save_checkpoint, stored_checkpoints
 from trainables.ray_trainable import FATAL_FILE
 from trainables.record import TrialRecord
@@ -198,7 +198,7 @@ class StateBackupCallback(tune.Callback):
         self.__init__(state["experiment_uri"])  # type: ignore[misc]
 
     def _run(self, force: bool = False) -> None:
-        from orchestrator import snapshots, storage
+        from orchestrator.state import snapshots, storage
 
         try:  # a backup must never end a search (resolving an s3:// URI may ask the network: retried next step)
             if self._backup is None:

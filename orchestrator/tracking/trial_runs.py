@@ -28,12 +28,14 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from orchestrator.retry import TrackingError, TrackingUnavailable, mask_uri, retrying
-from orchestrator.run_names import numbered, run_name
+from orchestrator.credentials.uris import mask_uri
+from orchestrator.tracking.retry import TrackingError, TrackingUnavailable, retrying
+from orchestrator.tracking.run_names import numbered, run_name
 from trainables.record import TrialRecord
 
 TAG_SEARCH = "normlab.search"
@@ -286,7 +288,7 @@ class MlflowTrialTracker:
             logged.add(epoch)
 
     def _finish(self, record: TrialRecord, checkpoint_file: CheckpointFile) -> None:
-        from orchestrator.views import robustness_figure, shift_figure
+        from orchestrator.display.views import robustness_figure, shift_figure
 
         c = self._client()
         if c.get_run(record.run_id).info.status == "FINISHED":  # a re-run of the last epoch re-attached it RUNNING

@@ -19,17 +19,11 @@ run id as ``normlab.init_from_run_id``.
 
 from __future__ import annotations
 
-import posixpath
-from dataclasses import dataclass
 from typing import Any
 
-from pyarrow import fs as pafs
-
-from orchestrator.spaces import GridKey, SearchSpace, default_of, semantic_problems
-from orchestrator.storage import Location
-from trainables.checkpoints import CHECKPOINT_FILE, stored_checkpoints
+from orchestrator.searchfile.space import GridKey, SearchSpace, StageView, default_of, stage_views
+from orchestrator.searchfile.validate import semantic_problems
 from trainables.problems import Problem
-from trainables.record import TrialRecord
 from trainables.regimes import REGIMES
 
 CHECKPOINT_REGIMES = [name for name, regime in REGIMES.items() if regime.from_checkpoint]
@@ -37,30 +31,6 @@ SAME_NETWORK = ("model", "norm", "norm_affine", "norm_groups", "dataset", "data_
 META_PREFIX = "_"  # keys of a grid combination that are facts for the run, not trial knobs
 
 
-class StageError(RuntimeError):
-    """A later stage cannot start: its earlier stage lacks a finished trial it needs."""
-
-
-@dataclass(frozen=True)
-class StageView:
-    """One stage as a one-stage search space; ``name`` is '' for a search without stages."""
-
-    name: str
-    space: SearchSpace
-    init_from: str | None = None
-
-
-def stage_views(space: SearchSpace) -> list[StageView]:
-    """The stages of ``space`` in order (a search without stages is one unnamed stage)."""
-    if not space.stages:
-        return [StageView("", space)]
-    return [
-        StageView(name, space.model_copy(update={
-            "fixed": {**space.fixed, **stage.fixed}, "grid": stage.grid, "sample": stage.sample, "stages": {},
-            "description": stage.description or space.description,
-        }), stage.init_from.stage if stage.init_from else None)
-        for name, stage in space.stages.items()
-    ]
 
 
 def needs_checkpoint(values: dict[str, Any]) -> bool:
@@ -163,60 +133,3 @@ def _chain_problems(space: SearchSpace, view: StageView, earlier: list[str], vie
 
 
 # ------------------------------------------------------------------ running
-
-
-@dataclass(frozen=True)
-class Finished:
-    """A finished trial of an earlier stage: its config, MLflow run and final checkpoint."""
-
-    trial_id: str
-    config: dict[str, Any]
-    run_id: str | None
-    checkpoint: str  # a path, or a URI on the search's storage
-
-
-def finished_trials(stage_folder: Location) -> list[Finished]:
-    """Every trial of a stage whose newest complete checkpoint is its last epoch's; a storage
-    error is a ``StageError`` (the later stage cannot know what it would start from)."""
-    try:
-        return _finished_trials(stage_folder)
-    except OSError as exc:
-        raise StageError(f"cannot read the checkpoints of stage {stage_folder.name} at {stage_folder.uri} ({exc}); "
-                         "`normlab resume` the search once the storage answers") from exc
-
-
-def _finished_trials(stage_folder: Location) -> list[Finished]:
-    infos = stage_folder.fs.get_file_info(pafs.FileSelector(stage_folder.path, allow_not_found=True))
-    found = []
-    for info in infos:
-        if info.type != pafs.FileType.Directory:
-            continue
-        stored, _ = stored_checkpoints(stage_folder.fs, info.path)
-        for candidate in stored:
-            if "record" not in candidate.manifest.extra:
-                continue
-            record = TrialRecord.from_manifest(candidate.manifest.extra, candidate.manifest.history)
-            if record.finished:
-                file = stage_folder.child(info.base_name).child(posixpath.basename(candidate.folder)).child(CHECKPOINT_FILE)
-                found.append(Finished(record.trial_id, record.config, record.run_id, file.uri))
-            break
-    return found
-
-
-def seeded_combinations(view: StageView, source: StageView, finished: list[Finished]) -> list[dict[str, Any]]:
-    """The grid combinations of a later stage, each that needs one with its earlier trial's
-    final checkpoint (``init_from``) and that trial's run id and Ray id (meta keys)."""
-    keys = list(source.space.grid)
-    index = {match_key(f.config, keys): f for f in finished}
-    combos = []
-    for combo in view.space.iter_grid_combinations():
-        values = {**view.space.fixed, **combo}
-        if needs_checkpoint(values):
-            match = index.get(match_key(values, keys))
-            if match is None:
-                wanted = ", ".join(f"{k}={values.get(k, default_of(k))}" for k in keys)
-                raise StageError(f"stage {view.name}: no finished trial of stage {source.name} with {wanted}")
-            combo = {**combo, "init_from": match.checkpoint, f"{META_PREFIX}init_from_run_id": match.run_id or "",
-                     f"{META_PREFIX}init_from_trial_id": match.trial_id, f"{META_PREFIX}init_from_checkpoint": match.checkpoint}
-        combos.append(combo)
-    return combos

@@ -23,18 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.retry import TrackingError, mask_uri, retrying, scrub, strip_credentials
-from orchestrator.trial_runs import (  # noqa: F401  (tag names, re-exported for report and search)
+from orchestrator.credentials.uris import mask_uri, scrub, strip_credentials
+from orchestrator.tracking.links import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
+from orchestrator.tracking.retry import TrackingError, retrying
+from orchestrator.tracking.trial_runs import (
     PARENT_TAG,
-    TAG_ERROR,
     TAG_SEARCH,
     TAG_SEARCH_RUN,
-    TAG_TRIAL_ID,
     MlflowTrialTracker,
     client,
-    trial_params,
 )
-from orchestrator.ui_links import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
 from trainables.environment import environment_tags
 
 DEFAULT_DIR = "normlab_runs"
@@ -109,7 +107,7 @@ def check_reachable(target: TrackingTarget, timeout: float = 10.0) -> None:
 def ensure_experiment(target: TrackingTarget, name: str) -> str:
     """The id of experiment ``name``, created (with the default artifact folder) if missing.
 
-    A new experiment is tagged as model training (``ui_links`` says what MLflow's UI makes of it).
+    A new experiment is tagged as model training (``links`` says what MLflow's UI makes of it).
     """
     c = client(target.uri)
     experiment = c.get_experiment_by_name(name)

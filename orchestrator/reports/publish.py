@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orchestrator.retry import TrackingError, retrying
+from orchestrator.tracking.retry import TrackingError, retrying
 
 log = logging.getLogger("normlab.report")
 
@@ -34,7 +34,7 @@ def study_of(frame: Any) -> Any:
     tags = frame.attrs.get("tags", {})
     if "normlab.study_storage" not in tags:
         return None
-    from orchestrator.study import load_study
+    from orchestrator.studies.study import load_study
 
     try:
         return load_study(tags["normlab.study_storage"], tags["normlab.study"])

@@ -30,7 +30,7 @@ and trials even when the experiment holds several searches of the same name. The
 experiment is also tagged ``mlflow.experimentKind = custom_model_development``, the value
 the UI's own kind selector writes (chunk 2809.*.js): it labels it as model training in
 MLflow's UI, and any UI that routes by the tag goes to the runs tab too. ``normlab ui``
-serves MLflow with one extra page (``orchestrator.ui_server``, ``/normlab/open#<route>``)
+serves MLflow with one extra page (``orchestrator.ui.server``, ``/normlab/open#<route>``)
 that records the Assistant as already shown and the workflow as model training in the
 browser (unless the user chose one), then opens the route: no AI pop-up greets the user.
 The same page unfolds the search's parent run in the runs table (its trials are folded
@@ -42,10 +42,10 @@ from __future__ import annotations
 
 from urllib.parse import quote, urlencode
 
-from orchestrator.trial_runs import TAG_SEARCH_RUN
+from orchestrator.tracking.trial_runs import TAG_SEARCH_RUN
 
 DEFAULT_UI = "http://127.0.0.1:5000"  # what `normlab ui` serves by default
-OPEN_PATH = "/normlab/open"  # orchestrator.ui_server's page: browser settings, then the route after '#'
+OPEN_PATH = "/normlab/open"  # orchestrator.ui.server's page: browser settings, then the route after '#'
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
 WORKFLOW = "machine_learning"
