@@ -33,6 +33,12 @@ def write_json(path: Path, benchmark: str, **figures: object) -> None:
     """The figures of one benchmark run, with torch version, threads and CPU model."""
     import torch
 
-    out = {"benchmark": benchmark, "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_model(), **figures}
+    out = {
+        "benchmark": benchmark,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": cpu_model(),
+        **figures,
+    }
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {path}")

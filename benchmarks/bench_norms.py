@@ -152,14 +152,16 @@ def time_all(reps: int, iters: int, warmup: int) -> list[dict[str, object]]:
     results = []
     for (c, h, w), per_impl in samples.items():
         med = {name: statistics.median(v) for name, v in per_impl.items()}
-        results.append({
-            "shape": [BATCH, c, h, w],
-            "median_ms": med,
-            "rn_over_bn": med["robustnorm"] / med["batchnorm"],
-            "st_over_rn": med["straightforward"] / med["robustnorm"],
-            "generic_over_rn": med["generic"] / med["robustnorm"],
-            "samples_ms": per_impl,
-        })
+        results.append(
+            {
+                "shape": [BATCH, c, h, w],
+                "median_ms": med,
+                "rn_over_bn": med["robustnorm"] / med["batchnorm"],
+                "st_over_rn": med["straightforward"] / med["robustnorm"],
+                "generic_over_rn": med["generic"] / med["robustnorm"],
+                "samples_ms": per_impl,
+            }
+        )
     return results
 
 
@@ -170,7 +172,9 @@ def geomean(values: list[float]) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=31, help="interleaved repetitions (default 31)")
-    parser.add_argument("--iters", type=int, default=5, help="timed iterations per implementation per repetition (default 5)")
+    parser.add_argument(
+        "--iters", type=int, default=5, help="timed iterations per implementation per repetition (default 5)"
+    )
     parser.add_argument("--warmup", type=int, default=5, help="untimed iterations per implementation first (default 5)")
     parser.add_argument("--threads", type=int, default=default_threads(), help="torch threads (default: all cores)")
     parser.add_argument("--json-out", type=Path, help="write the figures to this JSON file")
@@ -181,10 +185,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     load_before = load_average()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU: {cpu_model()} ({os.cpu_count()} cores), "
-          f"load average {load_before:.2f}")
-    print(f"batch {BATCH}, training mode (batch statistics), forward + backward; "
-          f"{args.reps} interleaved reps x {args.iters} iters, medians")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU: {cpu_model()} ({os.cpu_count()} cores), "
+        f"load average {load_before:.2f}"
+    )
+    print(
+        f"batch {BATCH}, training mode (batch statistics), forward + backward; "
+        f"{args.reps} interleaved reps x {args.iters} iters, medians"
+    )
     print()
     header = f"{'C x H x W':<12}{'batchnorm':>12}{'robustnorm':>12}{'straightfwd':>13}{'generic':>10}{'RN/BN':>9}{'ST/RN':>9}{'G/RN':>7}"
     print(header)
@@ -207,10 +215,14 @@ def main(argv: list[str] | None = None) -> int:
     met_bn = worst_rn_bn <= TARGET_RN_VS_BN
     met_st = worst_st_rn >= TARGET_ST_VS_RN
     print()
-    print(f"RobustNorm / BatchNorm2d: geomean {rn_bn:.2f}, worst shape {worst_rn_bn:.2f} "
-          f"(target <= {TARGET_RN_VS_BN}): {'met' if met_bn else 'MISSED'}")
-    print(f"straightforward / RobustNorm: geomean {st_rn:.2f}, worst shape {worst_st_rn:.2f} "
-          f"(target >= {TARGET_ST_VS_RN}): {'met' if met_st else 'MISSED'}")
+    print(
+        f"RobustNorm / BatchNorm2d: geomean {rn_bn:.2f}, worst shape {worst_rn_bn:.2f} "
+        f"(target <= {TARGET_RN_VS_BN}): {'met' if met_bn else 'MISSED'}"
+    )
+    print(
+        f"straightforward / RobustNorm: geomean {st_rn:.2f}, worst shape {worst_st_rn:.2f} "
+        f"(target >= {TARGET_ST_VS_RN}): {'met' if met_st else 'MISSED'}"
+    )
     seconds = time.perf_counter() - started
     load_after = load_average()
     print(f"({seconds:.0f} s; load average before {load_before:.2f}, after {load_after:.2f})")

@@ -35,9 +35,20 @@ from trainables.trial import run_trial  # noqa: E402
 
 
 def trial_values(epochs: int, threads: int) -> dict:
-    return dict(dataset="synthetic", model="resnet20", norm="batchnorm", regime="standard", epochs=epochs,
-                batch_size=128, eval_attacks=["fgsm"], eval_eps=[0.03], epoch_adv_samples=128,
-                final_adv_samples=128, threads=threads, device="cpu")
+    return dict(
+        dataset="synthetic",
+        model="resnet20",
+        norm="batchnorm",
+        regime="standard",
+        epochs=epochs,
+        batch_size=128,
+        eval_attacks=["fgsm"],
+        eval_eps=[0.03],
+        epoch_adv_samples=128,
+        final_adv_samples=128,
+        threads=threads,
+        device="cpu",
+    )
 
 
 def direct(epochs: int, threads: int) -> tuple[list[float], list[float]]:
@@ -84,20 +95,38 @@ def main() -> None:
             ips, walls = under_ray(args.epochs, args.threads, Path(tmp), rep)
             figures["ray_train"] += ips[1:]
             figures["ray_epoch"].append(seen / sum(walls[1:]))
-            print(f"rep {rep + 1}/{args.reps}: direct {statistics.median(figures['direct_train'][-args.epochs + 1:]):.0f} img/s, "
-                  f"ray {statistics.median(figures['ray_train'][-args.epochs + 1:]):.0f} img/s (training loop)", flush=True)
+            print(
+                f"rep {rep + 1}/{args.reps}: direct {statistics.median(figures['direct_train'][-args.epochs + 1 :]):.0f} img/s, "
+                f"ray {statistics.median(figures['ray_train'][-args.epochs + 1 :]):.0f} img/s (training loop)",
+                flush=True,
+            )
     med = {k: statistics.median(v) for k, v in figures.items()}
     train_ratio = med["ray_train"] / med["direct_train"]
     epoch_ratio = med["ray_epoch"] / med["direct_epoch"]
-    print(f"\ntorch {torch.__version__}, {args.threads} threads; synthetic 3x16x16, resnet20, batchnorm, batch 128, "
-          f"{args.epochs} epochs x {args.reps} reps (epoch 1 excluded)")
-    print(f"training loop   : direct {med['direct_train']:8.0f} img/s   Ray Tune {med['ray_train']:8.0f} img/s   "
-          f"ratio {train_ratio:.3f}  (target >= 0.9)")
-    print(f"whole epoch     : direct {med['direct_epoch']:8.0f} img/s   Ray Tune {med['ray_epoch']:8.0f} img/s   "
-          f"ratio {epoch_ratio:.3f}  (eval, checkpoint and MLflow included)")
+    print(
+        f"\ntorch {torch.__version__}, {args.threads} threads; synthetic 3x16x16, resnet20, batchnorm, batch 128, "
+        f"{args.epochs} epochs x {args.reps} reps (epoch 1 excluded)"
+    )
+    print(
+        f"training loop   : direct {med['direct_train']:8.0f} img/s   Ray Tune {med['ray_train']:8.0f} img/s   "
+        f"ratio {train_ratio:.3f}  (target >= 0.9)"
+    )
+    print(
+        f"whole epoch     : direct {med['direct_epoch']:8.0f} img/s   Ray Tune {med['ray_epoch']:8.0f} img/s   "
+        f"ratio {epoch_ratio:.3f}  (eval, checkpoint and MLflow included)"
+    )
     if args.json_out:
-        args.json_out.write_text(json.dumps({"medians": med, "train_ratio": train_ratio, "epoch_ratio": epoch_ratio,
-                                             "args": {k: str(v) for k, v in vars(args).items()}}, indent=2))
+        args.json_out.write_text(
+            json.dumps(
+                {
+                    "medians": med,
+                    "train_ratio": train_ratio,
+                    "epoch_ratio": epoch_ratio,
+                    "args": {k: str(v) for k, v in vars(args).items()},
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

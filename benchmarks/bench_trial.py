@@ -129,7 +129,9 @@ def measure(name: str, overrides: dict[str, Any], reps: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reps", type=int, default=11, help="interleaved repetitions (epochs of each loop) per config (default 11)")
+    parser.add_argument(
+        "--reps", type=int, default=11, help="interleaved repetitions (epochs of each loop) per config (default 11)"
+    )
     parser.add_argument("--threads", type=int, default=default_threads(), help="torch threads (default: all cores)")
     parser.add_argument("--json-out", type=Path, help="write the figures to this JSON file")
     args = parser.parse_args(argv)
@@ -139,10 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     load_before = load_average()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU: {cpu_model()} ({os.cpu_count()} cores), "
-          f"load average {load_before:.2f}")
-    print(f"batch {COMMON['batch_size']}, regime standard, default augmentation (none), device cpu; "
-          f"{args.reps} interleaved reps (one epoch of each loop), medians")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU: {cpu_model()} ({os.cpu_count()} cores), "
+        f"load average {load_before:.2f}"
+    )
+    print(
+        f"batch {COMMON['batch_size']}, regime standard, default augmentation (none), device cpu; "
+        f"{args.reps} interleaved reps (one epoch of each loop), medians"
+    )
     print()
     print(f"{'config':<32}{'trial img/s':>13}{'bare img/s':>13}{'trial/bare':>12}")
     results = []

@@ -131,9 +131,22 @@ def main() -> None:
 
 @main.command(cls=KnobsCommand)
 @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
-@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="YAML file of trial knobs (overrides win).")
-@click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), help="Write the result (config, per-epoch history, final metrics) as JSON.")
-@click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path), help="Save a checkpoint (last.pt) after every epoch here.")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="YAML file of trial knobs (overrides win).",
+)
+@click.option(
+    "--json-out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the result (config, per-epoch history, final metrics) as JSON.",
+)
+@click.option(
+    "--checkpoint-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Save a checkpoint (last.pt) after every epoch here.",
+)
 @click.option("--resume/--no-resume", default=False, help="Continue from --checkpoint-dir/last.pt if it exists.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar per epoch.")
 def trial(
@@ -179,8 +192,13 @@ def trial(
 
     console.print(f"trial: {cfg.model} / {cfg.norm} / {cfg.regime} on {cfg.dataset}, {cfg.epochs} epochs")
     try:
-        result = run_trial(cfg, on_epoch=on_epoch, checkpoint=checkpoint, progress=progress,
-                           log=lambda line: out.print(line, soft_wrap=True))
+        result = run_trial(
+            cfg,
+            on_epoch=on_epoch,
+            checkpoint=checkpoint,
+            progress=progress,
+            log=lambda line: out.print(line, soft_wrap=True),
+        )
     except (FloatingPointError, OSError, ValueError, RuntimeError) as exc:
         saved = f" (last good checkpoint: {last})" if last and last.exists() else ""
         raise TrialFailure(f"{type(exc).__name__}: {exc}{saved}") from exc
@@ -227,20 +245,39 @@ def validate(space: str, overrides: tuple[str, ...]) -> None:
     spec, path = _load_space(space, overrides)
     s = spec.search
     stages = f", stages {', '.join(spec.stages)}" if spec.stages else ""
-    out.print(escape(f"{path}: ok: search {spec.name!r}, {spec.trial_count()} trial(s){stages}, algorithm "
-                     f"{s.algorithm}, scheduler {s.scheduler.type}, metric {s.describe()}, {spec.resources.cpu:g} CPU / "
-                     f"{spec.resources.gpu:g} GPU per trial"))
+    out.print(
+        escape(
+            f"{path}: ok: search {spec.name!r}, {spec.trial_count()} trial(s){stages}, algorithm "
+            f"{s.algorithm}, scheduler {s.scheduler.type}, metric {s.describe()}, {spec.resources.cpu:g} CPU / "
+            f"{spec.resources.gpu:g} GPU per trial"
+        )
+    )
 
 
 @main.command()
 @click.argument("space")
 @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
-@click.option("--address", help="Ray cluster to run on (host:port of a head, or ray://host:10001). Default: a local Ray on 127.0.0.1.")
-@click.option("--tracking-uri", help="MLflow tracking URI every node can reach. Default: $MLFLOW_TRACKING_URI, else normlab_runs/mlflow.db.")
-@click.option("--storage-path", help="Ray Tune results and checkpoints: a shared folder or s3:// for several nodes. Default: normlab_runs/ray_results.")
+@click.option(
+    "--address",
+    help="Ray cluster to run on (host:port of a head, or ray://host:10001). Default: a local Ray on 127.0.0.1.",
+)
+@click.option(
+    "--tracking-uri",
+    help="MLflow tracking URI every node can reach. Default: $MLFLOW_TRACKING_URI, else normlab_runs/mlflow.db.",
+)
+@click.option(
+    "--storage-path",
+    help="Ray Tune results and checkpoints: a shared folder or s3:// for several nodes. Default: normlab_runs/ray_results.",
+)
 @click.option("--num-cpus", type=click.IntRange(min=1), help="CPUs of the local Ray (default: all).")
-def submit(space: str, overrides: tuple[str, ...], address: str | None, tracking_uri: str | None,
-           storage_path: str | None, num_cpus: int | None) -> None:
+def submit(
+    space: str,
+    overrides: tuple[str, ...],
+    address: str | None,
+    tracking_uri: str | None,
+    storage_path: str | None,
+    num_cpus: int | None,
+) -> None:
     """Run a search: every trial on Ray Tune, every trial in MLflow.
 
     \b
@@ -266,11 +303,14 @@ def submit(space: str, overrides: tuple[str, ...], address: str | None, tracking
     except TrackingUnreachable as exc:
         raise UsageFailure(str(exc)) from exc
     if address and target.is_local_file_store:
-        console.print(f"[yellow]warning:[/] tracking store {target.uri} is a local file: trials on other nodes "
-                      "cannot write to it; pass --tracking-uri http://... of an MLflow server")
+        console.print(
+            f"[yellow]warning:[/] tracking store {target.uri} is a local file: trials on other nodes "
+            "cannot write to it; pass --tracking-uri http://... of an MLflow server"
+        )
     try:
-        outcome = run_search(spec, path, target, address=address, storage_path=storage_path, num_cpus=num_cpus,
-                             console=console)
+        outcome = run_search(
+            spec, path, target, address=address, storage_path=storage_path, num_cpus=num_cpus, console=console
+        )
     except (SearchStorageError, StageError) as exc:
         raise TrialFailure(str(exc)) from exc
     except (StorageError, TrackingUnreachable, SearcherStateError) as exc:  # a sampler that cannot be saved
@@ -278,8 +318,10 @@ def submit(space: str, overrides: tuple[str, ...], address: str | None, tracking
     out.print(outcome.table)
     console.print(f"MLflow UI: {outcome.ui_url}", soft_wrap=True, markup=False)
     if outcome.failed:
-        console.print(f"[red]{outcome.failed} trial(s) failed[/]; see the errors above, then "
-                      f"`normlab resume {escape(shlex.quote(outcome.experiment_path))}` to continue them.")
+        console.print(
+            f"[red]{outcome.failed} trial(s) failed[/]; see the errors above, then "
+            f"`normlab resume {escape(shlex.quote(outcome.experiment_path))}` to continue them."
+        )
         raise SystemExit(1)
 
 
@@ -287,7 +329,11 @@ def _check_resume_arguments(search: str, storage_path: str | None) -> None:
     """Refuse, before Ray starts, a SEARCH path or a local --storage-path that is no folder."""
     looks_like_path = search.startswith((".", "~")) or "/" in search or os.sep in search
     checks = (
-        ("SEARCH", search if looks_like_path else None, "give the search's folder (printed by `normlab submit`) or its name"),
+        (
+            "SEARCH",
+            search if looks_like_path else None,
+            "give the search's folder (printed by `normlab submit`) or its name",
+        ),
         ("--storage-path", storage_path, "give the folder searches were stored in, or an s3:// URI"),
     )
     for label, value, hint in checks:
@@ -307,7 +353,10 @@ def _check_resume_arguments(search: str, storage_path: str | None) -> None:
 @main.command()
 @click.argument("search")
 @click.option("--address", help="Ray cluster to resume on (default: a local Ray on 127.0.0.1).")
-@click.option("--storage-path", help="Where the search was stored, when SEARCH is a name (default: normlab_runs/ray_results; s3://... too).")
+@click.option(
+    "--storage-path",
+    help="Where the search was stored, when SEARCH is a name (default: normlab_runs/ray_results; s3://... too).",
+)
 @click.option("--num-cpus", type=click.IntRange(min=1), help="CPUs of the local Ray (default: all).")
 def resume(search: str, address: str | None, storage_path: str | None, num_cpus: int | None) -> None:
     """Continue a search that was interrupted or had failed trials.
@@ -357,18 +406,45 @@ def status(name: str | None, storage_path: str | None) -> None:
 
 @main.command()
 @click.argument("name")
-@click.option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else normlab_runs/mlflow.db).")
+@click.option(
+    "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else normlab_runs/mlflow.db)."
+)
 @click.option("--run-id", help="Parent run of the search (default: its latest run).")
-@click.option("--compare", help="Compare groups of trials by these keys (e.g. norm,regime): mean ± std over seeds, "
-                                "clean and every attack x eps, tracked vs batch statistics, with plots.")
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "markdown", "json"]), default="table", show_default=True)
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="With --compare: folder for the tables and plots (default: normlab_runs/reports/<search run>).")
-@click.option("--log/--no-log", default=True, show_default=True,
-              help="With --compare: also log the tables and plots to the search's parent MLflow run (report/).")
-@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write clean vs adversarial accuracy per norm as PNG.")
-def report(name: str, tracking_uri: str | None, run_id: str | None, compare: str | None, fmt: str, out_dir: Path | None,
-           log: bool, plot: Path | None) -> None:
+@click.option(
+    "--compare",
+    help="Compare groups of trials by these keys (e.g. norm,regime): mean ± std over seeds, "
+    "clean and every attack x eps, tracked vs batch statistics, with plots.",
+)
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "csv", "markdown", "json"]), default="table", show_default=True
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="With --compare: folder for the tables and plots (default: normlab_runs/reports/<search run>).",
+)
+@click.option(
+    "--log/--no-log",
+    default=True,
+    show_default=True,
+    help="With --compare: also log the tables and plots to the search's parent MLflow run (report/).",
+)
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write clean vs adversarial accuracy per norm as PNG.",
+)
+def report(
+    name: str,
+    tracking_uri: str | None,
+    run_id: str | None,
+    compare: str | None,
+    fmt: str,
+    out_dir: Path | None,
+    log: bool,
+    plot: Path | None,
+) -> None:
     """The results of search NAME from MLflow: one row per trial, or (--compare) the papers' table."""
     from orchestrator.reports.results import render, search_results, tradeoff_figure
     from orchestrator.tracking.search_run import TrackingUnreachable, check_reachable, resolve_tracking
@@ -404,8 +480,13 @@ def _compare_report(frame: Any, target: Any, keys: list[str], fmt: str, out_dir:
     if fmt == "table":
         out.print(compare.comparison_table(comp))
     else:
-        click.echo({"csv": compare.comparison_csv, "markdown": compare.comparison_markdown,
-                    "json": lambda c: c.to_json(orient="records", indent=2)}[fmt](comp))
+        click.echo(
+            {
+                "csv": compare.comparison_csv,
+                "markdown": compare.comparison_markdown,
+                "json": lambda c: c.to_json(orient="records", indent=2),
+            }[fmt](comp)
+        )
     folder = out_dir or Path("normlab_runs") / "reports" / str(frame.attrs["run_name"])
     files = compare.write_report(frame, keys, folder, study_of(frame))
     console.print(f"wrote {', '.join(sorted(files))} to {folder}")
@@ -414,13 +495,26 @@ def _compare_report(frame: Any, target: Any, keys: list[str], fmt: str, out_dir:
 
 
 @main.command()
-@click.option("--tracking-uri", help="MLflow store to show (default: $MLFLOW_TRACKING_URI, else normlab_runs/mlflow.db).")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; 0.0.0.0 exposes the UI to the network.")
+@click.option(
+    "--tracking-uri", help="MLflow store to show (default: $MLFLOW_TRACKING_URI, else normlab_runs/mlflow.db)."
+)
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Address to bind; 0.0.0.0 exposes the UI to the network."
+)
 @click.option("--port", default=5000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1), help="Server worker processes.")
-@click.option("--allowed-hosts", help="Host names the UI may be reached by, when --host exposes it (MLflow refuses others).")
-@click.option("--search", "search", metavar="NAME", help="Open this search: its name (the newest such search) or its run name NAME-YYYYmmdd-HHMMSS. Default: the newest search.")
-def ui(tracking_uri: str | None, host: str, port: int, workers: int, allowed_hosts: str | None, search: str | None) -> None:
+@click.option(
+    "--allowed-hosts", help="Host names the UI may be reached by, when --host exposes it (MLflow refuses others)."
+)
+@click.option(
+    "--search",
+    "search",
+    metavar="NAME",
+    help="Open this search: its name (the newest such search) or its run name NAME-YYYYmmdd-HHMMSS. Default: the newest search.",
+)
+def ui(
+    tracking_uri: str | None, host: str, port: int, workers: int, allowed_hosts: str | None, search: str | None
+) -> None:
     """Serve the MLflow UI on the normlab store and print the URL of a search's runs table.
 
     The URL opens the runs of the newest search (or --search NAME): its parent run and one

@@ -28,8 +28,12 @@ def normlab_env(**extra: str) -> dict[str, str]:
 def run_normlab(*args: str, cwd: Path, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
     """``normlab ARGS`` as a subprocess of this interpreter, in ``cwd``."""
     return subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, capture_output=True, text=True,
-        timeout=timeout, env=normlab_env(**env),
+        [sys.executable, "-m", "orchestrator.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=normlab_env(**env),
     )
 
 
@@ -91,13 +95,32 @@ class MlflowServer:
         self.starts += 1
         log = self.root / f"mlflow-{self.starts}.log"
         self.proc = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}", "--artifacts-destination",
-             str(self.root / "server-artifacts")],
-            env=self.env or normlab_env(), stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                str(BIN / "mlflow"),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{self.root / 'server.db'}",
+                "--artifacts-destination",
+                str(self.root / "server-artifacts"),
+            ],
+            env=self.env or normlab_env(),
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
-        wait_for(lambda: requests.get(f"{self.uri}/health", timeout=2).status_code == 200, 120, "mlflow server",
-                 self.proc, log)
+        wait_for(
+            lambda: requests.get(f"{self.uri}/health", timeout=2).status_code == 200,
+            120,
+            "mlflow server",
+            self.proc,
+            log,
+        )
         return self
 
     def stop(self) -> None:

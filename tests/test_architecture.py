@@ -23,12 +23,26 @@ ALLOWED: dict[str, set[str]] = {
     "orchestrator.tracking": {"orchestrator.credentials", "orchestrator.searchfile", "orchestrator.display"},
     "orchestrator.state": {"orchestrator.credentials", "orchestrator.searchfile", "orchestrator.tracking"},
     "orchestrator.reports": {"orchestrator.tracking", "orchestrator.studies", "orchestrator.display"},
-    "orchestrator.running": {"orchestrator.credentials", "orchestrator.searchfile", "orchestrator.studies",
-                             "orchestrator.tracking", "orchestrator.state", "orchestrator.reports"},
+    "orchestrator.running": {
+        "orchestrator.credentials",
+        "orchestrator.searchfile",
+        "orchestrator.studies",
+        "orchestrator.tracking",
+        "orchestrator.state",
+        "orchestrator.reports",
+    },
     "orchestrator.ui": set(),
-    "orchestrator.cli": {"orchestrator.credentials", "orchestrator.display", "orchestrator.searchfile",
-                         "orchestrator.studies", "orchestrator.tracking", "orchestrator.state", "orchestrator.reports",
-                         "orchestrator.running", "orchestrator.ui"},
+    "orchestrator.cli": {
+        "orchestrator.credentials",
+        "orchestrator.display",
+        "orchestrator.searchfile",
+        "orchestrator.studies",
+        "orchestrator.tracking",
+        "orchestrator.state",
+        "orchestrator.reports",
+        "orchestrator.running",
+        "orchestrator.ui",
+    },
 }
 # the modules of the flat layout, kept importable for searches saved before the move (orchestrator/moved.py)
 ALIASES = "orchestrator.moved"
@@ -142,7 +156,7 @@ def test_no_import_cycles_even_through_function_level_imports():
             if nxt.startswith("orchestrator") and "." not in nxt:
                 continue  # the package itself: importing a sub-module runs its __init__, which imports nothing
             if state.get(nxt) == 1:
-                cycles.append(stack[stack.index(nxt):] + [nxt])
+                cycles.append(stack[stack.index(nxt) :] + [nxt])
             elif nxt not in state:
                 visit(nxt)
         stack.pop()

@@ -22,9 +22,14 @@ from trainables.norms import BatchNorm, RobustNorm
 def small_net() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(1, 6, 3, padding=1), BatchNorm(6), nn.ReLU(),
-        nn.Conv2d(6, 6, 3, padding=1), RobustNorm(6), nn.ReLU(),
-        nn.Flatten(), nn.Linear(6 * 64, 4),
+        nn.Conv2d(1, 6, 3, padding=1),
+        BatchNorm(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 6, 3, padding=1),
+        RobustNorm(6),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(6 * 64, 4),
     )
 
 

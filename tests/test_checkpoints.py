@@ -26,8 +26,12 @@ from trainables.ray_trainable import TrialStorage
 
 
 def state(epoch: int) -> dict:
-    return {"format": "normlab.checkpoint/1", "epoch": epoch, "model": {"w": torch.full((64, 64), float(epoch))},
-            "history": [{"epoch": e, "train_loss": 1.0 / e} for e in range(1, epoch + 1)]}
+    return {
+        "format": "normlab.checkpoint/1",
+        "epoch": epoch,
+        "model": {"w": torch.full((64, 64), float(epoch))},
+        "history": [{"epoch": e, "train_loss": 1.0 / e} for e in range(1, epoch + 1)],
+    }
 
 
 def test_a_checkpoint_round_trips_with_its_manifest(tmp_path):
@@ -84,7 +88,11 @@ def test_restore_falls_back_past_a_damaged_newest_checkpoint_and_says_so(tmp_pat
     assert checkpoint["epoch"] == 2
     text = "; ".join(notes)
     assert "checkpoint_000002" in text and "resumed from epoch 2" in text
-    expected = {"truncate": "truncated", "no-manifest": "without its manifest", "bad-manifest": "unreadable checkpoint manifest"}
+    expected = {
+        "truncate": "truncated",
+        "no-manifest": "without its manifest",
+        "bad-manifest": "unreadable checkpoint manifest",
+    }
     assert expected[how] in text
 
 

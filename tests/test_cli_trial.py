@@ -20,8 +20,19 @@ def normlab(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 def test_trial_prints_epochs_and_table_and_writes_json(tmp_path):
     out = tmp_path / "result.json"
     proc = normlab(
-        "trial", "dataset=digits", "model=cnn", "norm=robustnorm", "norm_power=0.2", "regime=pgd_at", "epochs=2",
-        "eval_attacks=fgsm,pgd", "eval_eps=0.05,0.1", "train_subset=512", "threads=2", "--json-out", str(out),
+        "trial",
+        "dataset=digits",
+        "model=cnn",
+        "norm=robustnorm",
+        "norm_power=0.2",
+        "regime=pgd_at",
+        "epochs=2",
+        "eval_attacks=fgsm,pgd",
+        "eval_eps=0.05,0.1",
+        "train_subset=512",
+        "threads=2",
+        "--json-out",
+        str(out),
     )
     assert proc.returncode == 0, proc.stderr
     assert "epoch 1/2" in proc.stdout and "epoch 2/2" in proc.stdout and "adv_acc" in proc.stdout
@@ -29,8 +40,15 @@ def test_trial_prints_epochs_and_table_and_writes_json(tmp_path):
     result = json.loads(out.read_text())
     assert result["config"]["norm"] == "robustnorm" and result["config"]["norm_power"] == 0.2
     assert [m["epoch"] for m in result["history"]] == [1, 2]
-    for key in ("adv_acc_fgsm_eps0.05", "adv_acc_fgsm_eps0.1", "adv_acc_pgd_eps0.05", "adv_acc_pgd_eps0.1",
-                "final_clean_acc", "final_adv_acc", "adv_acc_pgd_eps0.1_batchstats"):
+    for key in (
+        "adv_acc_fgsm_eps0.05",
+        "adv_acc_fgsm_eps0.1",
+        "adv_acc_pgd_eps0.05",
+        "adv_acc_pgd_eps0.1",
+        "final_clean_acc",
+        "final_adv_acc",
+        "adv_acc_pgd_eps0.1_batchstats",
+    ):
         assert 0.0 <= result["final"][key] <= 1.0, key
     assert result["eval_batch_size"] == 256
 
@@ -39,10 +57,14 @@ def test_config_file_checkpoints_and_resume(tmp_path):
     cfg = tmp_path / "trial.yaml"
     cfg.write_text("epochs: 2\ntrain_subset: 256\neval_attacks: [fgsm]\neval_eps: [0.1]\nthreads: 1\n")
     ckpt = tmp_path / "ckpt"
-    first = normlab("trial", "--config", str(cfg), "--checkpoint-dir", str(ckpt), "--json-out", str(tmp_path / "a.json"))
+    first = normlab(
+        "trial", "--config", str(cfg), "--checkpoint-dir", str(ckpt), "--json-out", str(tmp_path / "a.json")
+    )
     assert first.returncode == 0, first.stderr
     assert (ckpt / "last.pt").is_file()
-    again = normlab("trial", "--config", str(cfg), "--checkpoint-dir", str(ckpt), "--resume", "--json-out", str(tmp_path / "b.json"))
+    again = normlab(
+        "trial", "--config", str(cfg), "--checkpoint-dir", str(ckpt), "--resume", "--json-out", str(tmp_path / "b.json")
+    )
     assert again.returncode == 0, again.stderr
     assert "resuming from" in again.stderr
     a, b = (json.loads((tmp_path / n).read_text()) for n in ("a.json", "b.json"))
@@ -73,8 +95,18 @@ def test_bad_input_is_exit_code_2_with_field_and_choices(tmp_path):
 
 
 def test_a_failing_trial_says_why_without_a_traceback(tmp_path):
-    proc = normlab("trial", "epochs=3", "train_subset=256", "lr=1e12", "momentum=0", "weight_decay=0",
-                   "eval_attacks=fgsm", "eval_eps=[0.1]", "--checkpoint-dir", str(tmp_path))
+    proc = normlab(
+        "trial",
+        "epochs=3",
+        "train_subset=256",
+        "lr=1e12",
+        "momentum=0",
+        "weight_decay=0",
+        "eval_attacks=fgsm",
+        "eval_eps=[0.1]",
+        "--checkpoint-dir",
+        str(tmp_path),
+    )
     err = " ".join(proc.stderr.split())
     assert proc.returncode == 1 and "Traceback" not in err
     assert re.search(r"trial failed: NonFiniteLossError: non-finite training loss \(\w+\) at epoch \d, step \d/2", err)

@@ -40,8 +40,9 @@ def search(tmp_path_factory):
 
 
 def report(workdir, *args: str) -> str:
-    result = CliRunner().invoke(main, ["report", "compare", "--tracking-uri",
-                                       f"sqlite:///{workdir / 'normlab_runs' / 'mlflow.db'}", *args])
+    result = CliRunner().invoke(
+        main, ["report", "compare", "--tracking-uri", f"sqlite:///{workdir / 'normlab_runs' / 'mlflow.db'}", *args]
+    )
     assert result.exit_code == 0, result.stderr
     return result.stdout
 
@@ -52,11 +53,19 @@ def test_the_comparison_holds_the_runs_numbers(search):
     experiment = client.get_experiment_by_name("compare")
     runs = [r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
     assert len(runs) == 4
-    rows = list(csv.DictReader(io.StringIO(report(workdir, "--compare", "norm", "--format", "csv",
-                                                  "--out", str(workdir / "out")))))
+    rows = list(
+        csv.DictReader(
+            io.StringIO(report(workdir, "--compare", "norm", "--format", "csv", "--out", str(workdir / "out")))
+        )
+    )
     assert [r["norm"] for r in rows] == ["batchnorm", "robustnorm"] and all(r["n"] == "2" for r in rows)
-    metrics = ["final_clean_acc", "adv_acc_fgsm_eps0.05", "adv_acc_fgsm_eps0.1", "adv_acc_pgd_eps0.05",
-               "adv_acc_pgd_eps0.1"]
+    metrics = [
+        "final_clean_acc",
+        "adv_acc_fgsm_eps0.05",
+        "adv_acc_fgsm_eps0.1",
+        "adv_acc_pgd_eps0.05",
+        "adv_acc_pgd_eps0.1",
+    ]
     for row in rows:
         group = [r for r in runs if r.data.params["norm"] == row["norm"]]
         assert sorted(r.data.params["seed"] for r in group) == ["0", "1"]  # grouped over seeds, not averaged away
@@ -101,11 +110,26 @@ def test_a_report_of_trials_that_all_failed_has_tables_and_no_empty_plots(tmp_pa
     from orchestrator.reports.compare import write_report
 
     def frame(status: str) -> pd.DataFrame:
-        rows = [{"status": status, "norm": norm, "seed": "0", "final_clean_acc": 0.9, "adv_acc_fgsm_eps0.1": 0.3,
-                 "last_clean_acc": 0.9, "last_adv_acc": 0.3} for norm in ("batchnorm", "robustnorm")]
+        rows = [
+            {
+                "status": status,
+                "norm": norm,
+                "seed": "0",
+                "final_clean_acc": 0.9,
+                "adv_acc_fgsm_eps0.1": 0.3,
+                "last_clean_acc": 0.9,
+                "last_adv_acc": 0.3,
+            }
+            for norm in ("batchnorm", "robustnorm")
+        ]
         result = pd.DataFrame(rows)
-        result.attrs.update(varying=["norm"], attacks=["fgsm"], eps=[0.1], primary=("fgsm", 0.1),
-                            search_params={"metric": "['clean_acc', 'adv_acc']", "mode": "max"})
+        result.attrs.update(
+            varying=["norm"],
+            attacks=["fgsm"],
+            eps=[0.1],
+            primary=("fgsm", 0.1),
+            search_params={"metric": "['clean_acc', 'adv_acc']", "mode": "max"},
+        )
         return result
 
     written = write_report(frame("FAILED"), ["norm"], tmp_path / "failed")

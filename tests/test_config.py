@@ -21,7 +21,9 @@ def test_defaults_are_the_offline_quickstart():
 
 
 def test_overrides_are_yaml_scalars_and_comma_lists():
-    values = parse_overrides(["epochs=3", "lr=1e-3", "norm_affine=false", "eval_attacks=fgsm,pgd", "eval_eps=0.05,0.1", "train_subset=none"])
+    values = parse_overrides(
+        ["epochs=3", "lr=1e-3", "norm_affine=false", "eval_attacks=fgsm,pgd", "eval_eps=0.05,0.1", "train_subset=none"]
+    )
     cfg = TrialConfig(**values)
     assert cfg.epochs == 3 and cfg.lr == 1e-3 and cfg.norm_affine is False
     assert cfg.eval_attacks == ["fgsm", "pgd"] and cfg.eval_eps == [0.05, 0.1]
@@ -75,7 +77,10 @@ def test_bad_values_are_explained(values, needle):
 
 def test_norm_options_follow_the_chosen_norm():
     assert TrialConfig(norm="robustnorm", norm_power=0.3).norm_options() == {
-        "power": 0.3, "momentum": 0.1, "eps": 1e-5, "affine": True,
+        "power": 0.3,
+        "momentum": 0.1,
+        "eps": 1e-5,
+        "affine": True,
     }
     assert TrialConfig(norm="groupnorm").norm_options() == {"groups": 32, "eps": 1e-5, "affine": True}
     assert TrialConfig(norm="none").norm_options() == {}

@@ -53,7 +53,14 @@ def rows_in(sub: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------- registries
 def test_registry_names() -> None:
     assert set(DATASETS.names()) == {
-        "digits", "synthetic", "mnist", "fashion_mnist", "cifar10", "cifar100", "svhn", "imagefolder"
+        "digits",
+        "synthetic",
+        "mnist",
+        "fashion_mnist",
+        "cifar10",
+        "cifar100",
+        "svhn",
+        "imagefolder",
     }
     assert AUGMENTATIONS.names() == ["none", "flip", "crop", "crop_flip"]
     assert set(DEFAULT_AUGMENTATION) == set(DATASETS.names())
@@ -93,8 +100,12 @@ def test_digits() -> None:
     np.testing.assert_allclose(data.mean, mean, rtol=1e-6)
     np.testing.assert_allclose(data.std, std, rtol=1e-6)
     again = load_dataset("digits")
-    for a, b in [(data.train_x, again.train_x), (data.train_y, again.train_y),
-                 (data.test_x, again.test_x), (data.test_y, again.test_y)]:
+    for a, b in [
+        (data.train_x, again.train_x),
+        (data.train_y, again.train_y),
+        (data.test_x, again.test_x),
+        (data.test_y, again.test_y),
+    ]:
         assert torch.equal(a, b)
     # train and test are disjoint parts of the 1797 images (the bundled set has no duplicates)
     assert not rows_in(data.test_x, data.train_x).any()
@@ -202,8 +213,9 @@ def write_png(img: torch.Tensor, path: Path) -> None:
     Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(path)
 
 
-def write_tree(root: Path, classes: dict[str, dict[str, int]], size: tuple[int, int] = (8, 8), seed: int = 0
-               ) -> dict[tuple[str, str], list[torch.Tensor]]:
+def write_tree(
+    root: Path, classes: dict[str, dict[str, int]], size: tuple[int, int] = (8, 8), seed: int = 0
+) -> dict[tuple[str, str], list[torch.Tensor]]:
     """root/<split>/<class>/<i>.png with random RGB pixels; returns the pixels written."""
     g = torch.Generator().manual_seed(seed)
     written = {}
@@ -297,7 +309,7 @@ def translate_offset(out: torch.Tensor, x: torch.Tensor, pad: int) -> tuple[int,
     h, w = x.shape[-2:]
     for dy in range(2 * pad + 1):
         for dx in range(2 * pad + 1):
-            if torch.equal(out, padded[:, dy:dy + h, dx:dx + w]):
+            if torch.equal(out, padded[:, dy : dy + h, dx : dx + w]):
                 return dy, dx
     return None
 

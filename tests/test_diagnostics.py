@@ -61,10 +61,16 @@ def test_hand_computed_shift_of_batchnorm_then_robustnorm():
     assert shifts[0].mean == pytest.approx(0.25) and shifts[0].var == pytest.approx(0.5)
     assert shifts[1].mean == pytest.approx(0.0625) and shifts[1].var == pytest.approx(0.125)
     metrics = shift_metrics(shifts)
-    assert metrics == pytest.approx({
-        "shift_mean_l01_0": 0.25, "shift_var_l01_0": 0.5, "shift_mean_l02_1": 0.0625, "shift_var_l02_1": 0.125,
-        "shift_mean_avg": 0.15625, "shift_var_avg": 0.3125,
-    })
+    assert metrics == pytest.approx(
+        {
+            "shift_mean_l01_0": 0.25,
+            "shift_var_l01_0": 0.5,
+            "shift_mean_l02_1": 0.0625,
+            "shift_var_l02_1": 0.125,
+            "shift_mean_avg": 0.15625,
+            "shift_var_avg": 0.3125,
+        }
+    )
 
 
 def test_formula_on_feature_maps_in_unequal_batches():
@@ -148,8 +154,16 @@ def test_short_names_sort_by_depth():
 @pytest.fixture(scope="module")
 def trained():
     cfg = TrialConfig(
-        norm="batchnorm", epochs=3, lr=0.1, eval_attacks=["pgd"], eval_eps=[0.1], eval_steps=5,
-        epoch_adv_samples=48, final_adv_samples=180, threads=2, shift_diagnostic=True,
+        norm="batchnorm",
+        epochs=3,
+        lr=0.1,
+        eval_attacks=["pgd"],
+        eval_eps=[0.1],
+        eval_steps=5,
+        epoch_adv_samples=48,
+        final_adv_samples=180,
+        threads=2,
+        shift_diagnostic=True,
     )
     epochs, saved = [], {}
 
@@ -159,8 +173,9 @@ def trained():
 
     result = run_trial(cfg, on_epoch=keep)
     data = load_dataset("digits")
-    model = create_model("cnn", num_classes=10, in_channels=1, norm_layer=norm_layer_factory("batchnorm"),
-                         mean=data.mean, std=data.std)
+    model = create_model(
+        "cnn", num_classes=10, in_channels=1, norm_layer=norm_layer_factory("batchnorm"), mean=data.mean, std=data.std
+    )
     model.load_state_dict(saved["model"])
     return result, epochs, model.eval(), data
 
@@ -247,12 +262,19 @@ def test_finished_run_gets_a_shift_plot_only_when_measured(trained, monkeypatch,
     fake = _FakeMlflow()
     monkeypatch.setattr(trial_runs, "client", lambda uri: fake)
     final = result.final if with_shift else {k: v for k, v in result.final.items() if not k.startswith("shift_")}
-    record = TrialRecord("t1", "trial_1", {"eval_attacks": ["pgd"], "eval_eps": [0.1]}, epochs=3, run_id="r1",
-                         history=[{"epoch": 3, **final}])
+    record = TrialRecord(
+        "t1",
+        "trial_1",
+        {"eval_attacks": ["pgd"], "eval_eps": [0.1]},
+        epochs=3,
+        run_id="r1",
+        history=[{"epoch": 3, **final}],
+    )
     trial_runs.MlflowTrialTracker("sqlite:///unused", "0", "p", "s")._finish(record, None)
     assert fake.status == "FINISHED"
-    assert set(fake.figures) == ({"robust_accuracy_vs_eps.png", "shift_by_layer.png"} if with_shift
-                                 else {"robust_accuracy_vs_eps.png"})
+    assert set(fake.figures) == (
+        {"robust_accuracy_vs_eps.png", "shift_by_layer.png"} if with_shift else {"robust_accuracy_vs_eps.png"}
+    )
     if with_shift:
         png = fake.figures["shift_by_layer.png"]
         assert png.startswith(b"\x89PNG") and len(png) > 10_000
@@ -263,10 +285,26 @@ def test_finished_run_gets_a_shift_plot_only_when_measured(trained, monkeypatch,
 def test_normlab_trial_prints_the_per_layer_table(tmp_path):
     out = tmp_path / "result.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", "trial", "epochs=1", "train_subset=256", "eval_attacks=fgsm",
-         "eval_eps=0.1", "final_adv_samples=96", "threads=1", "shift_diagnostic=true", "--no-progress",
-         "--json-out", str(out)],
-        capture_output=True, text=True, timeout=300, check=False,
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.cli",
+            "trial",
+            "epochs=1",
+            "train_subset=256",
+            "eval_attacks=fgsm",
+            "eval_eps=0.1",
+            "final_adv_samples=96",
+            "threads=1",
+            "shift_diagnostic=true",
+            "--no-progress",
+            "--json-out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout

@@ -132,7 +132,7 @@ def command_examples() -> list[Example]:
         for number, code in _code_lines(doc):
             code = _QUOTED.sub("''", code)
             for match in _INVOCATION.finditer(code):
-                rest = code[match.start():]
+                rest = code[match.start() :]
                 end = _SEGMENT_END.search(rest)
                 found.append(Example(doc, number, rest[: end.start()] if end else rest))
     return found
@@ -155,8 +155,16 @@ COMMANDS = command_examples()
 
 def test_docs_exist_and_have_examples():
     names = {doc.relative_to(ROOT).as_posix() for doc in DOCS}
-    for needed in ("README.md", "docs/user-guide.md", "docs/search-files.md", "docs/cluster.md", "docs/failures.md",
-                   "docs/experiments.md", "docs/development.md", "docs/design.md"):
+    for needed in (
+        "README.md",
+        "docs/user-guide.md",
+        "docs/search-files.md",
+        "docs/cluster.md",
+        "docs/failures.md",
+        "docs/experiments.md",
+        "docs/development.md",
+        "docs/design.md",
+    ):
         assert needed in names, f"{needed} is missing"
     assert len(YAML_EXAMPLES) >= 5 and len(COMMANDS) >= 20, (len(YAML_EXAMPLES), len(COMMANDS))
     assert any(e.doc.name == "README.md" for e in YAML_EXAMPLES), "README.md shows no search file"
@@ -176,7 +184,9 @@ def test_yaml_example_validates(example: Example, tmp_path: Path, monkeypatch: p
         data = yaml.safe_load(example.text)
     except yaml.YAMLError as exc:
         pytest.fail(f"{example.where}: not YAML: {exc}")
-    assert isinstance(data, dict), f"{example.where}: a search-file example must be a mapping, got {type(data).__name__}"
+    assert isinstance(data, dict), (
+        f"{example.where}: a search-file example must be a mapping, got {type(data).__name__}"
+    )
     path = tmp_path / "example.yaml"
     if first == "# config-file":
         path.write_text(example.text, encoding="utf-8")
@@ -260,4 +270,6 @@ def test_relative_link_resolves(link: Example) -> None:
     path = (link.doc.parent / target).resolve() if target else link.doc
     assert path.exists(), f"{link.where}: link to {link.text}: {path} does not exist"
     if anchor and path.suffix == ".md":
-        assert anchor in _anchors(path), f"{link.where}: link to {link.text}: no heading with anchor #{anchor} in {path.name}"
+        assert anchor in _anchors(path), (
+            f"{link.where}: link to {link.text}: no heading with anchor #{anchor} in {path.name}"
+        )

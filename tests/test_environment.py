@@ -35,13 +35,17 @@ def test_the_lock_pins_every_package_with_hashes_and_the_pairs_that_must_go_toge
 
 def test_read_lock_parses_pins_extras_and_names_as_pip_does(tmp_path):
     lock = tmp_path / "lock.txt"
-    lock.write_text("# c\nPyYAML==6.0.3 \\\n    --hash=sha256:ab\nray[tune]==2.60.0 \\\n    # via x\nzipp==3.1 ; python_version >= '3'\n")
+    lock.write_text(
+        "# c\nPyYAML==6.0.3 \\\n    --hash=sha256:ab\nray[tune]==2.60.0 \\\n    # via x\nzipp==3.1 ; python_version >= '3'\n"
+    )
     assert read_lock(lock) == {"pyyaml": "6.0.3", "ray": "2.60.0", "zipp": "3.1"}
 
 
 def test_compare_names_every_changed_missing_and_extra_package():
-    diff = compare({"optuna": "5.0.0", "torch": "2.14.1", "gone": "1.0"},
-                   {"optuna": "5.1.0", "torch": "2.14.1", "surprise": "0.1", "normlab": "0.1.0"})
+    diff = compare(
+        {"optuna": "5.0.0", "torch": "2.14.1", "gone": "1.0"},
+        {"optuna": "5.1.0", "torch": "2.14.1", "surprise": "0.1", "normlab": "0.1.0"},
+    )
     assert not diff.exact
     assert diff.changed == {"optuna": ("5.0.0", "5.1.0")} and diff.missing == {"gone": "1.0"}
     assert diff.extra == {"surprise": "0.1"}  # normlab itself is never extra
@@ -68,8 +72,12 @@ def test_this_environment_is_the_committed_lock_or_says_it_is_not_locked():
 def test_the_check_fails_on_a_lock_this_environment_does_not_match(tmp_path, command, code):
     lock = tmp_path / "lock.txt"
     lock.write_text("optuna==0.0.1 \\\n    --hash=sha256:00\n")
-    proc = subprocess.run([sys.executable, "-m", "trainables.environment", command, str(lock)],
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainables.environment", command, str(lock)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode == code
     assert "optuna: locked 0.0.1, installed" in proc.stdout
     assert "not in the lock" in proc.stdout  # torch and the rest are extras against this lock

@@ -87,11 +87,11 @@ def test_sigkill_at_every_point_of_an_epoch_loses_and_repeats_nothing(tmp_path):
     write_space(tmp_path, "kills", epochs)
     state_dir = tmp_path / "faults"
     kills = [
-        {"trial": "00000", "epoch": 1, "point": "before_sync"},   # trained, nothing recorded
-        {"trial": "00000", "epoch": 2, "point": "after_sync"},    # in MLflow, checkpoint not saved
+        {"trial": "00000", "epoch": 1, "point": "before_sync"},  # trained, nothing recorded
+        {"trial": "00000", "epoch": 2, "point": "after_sync"},  # in MLflow, checkpoint not saved
         {"trial": "00000", "epoch": 3, "point": "after_report"},  # checkpoint persisted, not pruned
         {"trial": "00001", "epoch": 1, "point": "after_sync"},
-        {"trial": "00001", "epoch": 4, "point": "after_sync"},    # last epoch: run FINISHED, checkpoint not saved
+        {"trial": "00001", "epoch": 4, "point": "after_sync"},  # last epoch: run FINISHED, checkpoint not saved
     ]
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"kills": kills, "state_dir": str(state_dir)}))
@@ -115,8 +115,10 @@ def test_sigkill_at_every_point_of_an_epoch_loses_and_repeats_nothing(tmp_path):
         assert 0 <= run.data.metrics["final_adv_acc"] <= 1
         assert {"result.json", "checkpoint"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     # Tune saw each kill as a failure and restarted the trial from its newest checkpoint
-    errors = {p.parent.name: p.read_text().count("Failure #") for p in
-              (tmp_path / "normlab_runs" / "ray_results").glob("kills-*/train_*/error.txt")}
+    errors = {
+        p.parent.name: p.read_text().count("Failure #")
+        for p in (tmp_path / "normlab_runs" / "ray_results").glob("kills-*/train_*/error.txt")
+    }
     assert sorted(errors.values()) == [3, 3], errors
 
 
@@ -124,7 +126,9 @@ def test_a_kill_plan_with_an_unknown_point_is_refused(tmp_path, monkeypatch):
     from trainables import faults
 
     plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"kills": [{"trial": "*", "epoch": 1, "point": "after_synk"}], "state_dir": str(tmp_path)}))
+    plan.write_text(
+        json.dumps({"kills": [{"trial": "*", "epoch": 1, "point": "after_synk"}], "state_dir": str(tmp_path)})
+    )
     monkeypatch.setenv(faults.ENV, str(plan))
     with pytest.raises(ValueError, match="unknown kill point.*after_synk.*known: before_sync"):
         faults.maybe_kill("after_sync", "train_00000", 1)
@@ -138,8 +142,12 @@ def test_a_truncated_or_corrupt_newest_checkpoint_falls_back_to_the_newest_compl
     write_space(tmp_path, "damaged", epochs)
     storage = tmp_path / "normlab_runs" / "ray_results"
     driver = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", "submit", "space.yaml", "--num-cpus", "2"], cwd=tmp_path,
-        env=normlab_env(), stdout=subprocess.DEVNULL, stderr=(tmp_path / "submit.log").open("w"), start_new_session=True,
+        [sys.executable, "-m", "orchestrator.cli", "submit", "space.yaml", "--num-cpus", "2"],
+        cwd=tmp_path,
+        env=normlab_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "submit.log").open("w"),
+        start_new_session=True,
     )
     try:
         deadline = time.time() + 300

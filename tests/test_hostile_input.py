@@ -37,8 +37,13 @@ from trainables.trial import CHECKPOINT_FORMAT, InvalidCheckpointError, validate
 
 SECONDS = 2.0
 MAX_LINES = 20
-EXAMPLES = settings(max_examples=25, deadline=None, database=None, derandomize=False,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+EXAMPLES = settings(
+    max_examples=25,
+    deadline=None,
+    database=None,
+    derandomize=False,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 # ------------------------------------------------------------------ the rule
 
@@ -102,15 +107,23 @@ def valid_spaces(draw: st.DrawFn) -> dict[str, Any]:
     """A search space every part of which TrialConfig accepts, conditions included."""
     knobs = draw(st.permutations(sorted(VALUES)))
     n_fixed, n_grid = draw(st.integers(0, 4)), draw(st.integers(0, 4))
-    fixed_keys, grid_keys = knobs[:n_fixed], knobs[n_fixed:n_fixed + n_grid]
-    sample_keys = [k for k in knobs[n_fixed + n_grid:] if k in FLOATS or k in INTS][: draw(st.integers(0, 2))]
-    space: dict[str, Any] = {"name": "valid", "fixed": {k: draw(VALUES[k]) for k in fixed_keys}, "grid": {}, "sample": {}}
+    fixed_keys, grid_keys = knobs[:n_fixed], knobs[n_fixed : n_fixed + n_grid]
+    sample_keys = [k for k in knobs[n_fixed + n_grid :] if k in FLOATS or k in INTS][: draw(st.integers(0, 2))]
+    space: dict[str, Any] = {
+        "name": "valid",
+        "fixed": {k: draw(VALUES[k]) for k in fixed_keys},
+        "grid": {},
+        "sample": {},
+    }
     for key in grid_keys:
         values = draw(st.lists(VALUES[key], min_size=1, max_size=3))
         testable = [k for k in (*fixed_keys, *grid_keys) if k != key]
         if testable and draw(st.booleans()):  # a condition on a fixed key or an earlier or later grid key
             tested = draw(st.sampled_from(testable))
-            space["grid"][key] = {"values": values, "when": {tested: draw(st.lists(VALUES[tested], min_size=1, max_size=2))}}
+            space["grid"][key] = {
+                "values": values,
+                "when": {tested: draw(st.lists(VALUES[tested], min_size=1, max_size=2))},
+            }
         else:
             space["grid"][key] = values
     for key in sample_keys:
@@ -121,8 +134,10 @@ def valid_spaces(draw: st.DrawFn) -> dict[str, Any]:
             lo, hi = FLOATS[key]
             a, b = sorted(draw(st.lists(st.floats(max(lo, 1e-4), hi), min_size=2, max_size=2, unique=True)))
             space["sample"][key] = {draw(st.sampled_from(["uniform", "loguniform"])): [a, b]}
-    space["search"] = {"algorithm": "random" if sample_keys else draw(st.sampled_from(["grid", "random"])),
-                       "num_samples": draw(st.integers(1, 5))}
+    space["search"] = {
+        "algorithm": "random" if sample_keys else draw(st.sampled_from(["grid", "random"])),
+        "num_samples": draw(st.integers(1, 5)),
+    }
     return space
 
 
@@ -163,8 +178,20 @@ def test_counting_agrees_with_building(space):
 
 
 def test_a_billion_combinations_are_counted_not_built():
-    grid = {k: GridKey(values=list(range(1, 11))) for k in ("epochs", "seed", "train_steps", "eval_steps", "cw_steps",
-                                                            "square_queries", "norm_groups", "batch_size", "eval_batch_size")}
+    grid = {
+        k: GridKey(values=list(range(1, 11)))
+        for k in (
+            "epochs",
+            "seed",
+            "train_steps",
+            "eval_steps",
+            "cw_steps",
+            "square_queries",
+            "norm_groups",
+            "batch_size",
+            "eval_batch_size",
+        )
+    }
     space = SearchSpace(name="huge", grid=grid)
     start = time.perf_counter()
     assert space.combination_count() == 10**9
@@ -173,7 +200,9 @@ def test_a_billion_combinations_are_counted_not_built():
 
 # ------------------------------------------------------------------ hostile files
 
-GOOD_TEXT = "name: tiny\ndescription: café tests\nfixed: {dataset: digits, epochs: 2}\ngrid:\n  norm: [batchnorm, robustnorm]\n"
+GOOD_TEXT = (
+    "name: tiny\ndescription: café tests\nfixed: {dataset: digits, epochs: 2}\ngrid:\n  norm: [batchnorm, robustnorm]\n"
+)
 
 
 @EXAMPLES
@@ -195,7 +224,11 @@ def test_valid_file_with_junk_inserted(folder, position, junk):
 
 
 @EXAMPLES
-@given(encoding=st.sampled_from(["latin-1", "cp1252", "utf-16-le", "utf-16-be", "utf-32-le", "utf-16", "utf-32", "utf-8-sig"]))
+@given(
+    encoding=st.sampled_from(
+        ["latin-1", "cp1252", "utf-16-le", "utf-16-be", "utf-32-le", "utf-16", "utf-32", "utf-8-sig"]
+    )
+)
 def test_encodings(folder, encoding):
     result = assert_rule(write(folder, GOOD_TEXT.encode(encoding)))
     if encoding in ("utf-16", "utf-32", "utf-8-sig"):  # with a byte-order mark: read
@@ -206,21 +239,28 @@ def test_encodings(folder, encoding):
 
 
 @EXAMPLES
-@given(width=st.integers(2, 12), depth=st.integers(2, 12), merge=st.booleans(), section=st.sampled_from(["fixed", "grid", "description"]))
+@given(
+    width=st.integers(2, 12),
+    depth=st.integers(2, 12),
+    merge=st.booleans(),
+    section=st.sampled_from(["fixed", "grid", "description"]),
+)
 def test_alias_bombs(folder, width, depth, merge, section):
     lines = ["name: bomb", f"{section}:", "  l0: &l0 {x: 1}" if merge else "  l0: &l0 [x]"]
     for i in range(1, depth + 1):
         refs = ", ".join([f"*l{i - 1}"] * width)
         lines.append(f"  l{i}: &l{i} {{<<: [{refs}]}}" if merge else f"  l{i}: &l{i} [{refs}]")
     path = write(folder, "\n".join(lines) + "\n")
-    if width ** depth > MAX_NODES:
+    if width**depth > MAX_NODES:
         refused(path, "aliases expand to more than")
     else:
         assert_rule(path)
 
 
 @EXAMPLES
-@given(depth=st.integers(MAX_DEPTH + 1, 30_000), style=st.sampled_from(["[", "{a: ", "mapping block", "sequence block"]))
+@given(
+    depth=st.integers(MAX_DEPTH + 1, 30_000), style=st.sampled_from(["[", "{a: ", "mapping block", "sequence block"])
+)
 def test_deep_nesting(folder, depth, style):
     if style.endswith("block"):  # indentation costs ~depth^2 bytes: stay under the size limit
         item = "k:" if style == "mapping block" else "-"
@@ -247,14 +287,19 @@ def test_duplicate_keys(folder, section, key):
 @EXAMPLES
 @given(n_keys=st.integers(2, 9), n_values=st.integers(2, 60), samples=st.integers(1, 10**6))
 def test_huge_grids(folder, n_keys, n_values, samples):
-    keys = list(INTS)[:n_keys] + ["cw_steps", "square_queries", "norm_groups", "eval_batch_size"][: max(0, n_keys - len(INTS))]
+    keys = (
+        list(INTS)[:n_keys]
+        + ["cw_steps", "square_queries", "norm_groups", "eval_batch_size"][: max(0, n_keys - len(INTS))]
+    )
     grid = {k: list(range(2, 2 + n_values)) for k in keys}
     path = write(folder, yaml.safe_dump({"name": "big", "grid": grid, "search": {"num_samples": samples}}))
     combos = n_values ** len(keys)
     if combos > MAX_GRID_COMBINATIONS:
         refused(path, "combinations of grid values; at most 10,000")
     elif combos * samples > 100_000:
-        refused(path, f"{combos * samples:,} trials ({combos:,} grid combinations x {samples:,} samples); at most 100,000")
+        refused(
+            path, f"{combos * samples:,} trials ({combos:,} grid combinations x {samples:,} samples); at most 100,000"
+        )
     else:
         assert_rule(path)
 
@@ -272,7 +317,9 @@ def test_non_finite_numbers(folder, value, where):
         "when": f"name: x\ngrid: {{lr: [0.1], norm_power: {{values: [0.2], when: {{lr: [{value}]}}}}}}\n",
         "resources.cpu": f"name: x\nresources: {{cpu: {value}}}\n",
     }
-    refused(write(folder, texts[where]), "finite number")  # YAML: "non-finite number"; strings: pydantic's "should be a finite number"
+    refused(
+        write(folder, texts[where]), "finite number"
+    )  # YAML: "non-finite number"; strings: pydantic's "should be a finite number"
 
 
 def test_non_finite_values_from_the_command_line_are_refused(folder):
@@ -293,11 +340,18 @@ def test_float_distributions_for_integer_knobs(folder, key, kind):
 
 
 LEAVES = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=30), st.binary(max_size=10))
-STRUCTURES = st.recursive(LEAVES, lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=10), inner, max_size=4)), max_leaves=40)
+STRUCTURES = st.recursive(
+    LEAVES,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=10), inner, max_size=4)),
+    max_leaves=40,
+)
 
 
 @EXAMPLES
-@given(section=st.sampled_from(["fixed", "grid", "sample", "search", "resources", "checkpoint", "name", "top"]), value=STRUCTURES)
+@given(
+    section=st.sampled_from(["fixed", "grid", "sample", "search", "resources", "checkpoint", "name", "top"]),
+    value=STRUCTURES,
+)
 def test_random_structures(folder, section, value):
     space: dict[str, Any] = {"name": "random"}
     if section == "top":
@@ -320,7 +374,9 @@ def test_oversized_and_unreadable_files(folder):
     refused(write(folder, "name: x\nfixed: {epochs: " + "9" * 5000 + "}\n"), "fixed.epochs: cannot read")
     refused(write(folder, "name: x\nfixed: {norm: " + "x" * 500_000 + "}\n"), "unknown norm 'xxxxxxxx")
     refused(write(folder, "a: &a [1, *a]\n"), "alias *a refers to a node that contains it")
-    big = refused(write(folder, "name: x\nfixed: {epochs: [" + ", ".join(["1"] * 25_000) + "]}\n"), "more than 20,000 YAML items")
+    big = refused(
+        write(folder, "name: x\nfixed: {epochs: [" + ", ".join(["1"] * 25_000) + "]}\n"), "more than 20,000 YAML items"
+    )
     assert len(big) < 300
 
 
@@ -336,7 +392,10 @@ def test_reader_keeps_safe_load_semantics():
 
 def test_overrides_are_read_with_the_bounded_reader():
     assert parse_overrides(["epochs=3", "eval_eps=[0.1, 0.2]", "data_dir=a: b"]) == {
-        "epochs": 3, "eval_eps": [0.1, 0.2], "data_dir": "a: b"}
+        "epochs": 3,
+        "eval_eps": [0.1, 0.2],
+        "data_dir": "a: b",
+    }
     with pytest.raises(ValueError, match=r"eval_eps\[1\]: non-finite number \.nan"):
         parse_overrides(["eval_eps=[0.1, .nan]"])
     with pytest.raises(ValueError, match="norm: not UTF-8 text: an undecodable byte at character 1"):
@@ -349,12 +408,21 @@ def test_overrides_are_read_with_the_bounded_reader():
 
 
 def test_checkpoint_structure_is_validated_in_one_place():
-    good = {"format": CHECKPOINT_FORMAT, "epoch": 1, "model": {"w": torch.zeros(1)}, "optimizer": {"state": {}, "param_groups": []},
-            "scheduler": {}, "rng": {"python": 0, "numpy": 0, "torch": 0}, "config": TrialConfig(epochs=2).model_dump(mode="json")}
+    good = {
+        "format": CHECKPOINT_FORMAT,
+        "epoch": 1,
+        "model": {"w": torch.zeros(1)},
+        "optimizer": {"state": {}, "param_groups": []},
+        "scheduler": {},
+        "rng": {"python": 0, "numpy": 0, "torch": 0},
+        "config": TrialConfig(epochs=2).model_dump(mode="json"),
+    }
     assert validate_checkpoint_state(good, "c.pt").epochs == 2
     with pytest.raises(InvalidCheckpointError) as info:
         validate_checkpoint_state({"format": CHECKPOINT_FORMAT, "model": {}}, "c.pt")
-    assert str(info.value).splitlines() == [f"c.pt: {k}: missing" for k in ("epoch", "optimizer", "scheduler", "rng", "config")]
+    assert str(info.value).splitlines() == [
+        f"c.pt: {k}: missing" for k in ("epoch", "optimizer", "scheduler", "rng", "config")
+    ]
     bad = {**good, "epoch": 5, "rng": {"python": 0}, "config": {**good["config"], "norm": "nrom"}, "history": {}}
     with pytest.raises(InvalidCheckpointError) as info:
         validate_checkpoint_state(bad, "c.pt")
@@ -398,21 +466,44 @@ HOSTILE_FILES: dict[str, tuple[bytes, str]] = {
     "deep": (("name: deep\nfixed: {x: " + "[" * 100_000 + "]" * 100_000 + "}\n").encode(), "nesting depth"),
     "latin1": ("name: x\ndescription: café\n".encode("latin-1"), "not UTF-8 (byte 0xe9 at byte offset 24"),
     "utf16": ("name: x\n".encode("utf-16-le"), "NUL byte at byte offset 1"),
-    "grid": (yaml.safe_dump({"name": "g", "grid": {k: list(range(1, 11)) for k in ("epochs", "seed", "train_steps", "eval_steps",
-             "cw_steps", "square_queries", "norm_groups", "batch_size", "eval_batch_size")}}).encode(),
-             "grid: 1,000,000,000 combinations of grid values; at most 10,000"),
+    "grid": (
+        yaml.safe_dump(
+            {
+                "name": "g",
+                "grid": {
+                    k: list(range(1, 11))
+                    for k in (
+                        "epochs",
+                        "seed",
+                        "train_steps",
+                        "eval_steps",
+                        "cw_steps",
+                        "square_queries",
+                        "norm_groups",
+                        "batch_size",
+                        "eval_batch_size",
+                    )
+                },
+            }
+        ).encode(),
+        "grid: 1,000,000,000 combinations of grid values; at most 10,000",
+    ),
     "dup": (b"name: x\nfixed: {epochs: 2}\nfixed: {epochs: 3}\n", "fixed: duplicate key (lines 2 and 3)"),
 }
 
 
-def assert_refused(proc: subprocess.CompletedProcess, wall: float, cpu: float, baseline: tuple[float, float], needle: str) -> None:
+def assert_refused(
+    proc: subprocess.CompletedProcess, wall: float, cpu: float, baseline: tuple[float, float], needle: str
+) -> None:
     lines = proc.stderr.splitlines()
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and len(lines) < MAX_LINES, proc.stderr
     assert needle in " ".join(proc.stderr.split()), proc.stderr
     # the work beyond start-up, measured as CPU time: on this shared machine a run's wall
     # time varies by seconds with the load, its CPU time does not
-    assert cpu - baseline[1] < SECONDS, f"cpu {cpu:.2f} s vs {baseline[1]:.2f} s; wall {wall:.2f} s vs {baseline[0]:.2f} s"
+    assert cpu - baseline[1] < SECONDS, (
+        f"cpu {cpu:.2f} s vs {baseline[1]:.2f} s; wall {wall:.2f} s vs {baseline[0]:.2f} s"
+    )
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE_FILES))
@@ -441,7 +532,9 @@ def test_trial_resume_names_what_the_checkpoint_lacks(folder, baseline):
 
 
 def test_resume_refuses_a_missing_path_or_a_file(folder):
-    proc = subprocess.run([*NORMLAB, "resume", str(folder / "nope")], capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [*NORMLAB, "resume", str(folder / "nope")], capture_output=True, text=True, timeout=120, check=False
+    )
     assert proc.returncode == 2 and "no such folder" in proc.stderr and "Traceback" not in proc.stderr
     file = write(folder, "x", "search.txt")
     proc = subprocess.run([*NORMLAB, "resume", str(file)], capture_output=True, text=True, timeout=120, check=False)

@@ -123,10 +123,15 @@ def test_every_normlab_class_the_legacy_state_pickled_still_imports(tmp_path):
     with tarfile.open(FIXTURE) as tar:
         tar.extractall(tmp_path, filter="data")
     where = pickled_globals(tmp_path / "normlab_runs")
-    ours = {ref: files for ref, files in where.items() if ref.split(".")[0].split(":")[0] in ("orchestrator", "trainables")}
+    ours = {
+        ref: files for ref, files in where.items() if ref.split(".")[0].split(":")[0] in ("orchestrator", "trainables")
+    }
     # the fixture does hold normlab's classes (else this test would prove nothing) ...
-    assert {"orchestrator.callbacks:TrialRunsCallback", "orchestrator.study:StudySearch",
-            "orchestrator.tuner:OptunaSpace"} <= set(ours), sorted(where)
+    assert {
+        "orchestrator.callbacks:TrialRunsCallback",
+        "orchestrator.study:StudySearch",
+        "orchestrator.tuner:OptunaSpace",
+    } <= set(ours), sorted(where)
     missing = []
     for ref, files in sorted(ours.items()):  # ... and each still resolves where the pickle looks for it
         module, qualname = ref.split(":")
@@ -174,11 +179,15 @@ def test_searches_killed_by_an_earlier_normlab_resume_to_the_end(legacy_workdir)
     runs = {}
     for name in SEARCHES:
         client, trials = children(legacy_workdir, name)
-        assert len(trials) == TRIALS, [t.data.tags.get("normlab.trial_name") for t in trials]  # the runs from before the kill
+        assert len(trials) == TRIALS, [
+            t.data.tags.get("normlab.trial_name") for t in trials
+        ]  # the runs from before the kill
         for run in trials:
             assert run.info.status == "FINISHED", (name, run.data.tags)
             assert_exactly_once(client, run, EPOCHS)
-        parents = [r for r in client.search_runs([trials[0].info.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
+        parents = [
+            r for r in client.search_runs([trials[0].info.experiment_id]) if "mlflow.parentRunId" not in r.data.tags
+        ]
         assert len(parents) == 1 and parents[0].info.status == "FINISHED", (name, parents)
         assert "normlab.resumed_at" in parents[0].data.tags, parents[0].data.tags
         runs[name] = {run.data.tags["normlab.trial_id"]: run for run in trials}
@@ -190,6 +199,10 @@ def test_searches_killed_by_an_earlier_normlab_resume_to_the_end(legacy_workdir)
     ray_ids = [t.user_attrs[RAY_TRIAL_ATTR] for t in complete]
     assert sorted(ray_ids) == sorted(runs["legacy_optuna"])  # every Ray trial in the study exactly once
     for trial in study.trials:  # handed out but never run before the kill: marked, not left RUNNING
-        assert trial.state == TrialState.COMPLETE or (trial.state == TrialState.FAIL and "normlab.lost" in trial.user_attrs), trial
+        assert trial.state == TrialState.COMPLETE or (
+            trial.state == TrialState.FAIL and "normlab.lost" in trial.user_attrs
+        ), trial
     for trial in complete:  # with what its trial reported at its last epoch
-        assert trial.values == pytest.approx([runs["legacy_optuna"][trial.user_attrs[RAY_TRIAL_ATTR]].data.metrics["adv_acc"]])
+        assert trial.values == pytest.approx(
+            [runs["legacy_optuna"][trial.user_attrs[RAY_TRIAL_ATTR]].data.metrics["adv_acc"]]
+        )

@@ -119,7 +119,9 @@ def test_vgg_and_cnn_parameter_counts():
     # conv stacks of VGG-A / VGG-D plus BatchNorm plus Linear(512, 10)
     assert n_params(build_meta("vgg11")) == 9_228_362
     assert n_params(build_meta("vgg16")) == 14_724_042
-    assert n_params(build_meta("cnn")) == (3 * 9 * 32 + 64) + (32 * 9 * 64 + 128) + (64 * 9 * 128 + 256) + (128 * 10 + 10)
+    assert n_params(build_meta("cnn")) == (3 * 9 * 32 + 64) + (32 * 9 * 64 + 128) + (64 * 9 * 128 + 256) + (
+        128 * 10 + 10
+    )
 
 
 @pytest.mark.parametrize("name", MODELS.names())

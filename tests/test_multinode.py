@@ -77,8 +77,11 @@ def test_two_nodes_one_lost_mid_search(tmp_path, cluster):
         while time.time() < deadline:
             try:
                 running = [r for r in trial_runs(client, "twonodes") if r.info.status == "RUNNING"]
-                on_worker = [r for r in running if r.data.tags.get("normlab.node_id") == worker_id
-                             and r.data.metrics.get("epoch", 0) >= 2]
+                on_worker = [
+                    r
+                    for r in running
+                    if r.data.tags.get("normlab.node_id") == worker_id and r.data.metrics.get("epoch", 0) >= 2
+                ]
                 if on_worker:
                     cluster.remove_node(worker)
                     removed["at"] = time.time()
@@ -91,9 +94,19 @@ def test_two_nodes_one_lost_mid_search(tmp_path, cluster):
     thread = threading.Thread(target=lose_the_worker, daemon=True)
     thread.start()
     try:
-        proc = run_normlab("submit", "space.yaml", "--address", cluster.address, "--tracking-uri", server.uri,
-                           "--storage-path", str(tmp_path / "shared"), cwd=tmp_path, timeout=1500,
-                           HOME=str(stale_token_home(tmp_path)))
+        proc = run_normlab(
+            "submit",
+            "space.yaml",
+            "--address",
+            cluster.address,
+            "--tracking-uri",
+            server.uri,
+            "--storage-path",
+            str(tmp_path / "shared"),
+            cwd=tmp_path,
+            timeout=1500,
+            HOME=str(stale_token_home(tmp_path)),
+        )
         thread.join(timeout=60)
         assert proc.returncode == 0, proc.stderr[-4000:]
         assert "at" in removed, "the worker node was never removed"
@@ -120,8 +133,10 @@ def test_a_driver_matches_the_clusters_authentication_whatever_token_files_lie_a
 
     assert cluster_auth_mode(cluster.address) == "disabled"
     home = stale_token_home(tmp_path)
-    code = ("import os; from orchestrator.running.rayenv import prepare_environment; "
-            f"prepare_environment(address='{cluster.address}'); print(os.environ['RAY_AUTH_MODE'])")
+    code = (
+        "import os; from orchestrator.running.rayenv import prepare_environment; "
+        f"prepare_environment(address='{cluster.address}'); print(os.environ['RAY_AUTH_MODE'])"
+    )
     import subprocess
     import sys
 
@@ -132,10 +147,14 @@ def test_a_driver_matches_the_clusters_authentication_whatever_token_files_lie_a
     # a mode set by hand that contradicts the cluster is one clear message, before anything starts
     (tmp_path / "space.yaml").write_text(textwrap.dedent(SPACE.format(name="authmismatch", gpu=0)))
     started = time.time()
-    proc = run_normlab("submit", "space.yaml", "--address", cluster.address, cwd=tmp_path, HOME=str(home),
-                       RAY_AUTH_MODE="token")
+    proc = run_normlab(
+        "submit", "space.yaml", "--address", cluster.address, cwd=tmp_path, HOME=str(home), RAY_AUTH_MODE="token"
+    )
     assert proc.returncode == 2
-    assert "RAY_AUTH_MODE=token is set, but the Ray cluster at" in proc.stderr and "authentication turned off" in proc.stderr
+    assert (
+        "RAY_AUTH_MODE=token is set, but the Ray cluster at" in proc.stderr
+        and "authentication turned off" in proc.stderr
+    )
     assert "Traceback" not in proc.stderr and time.time() - started < 30
 
 
@@ -149,8 +168,16 @@ def test_fractional_gpus_pack_trials_and_each_trial_knows_its_gpu(tmp_path, clus
         space = textwrap.dedent(SPACE.format(name=name, gpu=gpu)).replace(EPOCHS_LINE, "epochs: 3,")
         space = space.replace("regime: [standard, fgsm_at]", "regime: [standard]")
         (tmp_path / f"{name}.yaml").write_text(space)
-        proc = run_normlab("submit", f"{name}.yaml", "--address", cluster.address, "--storage-path",
-                           str(tmp_path / "shared"), cwd=tmp_path, timeout=900)
+        proc = run_normlab(
+            "submit",
+            f"{name}.yaml",
+            "--address",
+            cluster.address,
+            "--storage-path",
+            str(tmp_path / "shared"),
+            cwd=tmp_path,
+            timeout=900,
+        )
         assert proc.returncode == 0, proc.stderr[-4000:]
         client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'normlab_runs' / 'mlflow.db'}")
         runs = trial_runs(client, name)

@@ -212,7 +212,9 @@ def test_batchnorm_modes_in_half_precision_match_float64(dtype, mode):
 def test_robustnorm_under_cpu_autocast_trains_a_conv_net():
     """conv (bfloat16 under autocast) -> RobustNorm (float32 parameters): the generic path, finite and close."""
     torch.manual_seed(3)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), RobustNorm(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 4))
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), RobustNorm(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 4)
+    )
     x, y = torch.rand(32, 3, 6, 6), torch.randint(0, 4, (32,))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = nn.functional.cross_entropy(net(x), y)

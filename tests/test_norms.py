@@ -211,8 +211,16 @@ def test_every_registered_norm_builds_and_runs(name, shape):
 
 def test_registry_names_and_options():
     assert set(NORMS.names()) == {
-        "batchnorm", "batchnorm_batchstats", "batchnorm_mixed", "robustnorm", "robustnorm_batchstats",
-        "robustnorm_mixed", "groupnorm", "layernorm", "instancenorm", "none",
+        "batchnorm",
+        "batchnorm_batchstats",
+        "batchnorm_mixed",
+        "robustnorm",
+        "robustnorm_batchstats",
+        "robustnorm_mixed",
+        "groupnorm",
+        "layernorm",
+        "instancenorm",
+        "none",
     }
     rn = create_norm_layer("robustnorm_mixed", 8, power=0.4, momentum=0.05, eps=1e-3, affine=False)
     assert (rn.power, rn.momentum, rn.eps, rn.affine, rn.stats_mode) == (0.4, 0.05, 1e-3, False, "mixed")

@@ -51,15 +51,20 @@ def load(tmp_path, text):
     return load_space(str(path))[0]
 
 
-@pytest.mark.parametrize(("search", "expected"), [
-    ("{algorithm: optuna, metric: [clean_acc, adv_acc], scheduler: {type: asha}}",
-     "ASHA cannot stop trials on several metrics: it ranks trials on one metric at each rung"),
-    ("{algorithm: optuna, metric: [clean_acc, adv_acc], sampler: cmaes}", "CMA-ES optimises a single objective"),
-    ("{algorithm: random, metric: [clean_acc, adv_acc]}", "several metrics need algorithm optuna"),
-    ("{algorithm: optuna, metric: [clean_acc, adv_acc], mode: [max]}", "mode lists 1 value(s) for 2 metric(s)"),
-    ("{algorithm: grid, sampler: tpe}", "sampler and storage are Optuna settings"),
-    ("{algorithm: optuna, storage: 'postgresql://u:secret@db/optuna'}", "the study storage URL carries a password"),
-])
+@pytest.mark.parametrize(
+    ("search", "expected"),
+    [
+        (
+            "{algorithm: optuna, metric: [clean_acc, adv_acc], scheduler: {type: asha}}",
+            "ASHA cannot stop trials on several metrics: it ranks trials on one metric at each rung",
+        ),
+        ("{algorithm: optuna, metric: [clean_acc, adv_acc], sampler: cmaes}", "CMA-ES optimises a single objective"),
+        ("{algorithm: random, metric: [clean_acc, adv_acc]}", "several metrics need algorithm optuna"),
+        ("{algorithm: optuna, metric: [clean_acc, adv_acc], mode: [max]}", "mode lists 1 value(s) for 2 metric(s)"),
+        ("{algorithm: grid, sampler: tpe}", "sampler and storage are Optuna settings"),
+        ("{algorithm: optuna, storage: 'postgresql://u:secret@db/optuna'}", "the study storage URL carries a password"),
+    ],
+)
 def test_settings_that_cannot_work_are_refused_with_the_reason(tmp_path, search, expected):
     with pytest.raises(SpaceError, match="search") as info:
         load(tmp_path, f"name: x\nfixed: {{epochs: 2}}\nsearch: {search}\n")
@@ -75,7 +80,12 @@ def test_defaults_tpe_for_one_metric_nsgaii_for_several(tmp_path):
     one = load(tmp_path, "name: x\nsearch: {algorithm: optuna}\n").search
     two = load(tmp_path, SPACE.format(name="x", epochs=2, trials=4)).search
     assert (one.sampler_name, one.multi_objective) == ("tpe", False)
-    assert (two.sampler_name, two.multi_objective, two.metrics, two.modes) == ("nsgaii", True, ["clean_acc", "adv_acc"], ["max", "max"])
+    assert (two.sampler_name, two.multi_objective, two.metrics, two.modes) == (
+        "nsgaii",
+        True,
+        ["clean_acc", "adv_acc"],
+        ["max", "max"],
+    )
     for name in ("tpe", "nsgaii", "cmaes", "qmc", "random"):
         assert make_sampler(name, 0) is not None
     listed = load(tmp_path, "name: x\nsearch: {algorithm: optuna, metric: [adv_acc], mode: [min]}\n").search
@@ -100,8 +110,14 @@ def test_the_conditional_space_never_gives_norm_power_to_a_batchnorm_trial(tmp_p
 def test_trials_handed_out_but_never_run_are_marked_failed(tmp_path):
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     space = load(tmp_path, SPACE.format(name="x", epochs=2, trials=4))
-    searcher = StudySearch(space=OptunaSpace(space), metric=["clean_acc", "adv_acc"], mode=["max", "max"],
-                           sampler=make_sampler("nsgaii", 0), storage=rdb_storage(url), study_name="s")
+    searcher = StudySearch(
+        space=OptunaSpace(space),
+        metric=["clean_acc", "adv_acc"],
+        mode=["max", "max"],
+        sampler=make_sampler("nsgaii", 0),
+        storage=rdb_storage(url),
+        study_name="s",
+    )
     searcher.suggest("ray-1")
     orphan = searcher._ot_study.ask()  # handed out after Ray's last snapshot of the searcher
     assert searcher.fail_orphans() == [orphan.number]
@@ -115,8 +131,14 @@ def test_a_failed_trial_that_finishes_on_retry_is_added_to_the_study_once(tmp_pa
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     space = load(tmp_path, SPACE.format(name="x", epochs=2, trials=4))
     metrics = ["clean_acc", "adv_acc"]
-    searcher = StudySearch(space=OptunaSpace(space), metric=metrics, mode=["max", "max"],
-                           sampler=make_sampler("nsgaii", 0), storage=rdb_storage(url), study_name="s")
+    searcher = StudySearch(
+        space=OptunaSpace(space),
+        metric=metrics,
+        mode=["max", "max"],
+        sampler=make_sampler("nsgaii", 0),
+        storage=rdb_storage(url),
+        study_name="s",
+    )
     params = {ray_id: searcher.suggest(ray_id) for ray_id in ("ray-1", "ray-2", "ray-3")}
     searcher.on_trial_complete("ray-1", error=True)  # failed, then retried by `normlab resume`
     searcher.on_trial_complete("ray-2", result={"clean_acc": 0.9, "adv_acc": 0.2})
@@ -129,9 +151,17 @@ def test_a_failed_trial_that_finishes_on_retry_is_added_to_the_study_once(tmp_pa
     assert record_retried(url, "s", metrics, finished) == []  # once
     study = optuna.load_study(study_name="s", storage=url)
     assert [(t.number, t.state) for t in study.trials] == [
-        (0, TrialState.FAIL), (1, TrialState.COMPLETE), (2, TrialState.FAIL), (3, TrialState.COMPLETE)]
+        (0, TrialState.FAIL),
+        (1, TrialState.COMPLETE),
+        (2, TrialState.FAIL),
+        (3, TrialState.COMPLETE),
+    ]
     copy = study.trials[3]
-    assert copy.values == [0.8, 0.4] and copy.user_attrs[RAY_TRIAL_ATTR] == "ray-1" and copy.user_attrs["normlab.retry_of"] == 0
+    assert (
+        copy.values == [0.8, 0.4]
+        and copy.user_attrs[RAY_TRIAL_ATTR] == "ray-1"
+        and copy.user_attrs["normlab.retry_of"] == 0
+    )
     assert copy.params == study.trials[0].params and {k: copy.params[k] for k in params["ray-1"]} == params["ray-1"]
     assert sorted(t.user_attrs[RAY_TRIAL_ATTR] for t in study.best_trials) == ["ray-1", "ray-2"]  # the front counts it
 
@@ -148,8 +178,12 @@ def test_a_killed_multi_objective_search_resumes_into_the_same_study(tmp_path):
     (tmp_path / "space.yaml").write_text(textwrap.dedent(SPACE.format(name="mo", epochs=3, trials=trials)))
     url = f"sqlite:///{tmp_path / 'normlab_runs' / 'optuna.db'}"
     driver = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", "submit", "space.yaml", "--num-cpus", "2"], cwd=tmp_path,
-        env=normlab_env(), stdout=subprocess.DEVNULL, stderr=(tmp_path / "submit.log").open("w"), start_new_session=True,
+        [sys.executable, "-m", "orchestrator.cli", "submit", "space.yaml", "--num-cpus", "2"],
+        cwd=tmp_path,
+        env=normlab_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "submit.log").open("w"),
+        start_new_session=True,
     )
     before: dict[int, tuple] = {}
     try:
@@ -201,8 +235,11 @@ def test_a_killed_multi_objective_search_resumes_into_the_same_study(tmp_path):
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'normlab_runs' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("mo")
-    runs = {r.data.tags["normlab.trial_id"]: r for r in client.search_runs([experiment.experiment_id])
-            if "mlflow.parentRunId" in r.data.tags}
+    runs = {
+        r.data.tags["normlab.trial_id"]: r
+        for r in client.search_runs([experiment.experiment_id])
+        if "mlflow.parentRunId" in r.data.tags
+    }
     assert set(runs) == set(ray_ids)
     for t in complete:  # the study holds what each trial reported at its last epoch
         run = runs[t.user_attrs[RAY_TRIAL_ATTR]]
@@ -216,24 +253,40 @@ def test_a_killed_multi_objective_search_resumes_into_the_same_study(tmp_path):
 
     from orchestrator.cli import main
 
-    result = CliRunner().invoke(main, ["report", "mo", "--compare", "norm", "--out", str(tmp_path / "report"),
-                                       "--tracking-uri", f"sqlite:///{tmp_path / 'normlab_runs' / 'mlflow.db'}"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "report",
+            "mo",
+            "--compare",
+            "norm",
+            "--out",
+            str(tmp_path / "report"),
+            "--tracking-uri",
+            f"sqlite:///{tmp_path / 'normlab_runs' / 'mlflow.db'}",
+        ],
+    )
     assert result.exit_code == 0, result.stderr
     assert {"pareto_front.png", "param_importances.png"} <= {p.name for p in (tmp_path / "report").iterdir()}
     parent = next(r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" not in r.data.tags)
     assert parent.data.tags["normlab.study"] == study.study_name
     assert {"report/pareto_front.png", "report/param_importances.png"} <= {
-        a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+        a.path for a in client.list_artifacts(parent.info.run_id, "report")
+    }
 
 
 @pytest.mark.slow
 def test_a_trial_that_failed_and_finished_on_resume_counts_in_the_study(tmp_path):
     trials = 3
-    (tmp_path / "space.yaml").write_text(textwrap.dedent(SPACE.format(name="retry", epochs=2, trials=trials))
-                                         + "max_failures: 0\n")
+    (tmp_path / "space.yaml").write_text(
+        textwrap.dedent(SPACE.format(name="retry", epochs=2, trials=trials)) + "max_failures: 0\n"
+    )
     plan = tmp_path / "faults.json"  # each trial's worker dies once, after its first checkpoint (no retry)
-    plan.write_text(json.dumps({"kills": [{"trial": "*", "epoch": 1, "point": "after_report"}],
-                                "state_dir": str(tmp_path / "faults")}))
+    plan.write_text(
+        json.dumps(
+            {"kills": [{"trial": "*", "epoch": 1, "point": "after_report"}], "state_dir": str(tmp_path / "faults")}
+        )
+    )
     url = f"sqlite:///{tmp_path / 'normlab_runs' / 'optuna.db'}"
     submitted = run_normlab("submit", "space.yaml", "--num-cpus", "2", cwd=tmp_path, NORMLAB_FAULTS=str(plan))
     assert submitted.returncode != 0 and f"{trials} trial(s) failed" in submitted.stderr, submitted.stderr[-3000:]
@@ -251,8 +304,11 @@ def test_a_trial_that_failed_and_finished_on_resume_counts_in_the_study(tmp_path
     copied = sorted(copies, key=lambda t: t.user_attrs["normlab.retry_of"])  # one copy of each failed trial
     assert [(t.user_attrs["normlab.retry_of"], t.params) for t in copied] == [(t.number, t.params) for t in failed]
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'normlab_runs' / 'mlflow.db'}")
-    runs = {r.data.tags["normlab.trial_id"]: r for r in client.search_runs([client.get_experiment_by_name("retry").experiment_id])
-            if "mlflow.parentRunId" in r.data.tags}
+    runs = {
+        r.data.tags["normlab.trial_id"]: r
+        for r in client.search_runs([client.get_experiment_by_name("retry").experiment_id])
+        if "mlflow.parentRunId" in r.data.tags
+    }
     for copy in copies:  # each holds what its trial reported at its last epoch
         run = runs[copy.user_attrs[RAY_TRIAL_ATTR]]
         assert run.info.status == "FINISHED" and run.data.metrics["epoch"] == 2

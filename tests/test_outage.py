@@ -60,8 +60,18 @@ def test_a_90_second_mlflow_outage_mid_search_loses_and_repeats_nothing(tmp_path
     thread.start()
     try:
         started = time.time()
-        proc = run_normlab("submit", "space.yaml", "--num-cpus", "2", "--tracking-uri", server.uri, cwd=tmp_path,
-                           timeout=1200, NORMLAB_TRACKING_RETRY_S="3", NORMLAB_TRACKING_FINAL_WAIT_S="10")
+        proc = run_normlab(
+            "submit",
+            "space.yaml",
+            "--num-cpus",
+            "2",
+            "--tracking-uri",
+            server.uri,
+            cwd=tmp_path,
+            timeout=1200,
+            NORMLAB_TRACKING_RETRY_S="3",
+            NORMLAB_TRACKING_FINAL_WAIT_S="10",
+        )
         ended = time.time()
         thread.join(timeout=300)
         assert proc.returncode == 0, proc.stderr[-4000:]
@@ -86,8 +96,12 @@ def test_a_90_second_mlflow_outage_mid_search_loses_and_repeats_nothing(tmp_path
             assert "final_adv_acc" in run.data.metrics
             assert {"result.json", "checkpoint"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
         # some epochs really were logged late: their timestamps fall after the server came back
-        late = [m for run in trials for m in client.get_metric_history(run.info.run_id, "epoch")
-                if m.timestamp / 1000 > timeline["up"] and m.step < EPOCHS]
+        late = [
+            m
+            for run in trials
+            for m in client.get_metric_history(run.info.run_id, "epoch")
+            if m.timestamp / 1000 > timeline["up"] and m.step < EPOCHS
+        ]
         assert late, "no epoch was delayed by the outage: the outage did not hit the search"
     finally:
         server.stop()

@@ -16,7 +16,9 @@ from trainables.regimes import REGIMES
 
 def make_model(norm: str = "batchnorm", model: str = "cnn"):
     torch.manual_seed(0)
-    return create_model(model, num_classes=4, in_channels=1, norm_layer=norm_layer_factory(norm), mean=[0.5], std=[0.25])
+    return create_model(
+        model, num_classes=4, in_channels=1, norm_layer=norm_layer_factory(norm), mean=[0.5], std=[0.25]
+    )
 
 
 def data():

@@ -14,8 +14,19 @@ from trainables.regimes import REGIMES
 from trainables.trial import run_trial
 
 TINY = dict(
-    epochs=1, train_subset=32, test_subset=16, batch_size=16, eval_batch_size=8, eval_steps=1, train_steps=1,
-    epoch_adv_samples=8, final_adv_samples=8, cw_steps=2, square_queries=5, eval_attacks=["fgsm"], eval_eps=[0.3],
+    epochs=1,
+    train_subset=32,
+    test_subset=16,
+    batch_size=16,
+    eval_batch_size=8,
+    eval_steps=1,
+    train_steps=1,
+    epoch_adv_samples=8,
+    final_adv_samples=8,
+    cw_steps=2,
+    square_queries=5,
+    eval_attacks=["fgsm"],
+    eval_eps=[0.3],
     threads=1,
 )
 
@@ -54,7 +65,11 @@ def test_every_augmentation(augment):
 @pytest.mark.parametrize("optimizer", OPTIMIZERS.names())
 @pytest.mark.parametrize("schedule", LR_SCHEDULES.names())
 def test_every_optimizer_and_schedule(optimizer, schedule):
-    check(run_trial({**TINY, "optimizer": optimizer, "lr_schedule": schedule, "lr_milestones": [0.5], "warmup_epochs": 0.5}))
+    check(
+        run_trial(
+            {**TINY, "optimizer": optimizer, "lr_schedule": schedule, "lr_milestones": [0.5], "warmup_epochs": 0.5}
+        )
+    )
 
 
 @pytest.mark.parametrize("regime", REGIMES.names())

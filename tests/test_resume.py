@@ -34,8 +34,12 @@ def test_a_killed_search_resumes_from_checkpoints_into_the_same_runs(tmp_path):
     (tmp_path / "space.yaml").write_text(textwrap.dedent(SPACE))
     storage = tmp_path / "normlab_runs" / "ray_results"
     driver = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", "submit", "space.yaml", "--num-cpus", "2"], cwd=tmp_path,
-        env=normlab_env(), stdout=subprocess.DEVNULL, stderr=(tmp_path / "submit.log").open("w"), start_new_session=True,
+        [sys.executable, "-m", "orchestrator.cli", "submit", "space.yaml", "--num-cpus", "2"],
+        cwd=tmp_path,
+        env=normlab_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "submit.log").open("w"),
+        start_new_session=True,
     )
     deadline = time.time() + 300
     try:
@@ -44,7 +48,9 @@ def test_a_killed_search_resumes_from_checkpoints_into_the_same_runs(tmp_path):
             if len(found) == 2 and all(len(c) >= 2 for c in found.values()):
                 break
             time.sleep(0.2)
-        assert driver.poll() is None, "the search ended before it could be killed:\n" + (tmp_path / "submit.log").read_text()[-3000:]
+        assert driver.poll() is None, (
+            "the search ended before it could be killed:\n" + (tmp_path / "submit.log").read_text()[-3000:]
+        )
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started: nothing shuts down cleanly
         driver.wait(timeout=30)
     finally:

@@ -65,8 +65,13 @@ def test_retrying_waits_out_transient_errors_within_its_budget():
         retrying("log", lambda: (_ for _ in ()).throw(MlflowException("down")), time.monotonic() + 2)
     assert time.monotonic() - started < 4
     with pytest.raises(TrackingError, match="RESOURCE_DOES_NOT_EXIST|no run"):
-        retrying("log", lambda: (_ for _ in ()).throw(RestException({"error_code": "RESOURCE_DOES_NOT_EXIST",
-                                                                     "message": "no run"})), time.monotonic() + 30)
+        retrying(
+            "log",
+            lambda: (_ for _ in ()).throw(
+                RestException({"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "no run"})
+            ),
+            time.monotonic() + 30,
+        )
     started = time.monotonic()
     with pytest.raises(TrackingError, match="log: .*read-only"):  # refused at once, not waited on for 30 s
         retrying("log", lambda: (_ for _ in ()).throw(PermissionError(13, "read-only")), time.monotonic() + 30)
@@ -86,14 +91,20 @@ resources: {cpu: 1}
 
 def test_a_password_in_the_tracking_uri_is_never_printed_or_stored(tmp_path):
     password = "pw-7f3c9e1b-do-not-store"
-    server = MlflowServer(tmp_path).start()  # no auth on the server: it ignores the credentials, normlab must not leak them
+    server = MlflowServer(
+        tmp_path
+    ).start()  # no auth on the server: it ignores the credentials, normlab must not leak them
     try:
         uri = server.uri.replace("http://", f"http://researcher:{password}@")
         (tmp_path / "space.yaml").write_text(textwrap.dedent(SPACE))
         proc = run_normlab("submit", "space.yaml", "--num-cpus", "2", "--tracking-uri", uri, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert password not in proc.stdout + proc.stderr
-        leaked = [str(p) for p in (tmp_path / "normlab_runs").rglob("*") if p.is_file() and password.encode() in p.read_bytes()]
+        leaked = [
+            str(p)
+            for p in (tmp_path / "normlab_runs").rglob("*")
+            if p.is_file() and password.encode() in p.read_bytes()
+        ]
         assert leaked == [], f"the password was written to {leaked}"
         client = MlflowClient(tracking_uri=server.uri)
         for run in client.search_runs([client.get_experiment_by_name("secret").experiment_id]):
@@ -104,8 +115,15 @@ def test_a_password_in_the_tracking_uri_is_never_printed_or_stored(tmp_path):
         assert server.uri in record  # the URI without its credentials; resume takes them from the environment
 
         # resume needs the password again, from the environment (as MLflow itself reads it)
-        proc = run_normlab("resume", "secret", "--num-cpus", "2", cwd=tmp_path,
-                           MLFLOW_TRACKING_USERNAME="researcher", MLFLOW_TRACKING_PASSWORD=password)
+        proc = run_normlab(
+            "resume",
+            "secret",
+            "--num-cpus",
+            "2",
+            cwd=tmp_path,
+            MLFLOW_TRACKING_USERNAME="researcher",
+            MLFLOW_TRACKING_PASSWORD=password,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert password not in proc.stdout + proc.stderr
     finally:

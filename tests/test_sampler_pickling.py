@@ -144,8 +144,11 @@ def test_the_search_state_ray_tune_writes_comes_back(tmp_path):
     def trainable(config):
         pass
 
-    tune.Tuner(trainable, tune_config=tune.TuneConfig(search_alg=searcher, num_samples=2),
-               run_config=tune.RunConfig(name="e", storage_path=str(tmp_path)))
+    tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=2),
+        run_config=tune.RunConfig(name="e", storage_path=str(tmp_path)),
+    )
     restored = tune.Tuner.restore(str(tmp_path / "e"), trainable=trainable)._local_tuner._tune_config.search_alg
     assert isinstance(restored, StudySearch)
     assert_same_search(restored, searcher, earlier)
@@ -157,8 +160,14 @@ def test_thread_primitives_come_back_fresh_and_still_shared():
     condition = threading.Condition(threading.RLock())
     event = threading.Event()
     event.set()
-    state = {"lock": lock, "again": lock, "condition": condition, "event": event, "local": threading.local(),
-             "rng": np.random.RandomState(3)}
+    state = {
+        "lock": lock,
+        "again": lock,
+        "condition": condition,
+        "event": event,
+        "local": threading.local(),
+        "rng": np.random.RandomState(3),
+    }
     state["rng"].random_sample(5)
     back = pickle.loads(dumps_state(state))
     assert back["lock"] is back["again"] and not back["lock"].locked()  # fresh, released, one lock
@@ -167,10 +176,13 @@ def test_thread_primitives_come_back_fresh_and_still_shared():
     assert back["rng"].random_sample() == state["rng"].random_sample()
 
 
-@pytest.mark.parametrize(("sampler", "where", "make", "kind"), [
-    ("nsgaii", "sampler._probe", lambda: (n for n in range(3)), "builtins.generator"),
-    ("tpe", "sampler._random_sampler._probe", lambda: socket.socket(), "socket.socket"),
-])
+@pytest.mark.parametrize(
+    ("sampler", "where", "make", "kind"),
+    [
+        ("nsgaii", "sampler._probe", lambda: (n for n in range(3)), "builtins.generator"),
+        ("tpe", "sampler._random_sampler._probe", lambda: socket.socket(), "socket.socket"),
+    ],
+)
 def test_a_sampler_that_keeps_something_unpicklable_is_one_clear_error(tmp_path, sampler, where, make, kind):
     searcher = searched(tmp_path, sampler, trials=1)
     owner = searcher._sampler._random_sampler if where.count(".") == 2 else searcher._sampler
@@ -186,25 +198,31 @@ def test_a_sampler_that_keeps_something_unpicklable_is_one_clear_error(tmp_path,
             owner._probe.close()
     message = errors[0]
     assert errors == [message] * 3 and "\n" not in message
-    assert message.startswith(f"the {sampler} sampler of Optuna {optuna.__version__} keeps a {kind} ({where}) "
-                              "which cannot be saved")
+    assert message.startswith(
+        f"the {sampler} sampler of Optuna {optuna.__version__} keeps a {kind} ({where}) which cannot be saved"
+    )
     assert "choose another sampler" in message and not (tmp_path / "state.pkl").exists()
 
 
 def test_an_unpicklable_part_outside_the_sampler_names_the_search_and_its_sampler(tmp_path):
     searcher = searched(tmp_path, "random", trials=1)
     searcher._probe = (n for n in range(3))
-    with pytest.raises(SearcherStateError, match=r"^the Optuna search \(random sampler, Optuna [\d.]+\) keeps a "
-                                                  r"builtins\.generator \(searcher\._probe\) which cannot be saved"):
+    with pytest.raises(
+        SearcherStateError,
+        match=r"^the Optuna search \(random sampler, Optuna [\d.]+\) keeps a "
+        r"builtins\.generator \(searcher\._probe\) which cannot be saved",
+    ):
         pickle.dumps(searcher)
 
 
 @pytest.mark.slow
 def test_submit_with_a_sampler_that_cannot_be_saved_fails_with_one_line(tmp_path):
     """The real ``normlab submit``, its NSGA-II sampler holding a generator: one line on stderr, exit 2."""
-    (tmp_path / "space.yaml").write_text(textwrap.dedent(SPACE.format(
-        sampler="nsgaii", metric="metric: [clean_acc, adv_acc], mode: [max, max]")))
-    (tmp_path / "submit.py").write_text(textwrap.dedent("""
+    (tmp_path / "space.yaml").write_text(
+        textwrap.dedent(SPACE.format(sampler="nsgaii", metric="metric: [clean_acc, adv_acc], mode: [max, max]"))
+    )
+    (tmp_path / "submit.py").write_text(
+        textwrap.dedent("""
         import sys
 
         from orchestrator.running.rayenv import prepare_environment
@@ -226,11 +244,20 @@ def test_submit_with_a_sampler_that_cannot_be_saved_fails_with_one_line(tmp_path
 
         sys.argv = ["normlab", *sys.argv[1:]]
         main()
-    """))
-    done = subprocess.run([sys.executable, "submit.py", "submit", "space.yaml", "--num-cpus", "1"], check=False, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600, env=normlab_env())
+    """)
+    )
+    done = subprocess.run(
+        [sys.executable, "submit.py", "submit", "space.yaml", "--num-cpus", "1"],
+        check=False,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=normlab_env(),
+    )
     errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert errors == [errors[0]] and errors[0].startswith(
         f"error: the nsgaii sampler of Optuna {optuna.__version__} keeps a builtins.generator (sampler._probe) "
-        "which cannot be saved"), done.stderr[-3000:]
+        "which cannot be saved"
+    ), done.stderr[-3000:]

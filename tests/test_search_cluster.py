@@ -29,10 +29,15 @@ def loopback_env(home: Path) -> dict[str, str]:
     """Everything on 127.0.0.1; Ray's token in a private HOME."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_TRACKING", "RAY_AUTH"))}
     env.update(
-        HOME=str(home), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0",
-        RAY_USAGE_STATS_REPORT_URL="http://127.0.0.1:9/", MLFLOW_DISABLE_TELEMETRY="true",
+        HOME=str(home),
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_USAGE_STATS_REPORT_URL="http://127.0.0.1:9/",
+        MLFLOW_DISABLE_TELEMETRY="true",
         # the head's dashboard process probes cloud-metadata addresses: send that to a dead port on loopback
-        http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9", no_proxy="127.0.0.1,localhost,::1",
+        http_proxy="http://127.0.0.1:9",
+        https_proxy="http://127.0.0.1:9",
+        no_proxy="127.0.0.1,localhost,::1",
     )
     return env
 
@@ -44,23 +49,57 @@ def cluster(tmp_path_factory):
     home.mkdir()
     env = loopback_env(home)
     # a token first, so that `ray start --head` turns token authentication on (as on a real cluster)
-    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=60
+    )
     ray_port, mlflow_port = free_port(), free_port()
     ray_log, mlflow_log = root / "ray.log", root / "mlflow.log"
     head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={ray_port}", "--num-cpus=2", "--include-dashboard=false",
-         "--disable-usage-stats"],
-        env={**env, "RAY_AUTH_MODE": "token"}, stdout=ray_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={ray_port}",
+            "--num-cpus=2",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+        ],
+        env={**env, "RAY_AUTH_MODE": "token"},
+        stdout=ray_log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     server = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "server-artifacts")],
-        env=env, stdout=mlflow_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(mlflow_port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'server.db'}",
+            "--artifacts-destination",
+            str(root / "server-artifacts"),
+        ],
+        env=env,
+        stdout=mlflow_log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         wait_for(lambda: "Ray runtime started" in ray_log.read_text(), 120, "ray head", head, ray_log)
         uri = f"http://127.0.0.1:{mlflow_port}"
-        wait_for(lambda: requests.get(f"{uri}/health", timeout=2).status_code == 200, 120, "mlflow server", server, mlflow_log)
+        wait_for(
+            lambda: requests.get(f"{uri}/health", timeout=2).status_code == 200,
+            120,
+            "mlflow server",
+            server,
+            mlflow_log,
+        )
         yield {"root": root, "env": env, "address": f"127.0.0.1:{ray_port}", "uri": uri}
     finally:
         stop(head)
@@ -73,9 +112,24 @@ def test_submit_to_a_real_head_and_mlflow_server(cluster):
     storage = root / "shared-storage"
     env = {k: v for k, v in cluster["env"].items() if k not in ("http_proxy", "https_proxy", "no_proxy")}
     proc = subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", "submit", "space.yaml", "--address", cluster["address"],
-         "--tracking-uri", cluster["uri"], "--storage-path", str(storage)],
-        cwd=root, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.cli",
+            "submit",
+            "space.yaml",
+            "--address",
+            cluster["address"],
+            "--tracking-uri",
+            cluster["uri"],
+            "--storage-path",
+            str(storage),
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert f"on Ray {cluster['address']}" in proc.stderr
@@ -94,7 +148,9 @@ def test_submit_to_a_real_head_and_mlflow_server(cluster):
         assert child.info.status == "FINISHED"
         assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert [m.step for m in client.get_metric_history(child.info.run_id, "adv_acc")] == [1, 2]
-        assert {"result.json", "robust_accuracy_vs_eps.png", "checkpoint"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"result.json", "robust_accuracy_vs_eps.png", "checkpoint"} <= {
+            a.path for a in client.list_artifacts(child.info.run_id)
+        }
         # artifacts went through the server into its artifact destination
     assert any((root / "server-artifacts").rglob("checkpoint.pt"))
     assert list(storage.glob("cluster_smoke-*/train_*/checkpoint_*/checkpoint.pt"))
@@ -118,11 +174,27 @@ def test_unreachable_servers_are_reported_before_any_trial(cluster, tmp_path):
     (tmp_path / "space.yaml").write_text(textwrap.dedent(SPACE))
     dead = free_port()
     started = time.time()
-    proc = run_normlab("submit", "space.yaml", "--address", cluster["address"], "--tracking-uri", f"http://127.0.0.1:{dead}",
-                       cwd=tmp_path, HOME=cluster["env"]["HOME"])
+    proc = run_normlab(
+        "submit",
+        "space.yaml",
+        "--address",
+        cluster["address"],
+        "--tracking-uri",
+        f"http://127.0.0.1:{dead}",
+        cwd=tmp_path,
+        HOME=cluster["env"]["HOME"],
+    )
     assert proc.returncode == 2 and f"MLflow tracking server http://127.0.0.1:{dead} is unreachable" in proc.stderr
-    proc = run_normlab("submit", "space.yaml", "--address", f"127.0.0.1:{dead}", "--tracking-uri", cluster["uri"],
-                       cwd=tmp_path, HOME=cluster["env"]["HOME"])
+    proc = run_normlab(
+        "submit",
+        "space.yaml",
+        "--address",
+        f"127.0.0.1:{dead}",
+        "--tracking-uri",
+        cluster["uri"],
+        cwd=tmp_path,
+        HOME=cluster["env"]["HOME"],
+    )
     assert proc.returncode == 2 and f"Ray head 127.0.0.1:{dead} is unreachable" in proc.stderr
     assert time.time() - started < 60
     assert not (tmp_path / "normlab_runs" / "ray_results").exists()
@@ -139,7 +211,14 @@ def test_a_missing_or_wrong_token_is_one_clear_message_before_any_trial(cluster,
     assert "ray get-auth-token" in proc.stderr
     wrong = tmp_path / "wrong-token"
     wrong.write_text("0" * 32)
-    proc = run_normlab("submit", "space.yaml", "--address", cluster["address"], cwd=tmp_path, HOME=str(empty_home),
-                       RAY_AUTH_TOKEN_PATH=str(wrong))
+    proc = run_normlab(
+        "submit",
+        "space.yaml",
+        "--address",
+        cluster["address"],
+        cwd=tmp_path,
+        HOME=str(empty_home),
+        RAY_AUTH_TOKEN_PATH=str(wrong),
+    )
     assert proc.returncode == 2 and "refused the token from" in proc.stderr and str(wrong) in proc.stderr
     assert not (tmp_path / "normlab_runs" / "ray_results").exists()

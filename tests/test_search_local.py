@@ -97,8 +97,12 @@ def test_runs_are_named_by_what_varies_and_the_parent_summarises_the_search(sear
     _, proc, client = search
     parents, children = runs(client)
     names = {c.info.run_name for c in children}
-    assert names == {"batchnorm standard lr=0.05", "robustnorm standard lr=0.05", "batchnorm standard lr=1e12",
-                     "robustnorm standard lr=1e12"}
+    assert names == {
+        "batchnorm standard lr=0.05",
+        "robustnorm standard lr=0.05",
+        "batchnorm standard lr=1e12",
+        "robustnorm standard lr=1e12",
+    }
     assert all(c.data.tags["normlab.trial_name"].startswith("train_") for c in children)  # Ray's name, kept as a tag
     parent = parents[0]
     metrics, tags = parent.data.metrics, parent.data.tags
@@ -113,8 +117,10 @@ def test_runs_are_named_by_what_varies_and_the_parent_summarises_the_search(sear
     table = Path(client.download_artifacts(parent.info.run_id, "summary/trials.csv", str(tmp_path))).read_text()
     assert {"norm", "lr"} <= set(table.splitlines()[0].split(","))  # the keys that vary, as columns
     experiment = parent.info.experiment_id
-    url = (f"http://127.0.0.1:5000/normlab/open?expand={parent.info.run_id}#/experiments/{experiment}/runs?"
-           f"workflowType=machine_learning&searchFilter=tags.%60normlab.search_run%60%20%3D%20%27{parent.info.run_name}%27")
+    url = (
+        f"http://127.0.0.1:5000/normlab/open?expand={parent.info.run_id}#/experiments/{experiment}/runs?"
+        f"workflowType=machine_learning&searchFilter=tags.%60normlab.search_run%60%20%3D%20%27{parent.info.run_name}%27"
+    )
     assert proc.stderr.count(f"MLflow UI: {url}") == 2  # when the search starts, and at its end
     assert f"best trial: {best.info.run_name} (" in proc.stderr
 
@@ -130,8 +136,14 @@ def test_finished_trials_have_curves_final_metrics_and_artifacts(search):
             history = client.get_metric_history(run_id, metric)
             assert sorted(m.step for m in history) == [1, 2], metric
         metrics = child.data.metrics
-        for key in ("final_clean_acc", "final_adv_acc", "adv_acc_fgsm_eps0.1", "adv_acc_pgd_eps0.1",
-                    "final_clean_acc_batchstats", "adv_acc_pgd_eps0.1_batchstats"):
+        for key in (
+            "final_clean_acc",
+            "final_adv_acc",
+            "adv_acc_fgsm_eps0.1",
+            "adv_acc_pgd_eps0.1",
+            "final_clean_acc_batchstats",
+            "adv_acc_pgd_eps0.1_batchstats",
+        ):
             assert 0.0 <= metrics[key] <= 1.0, key
         if child.data.params["norm"] == "batchnorm":
             assert metrics["final_clean_acc"] > 0.3  # it really trained
@@ -192,7 +204,9 @@ def test_status_lists_trials_from_the_storage_path(search):
 
 def report(*args: str, workdir: Path) -> tuple[int, str, str]:
     """`normlab report ...` in this process (a subprocess would import torch again)."""
-    result = CliRunner().invoke(main, ["report", *args, "--tracking-uri", f"sqlite:///{workdir / 'normlab_runs' / 'mlflow.db'}"])
+    result = CliRunner().invoke(
+        main, ["report", *args, "--tracking-uri", f"sqlite:///{workdir / 'normlab_runs' / 'mlflow.db'}"]
+    )
     return result.exit_code, result.stdout, result.stderr
 
 
@@ -203,7 +217,9 @@ def test_report_formats_and_plot(search):
     assert "robustnorm" in table.stdout and "FAILED" in table.stdout
     code, csv, _ = report("smoke", "--format", "csv", workdir=workdir)
     header, *lines = csv.strip().splitlines()
-    assert code == 0 and header.startswith("trial,status,norm,regime,lr,final_clean_acc,final_adv_acc") and len(lines) == 4
+    assert (
+        code == 0 and header.startswith("trial,status,norm,regime,lr,final_clean_acc,final_adv_acc") and len(lines) == 4
+    )
     records = json.loads(report("smoke", "--format", "json", workdir=workdir)[1])
     assert {r["norm"] for r in records} == {"batchnorm", "robustnorm"}
     finished = [r for r in records if r["status"] == "FINISHED"]

@@ -54,7 +54,9 @@ def test_a_damaged_experiment_state_with_no_good_copy_is_set_aside(tmp_path):
     (tmp_path / "s" / "experiment_state-2026-01-02.json").write_bytes(b'{"tri')  # the newer session's, cut
     assert snapshots.repair(folder) == ["experiment_state-2026-01-02.json"]
     assert sorted(p.name for p in (tmp_path / "s").glob("experiment_state-*")) == [
-        "experiment_state-2026-01-01.json", "experiment_state-2026-01-02.json.damaged"]
+        "experiment_state-2026-01-01.json",
+        "experiment_state-2026-01-02.json.damaged",
+    ]
 
 
 def test_a_state_naming_code_this_version_lacks_is_one_clear_error(tmp_path, monkeypatch):
@@ -62,7 +64,9 @@ def test_a_state_naming_code_this_version_lacks_is_one_clear_error(tmp_path, mon
 
     import pytest
 
-    (tmp_path / "oldnormlab.py").write_text("class CloseRunsCallback:\n    def __init__(self):\n        self.tracker = 1\n")
+    (tmp_path / "oldnormlab.py").write_text(
+        "class CloseRunsCallback:\n    def __init__(self):\n        self.tracker = 1\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     import oldnormlab
 

@@ -43,43 +43,95 @@ def problems(tmp_path: Path, text: str) -> str:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("name: x\nfixd: {epochs: 2}\n", "fixd: unknown key (allowed here: name, description, fixed, grid, sample, seeds, stages, search"),
+        (
+            "name: x\nfixd: {epochs: 2}\n",
+            "fixd: unknown key (allowed here: name, description, fixed, grid, sample, seeds, stages, search",
+        ),
         ("fixed: {epochs: 2}\n", "name: Field required"),
         ("name: 'bad name'\n", "name: name 'bad name' must be letters"),
         ("name: x\nfixed: {epoch: 2}\n", "fixed.epoch: 'epoch' is not a trial knob; did you mean epochs?"),
         ("name: x\nfixed: {lr: -1}\n", "fixed.lr: Input should be greater than 0"),
         ("name: x\nfixed: {eval_eps: [0.1, 2]}\n", "fixed.eval_eps: Input should be less than or equal to 1"),
-        ("name: x\ngrid: {norm: [batchnorm, robustnrom]}\n", "grid.norm[1]: unknown norm 'robustnrom'; known: batchnorm"),
+        (
+            "name: x\ngrid: {norm: [batchnorm, robustnrom]}\n",
+            "grid.norm[1]: unknown norm 'robustnrom'; known: batchnorm",
+        ),
         ("name: x\ngrid: {model: []}\n", "grid.model.values: List should have at least 1 item"),
         ("name: x\ngrid: {nrom: [batchnorm]}\n", "grid.nrom: 'nrom' is not a trial knob; did you mean norm"),
         ("name: x\nfixed: {norm: batchnorm}\ngrid: {norm: [robustnorm]}\n", "grid.norm: also set in fixed"),
-        ("name: x\nsample: {lr: {loguniform: [0, 0.1]}}\nsearch: {algorithm: random}\n", "sample.lr: loguniform: bounds must be > 0"),
-        ("name: x\nsample: {lr: {uniform: [0.1, 0.01]}}\nsearch: {algorithm: random}\n", "sample.lr: uniform: low must be below high"),
-        ("name: x\nsample: {lr: {normal: [0, 1]}}\nsearch: {algorithm: random}\n", "sample.lr.normal: unknown key (allowed here: uniform, loguniform, int, choice, when)"),
-        ("name: x\nsample: {lr: {uniform: [0.1, 0.2], choice: [1]}}\nsearch: {algorithm: random}\n", "give exactly one of uniform, loguniform, int, choice"),
-        ("name: x\nsample: {norm_power: {uniform: [0.1, 3.0]}}\nsearch: {algorithm: random}\n", "sample.norm_power.uniform[1]: Input should be less than or equal to 2"),
-        ("name: x\nsample: {model: {choice: [cnn, resnet99]}}\nsearch: {algorithm: random}\n", "sample.model.choice[1]: unknown model 'resnet99'"),
-        ("name: x\nsample: {lr: {uniform: [0.01, 0.1]}}\n", "search.algorithm: sampled keys need algorithm 'random' or 'optuna'"),
-        ("name: x\ngrid: {norm_power: {values: [0.1], when: {nrom: [robustnorm]}}}\n", "grid.norm_power.when.nrom: 'nrom' is not a trial knob"),
-        ("name: x\ngrid: {norm_power: {values: [0.1], when: {norm: [robustnrom]}}}\n", "grid.norm_power.when.norm[0]: unknown norm 'robustnrom'"),
-        ("name: x\nsample: {lr: {uniform: [0.01, 0.1]}, norm_power: {uniform: [0.1, 0.3], when: {lr: [0.1]}}}\nsearch: {algorithm: random}\n",
-         "sample.norm_power.when.lr: a condition can only test fixed or grid keys"),
+        (
+            "name: x\nsample: {lr: {loguniform: [0, 0.1]}}\nsearch: {algorithm: random}\n",
+            "sample.lr: loguniform: bounds must be > 0",
+        ),
+        (
+            "name: x\nsample: {lr: {uniform: [0.1, 0.01]}}\nsearch: {algorithm: random}\n",
+            "sample.lr: uniform: low must be below high",
+        ),
+        (
+            "name: x\nsample: {lr: {normal: [0, 1]}}\nsearch: {algorithm: random}\n",
+            "sample.lr.normal: unknown key (allowed here: uniform, loguniform, int, choice, when)",
+        ),
+        (
+            "name: x\nsample: {lr: {uniform: [0.1, 0.2], choice: [1]}}\nsearch: {algorithm: random}\n",
+            "give exactly one of uniform, loguniform, int, choice",
+        ),
+        (
+            "name: x\nsample: {norm_power: {uniform: [0.1, 3.0]}}\nsearch: {algorithm: random}\n",
+            "sample.norm_power.uniform[1]: Input should be less than or equal to 2",
+        ),
+        (
+            "name: x\nsample: {model: {choice: [cnn, resnet99]}}\nsearch: {algorithm: random}\n",
+            "sample.model.choice[1]: unknown model 'resnet99'",
+        ),
+        (
+            "name: x\nsample: {lr: {uniform: [0.01, 0.1]}}\n",
+            "search.algorithm: sampled keys need algorithm 'random' or 'optuna'",
+        ),
+        (
+            "name: x\ngrid: {norm_power: {values: [0.1], when: {nrom: [robustnorm]}}}\n",
+            "grid.norm_power.when.nrom: 'nrom' is not a trial knob",
+        ),
+        (
+            "name: x\ngrid: {norm_power: {values: [0.1], when: {norm: [robustnrom]}}}\n",
+            "grid.norm_power.when.norm[0]: unknown norm 'robustnrom'",
+        ),
+        (
+            "name: x\nsample: {lr: {uniform: [0.01, 0.1]}, norm_power: {uniform: [0.1, 0.3], when: {lr: [0.1]}}}\nsearch: {algorithm: random}\n",
+            "sample.norm_power.when.lr: a condition can only test fixed or grid keys",
+        ),
         ("name: x\nsearch: {algorithm: bayes}\n", "search.algorithm: allowed: 'grid', 'random' or 'optuna'"),
-        ("name: x\nsearch: {metric: final_adv_acc}\n", "search.metric: unknown metric 'final_adv_acc'; the search metric must be reported every epoch"),
+        (
+            "name: x\nsearch: {metric: final_adv_acc}\n",
+            "search.metric: unknown metric 'final_adv_acc'; the search metric must be reported every epoch",
+        ),
         ("name: x\nsearch: {mode: maximize}\n", "search.mode: allowed: 'max' or 'min'"),
         ("name: x\nsearch: {num_samples: 0}\n", "search.num_samples: Input should be greater than 0"),
         ("name: x\nsearch: {scheduler: {type: hyperband}}\n", "search.scheduler.type: allowed: 'fifo' or 'asha'"),
-        ("name: x\nsearch: {scheduler: {type: asha, grace: 2}}\n", "search.scheduler.grace: unknown key (allowed here: type, max_t, grace_period, reduction_factor)"),
-        ("name: x\nsearch: {scheduler: {type: asha, reduction_factor: 1}}\n", "search.scheduler.reduction_factor: Input should be greater than 1"),
-        ("name: x\nfixed: {epochs: 3}\nsearch: {scheduler: {type: asha, grace_period: 5}}\n", "search.scheduler.grace_period: larger than max_t / epochs (3)"),
+        (
+            "name: x\nsearch: {scheduler: {type: asha, grace: 2}}\n",
+            "search.scheduler.grace: unknown key (allowed here: type, max_t, grace_period, reduction_factor)",
+        ),
+        (
+            "name: x\nsearch: {scheduler: {type: asha, reduction_factor: 1}}\n",
+            "search.scheduler.reduction_factor: Input should be greater than 1",
+        ),
+        (
+            "name: x\nfixed: {epochs: 3}\nsearch: {scheduler: {type: asha, grace_period: 5}}\n",
+            "search.scheduler.grace_period: larger than max_t / epochs (3)",
+        ),
         ("name: x\nresources: {cpu: 0}\n", "resources.cpu: Input should be greater than 0"),
         ("name: x\nresources: {gpu: -0.5}\n", "resources.gpu: Input should be greater than or equal to 0"),
         ("name: x\nresources: {cpus: 1}\n", "resources.cpus: unknown key (allowed here: cpu, gpu)"),
         ("name: x\nmax_failures: -2\n", "max_failures: Input should be greater than or equal to -1"),
         ("name: x\ncheckpoint: {every: 0}\n", "checkpoint.every: Input should be greater than 0"),
-        ("name: x\ngrid: {norm: [batchnorm, none], regime: [standard, bn_only_adv]}\n",
-         "grid combination 4 (norm=none, regime=bn_only_adv): regime 'bn_only_adv' trains only norm parameters"),
-        ("name: x\ngrid: {regime: [bn_finetune_adv]}\n", "grid combination 1 (regime=bn_finetune_adv): regime 'bn_finetune_adv' starts from a trained network"),
+        (
+            "name: x\ngrid: {norm: [batchnorm, none], regime: [standard, bn_only_adv]}\n",
+            "grid combination 4 (norm=none, regime=bn_only_adv): regime 'bn_only_adv' trains only norm parameters",
+        ),
+        (
+            "name: x\ngrid: {regime: [bn_finetune_adv]}\n",
+            "grid combination 1 (regime=bn_finetune_adv): regime 'bn_finetune_adv' starts from a trained network",
+        ),
         ("- just\n- a list\n", "expected a mapping at the top level"),
         ("name: x\nfixed: {a: [1, 2\n", "not valid YAML"),
     ],
@@ -89,11 +141,14 @@ def test_every_problem_names_file_path_and_what_is_allowed(tmp_path, text, expec
 
 
 def test_all_problems_are_reported_at_once(tmp_path):
-    message = problems(tmp_path, """
+    message = problems(
+        tmp_path,
+        """
         name: x
         fixed: {epoch: 3, lr: -1}
         grid: {norm: [batchnorm, robustnrom]}
-    """)
+    """,
+    )
     assert "fixed.epoch" in message and "fixed.lr" in message and "grid.norm[1]" in message
 
 
@@ -128,24 +183,39 @@ def resolved_trials(space) -> list[dict]:
 
 
 def test_conditional_grid_keys_only_multiply_matching_trials(tmp_path):
-    space, _ = load_space(str(write(tmp_path, """
+    space, _ = load_space(
+        str(
+            write(
+                tmp_path,
+                """
         name: cond
         fixed: {epochs: 1}
         grid:
           norm: [batchnorm, robustnorm, robustnorm_mixed]
           norm_power: {values: [0.1, 0.3], when: {norm: [robustnorm, robustnorm_mixed]}}
-    """)))
+    """,
+            )
+        )
+    )
     trials = resolved_trials(space)
     assert len(trials) == space.trial_count() == 1 + 2 + 2
     assert sorted((t["norm"], t.get("norm_power")) for t in trials) == [
-        ("batchnorm", None), ("robustnorm", 0.1), ("robustnorm", 0.3), ("robustnorm_mixed", 0.1), ("robustnorm_mixed", 0.3),
+        ("batchnorm", None),
+        ("robustnorm", 0.1),
+        ("robustnorm", 0.3),
+        ("robustnorm_mixed", 0.1),
+        ("robustnorm_mixed", 0.3),
     ]
     for values in trials:
         TrialConfig.model_validate(values)
 
 
 def test_sampled_keys_respect_bounds_and_conditions(tmp_path):
-    space, _ = load_space(str(write(tmp_path, """
+    space, _ = load_space(
+        str(
+            write(
+                tmp_path,
+                """
         name: sampled
         fixed: {epochs: 1}
         grid: {norm: [batchnorm, robustnorm]}
@@ -154,7 +224,10 @@ def test_sampled_keys_respect_bounds_and_conditions(tmp_path):
           train_steps: {int: [2, 4]}
           norm_power: {uniform: [0.1, 0.5], when: {norm: [robustnorm]}}
         search: {algorithm: random, num_samples: 8}
-    """)))
+    """,
+            )
+        )
+    )
     trials = [t for _ in range(space.search.num_samples) for t in resolved_trials(space)]
     assert len(trials) == 16
     for t in trials:
@@ -168,7 +241,9 @@ def test_sampled_keys_respect_bounds_and_conditions(tmp_path):
 def test_optuna_space_suggests_conditionally():
     space, _ = load_space("quickstart", ["algorithm=optuna", "num_samples=4"])
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    space = space.model_copy(update={"sample": {"norm_power": SampleKey(uniform=(0.1, 0.5), when={"norm": ["robustnorm"]})}})
+    space = space.model_copy(
+        update={"sample": {"norm_power": SampleKey(uniform=(0.1, 0.5), when={"norm": ["robustnorm"]})}}
+    )
     seen = []
     for _ in range(12):
         trial = study.ask()
@@ -181,10 +256,14 @@ def test_optuna_space_suggests_conditionally():
 
 
 def test_validate_command_exit_codes(tmp_path):
-    ok = subprocess.run([sys.executable, "-m", "orchestrator.cli", "validate", "quickstart", "epochs=2"], capture_output=True, text=True)
+    ok = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "validate", "quickstart", "epochs=2"], capture_output=True, text=True
+    )
     assert ok.returncode == 0 and "6 trial(s)" in ok.stdout
     bad = write(tmp_path, "name: x\ngrid: {norm: [batchnrom]}\n")
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "validate", str(bad)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "validate", str(bad)], capture_output=True, text=True
+    )
     assert proc.returncode == 2
     assert f"{bad}: grid.norm[0]: unknown norm 'batchnrom'" in " ".join(proc.stderr.split())
     assert "Traceback" not in proc.stderr

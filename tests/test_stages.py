@@ -30,7 +30,9 @@ name: {name}
 fixed: {{dataset: digits, epochs: {epochs}, train_subset: 256, batch_size: 64, eval_attacks: [fgsm], eval_eps: [0.1],
         epoch_adv_samples: 64, final_adv_samples: 64, test_subset: 96}}
 """
-TWO_STAGES = COMMON + """
+TWO_STAGES = (
+    COMMON
+    + """
 seeds: [0, 1]
 stages:
   pretrain:
@@ -40,6 +42,7 @@ stages:
     init_from: {{stage: pretrain}}
     grid: {{norm: [batchnorm, robustnorm], regime: [bn_finetune_adv, pgd_at]}}
 """
+)
 
 
 def problems(tmp_path, text: str) -> str:
@@ -57,7 +60,9 @@ def test_a_valid_chain_and_its_trials(tmp_path):
     views = stage_views(space)
     assert [(v.name, v.init_from) for v in views] == [("pretrain", None), ("finetune", "pretrain")]
     assert views[0].space.trial_count() == 4 and views[1].space.trial_count() == 8 and space.trial_count() == 12
-    assert views[1].space.fixed["epochs"] == 2 and "seed" in views[1].space.grid  # top-level fixed and seeds reach every stage
+    assert (
+        views[1].space.fixed["epochs"] == 2 and "seed" in views[1].space.grid
+    )  # top-level fixed and seeds reach every stage
 
 
 LIST_KEYED = """
@@ -80,31 +85,50 @@ def test_a_list_valued_shared_key_matches_each_trial_to_its_own(tmp_path):
     space, _ = load_space(str(path))  # validation matches the chain one to one
     pretrain, finetune = stage_views(space)
     # what the earlier trials recorded: their configs as JSON gives them back (floats, lists)
-    finished = [Finished("t1", {"norm": "batchnorm", "eval_eps": [0.05, 0.2], "seed": 0}, "run1", "/c/1"),
-                Finished("t0", {"norm": "batchnorm", "eval_eps": [0.1], "seed": 0}, "run0", "/c/0")]
+    finished = [
+        Finished("t1", {"norm": "batchnorm", "eval_eps": [0.05, 0.2], "seed": 0}, "run1", "/c/1"),
+        Finished("t0", {"norm": "batchnorm", "eval_eps": [0.1], "seed": 0}, "run0", "/c/0"),
+    ]
     combos = seeded_combinations(finetune, pretrain, finished)
     assert [(c["eval_eps"], c["init_from"], c["_init_from_run_id"]) for c in combos] == [
-        ([0.1], "/c/0", "run0"), ([0.05, 0.2], "/c/1", "run1")]
+        ([0.1], "/c/0", "run0"),
+        ([0.05, 0.2], "/c/1", "run1"),
+    ]
     with pytest.raises(StageError, match=r"eval_eps=\[0.05, 0.2\]"):
         seeded_combinations(finetune, pretrain, finished[1:])
 
 
-@pytest.mark.parametrize(("change", "expected"), [
-    (lambda t: t.replace("init_from: {{stage: pretrain}}", "init_from: {{stage: pretrian}}"),
-     "stages.finetune.init_from.stage: 'pretrian' is not an earlier stage; earlier stages: pretrain"),
-    (lambda t: t.replace("grid: {{norm: [batchnorm, robustnorm], regime:", "grid: {{norm: [batchnorm, groupnorm], regime:"),
-     "(norm=groupnorm, regime=bn_finetune_adv, seed=0) matches 0 trials of stage pretrain on norm, seed"),
-    (lambda t: t.replace("fixed: {{regime: standard}}", "fixed: {{regime: standard, model: resnet20}}"),
-     "would load weights of a different network from stage pretrain: model differ"),
-    (lambda t: t.replace("regime: [bn_finetune_adv, pgd_at]", "regime: [pgd_at]"),
-     "no trial of this stage starts from a checkpoint"),
-    (lambda t: t.replace("seeds: [0, 1]\n", "") + "search: {{algorithm: optuna, num_samples: 4}}\n",
-     "a stage that starts from another runs its trials as a grid"),
-    (lambda t: t + "grid: {{lr: [0.1]}}\n", "with stages, grid and sample keys belong to the stages"),
-    (lambda t: t + "search: {{scheduler: {{type: asha}}}}\n", "needs every earlier trial to finish its last epoch"),
-    (lambda t: t.replace("pretrain", "report"), "stage name 'report' must be letters, digits"),
-    (lambda t: t.replace("pretrain", "../up"), "stage name '../up' must be letters, digits"),
-])
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (
+            lambda t: t.replace("init_from: {{stage: pretrain}}", "init_from: {{stage: pretrian}}"),
+            "stages.finetune.init_from.stage: 'pretrian' is not an earlier stage; earlier stages: pretrain",
+        ),
+        (
+            lambda t: t.replace(
+                "grid: {{norm: [batchnorm, robustnorm], regime:", "grid: {{norm: [batchnorm, groupnorm], regime:"
+            ),
+            "(norm=groupnorm, regime=bn_finetune_adv, seed=0) matches 0 trials of stage pretrain on norm, seed",
+        ),
+        (
+            lambda t: t.replace("fixed: {{regime: standard}}", "fixed: {{regime: standard, model: resnet20}}"),
+            "would load weights of a different network from stage pretrain: model differ",
+        ),
+        (
+            lambda t: t.replace("regime: [bn_finetune_adv, pgd_at]", "regime: [pgd_at]"),
+            "no trial of this stage starts from a checkpoint",
+        ),
+        (
+            lambda t: t.replace("seeds: [0, 1]\n", "") + "search: {{algorithm: optuna, num_samples: 4}}\n",
+            "a stage that starts from another runs its trials as a grid",
+        ),
+        (lambda t: t + "grid: {{lr: [0.1]}}\n", "with stages, grid and sample keys belong to the stages"),
+        (lambda t: t + "search: {{scheduler: {{type: asha}}}}\n", "needs every earlier trial to finish its last epoch"),
+        (lambda t: t.replace("pretrain", "report"), "stage name 'report' must be letters, digits"),
+        (lambda t: t.replace("pretrain", "../up"), "stage name '../up' must be letters, digits"),
+    ],
+)
 def test_the_chain_is_checked_before_anything_runs(tmp_path, change, expected):
     assert expected in problems(tmp_path, change(TWO_STAGES).format(name="chain", epochs=2))
 
@@ -121,8 +145,12 @@ def test_a_two_stage_search_killed_in_its_second_stage_resumes_as_one_search(tmp
     (tmp_path / "space.yaml").write_text(textwrap.dedent(TWO_STAGES.format(name="twostage", epochs=epochs)))
     storage = tmp_path / "normlab_runs" / "ray_results"
     driver = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", "submit", "space.yaml", "--num-cpus", "2"], cwd=tmp_path,
-        env=normlab_env(), stdout=subprocess.DEVNULL, stderr=(tmp_path / "submit.log").open("w"), start_new_session=True,
+        [sys.executable, "-m", "orchestrator.cli", "submit", "space.yaml", "--num-cpus", "2"],
+        cwd=tmp_path,
+        env=normlab_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "submit.log").open("w"),
+        start_new_session=True,
     )
     try:
         deadline = time.time() + 600
@@ -166,9 +194,18 @@ def test_a_two_stage_search_killed_in_its_second_stage_resumes_as_one_search(tmp
         # and it really loaded those weights: every frozen (non-norm) tensor is the earlier trial's, bit for bit
         before = final_checkpoint(storage, "pretrain", source.data.tags["normlab.trial_id"])["model"]
         after = final_checkpoint(storage, "finetune", run.data.tags["normlab.trial_id"])["model"]
-        frozen = [k for k in before if ".weight" in k and k.replace(".weight", ".running_mean") not in before
-                  and "norm" not in k and before[k].dim() > 1]
+        frozen = [
+            k
+            for k in before
+            if ".weight" in k
+            and k.replace(".weight", ".running_mean") not in before
+            and "norm" not in k
+            and before[k].dim() > 1
+        ]
         assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
-        norm_weights = [k for k in before if k.replace(".weight", ".running_mean") in before or
-                        k.replace(".weight", ".running_range") in before]
+        norm_weights = [
+            k
+            for k in before
+            if k.replace(".weight", ".running_mean") in before or k.replace(".weight", ".running_range") in before
+        ]
         assert any(not torch.equal(before[k], after[k]) for k in norm_weights)  # the norm layers did train

@@ -29,8 +29,16 @@ from orchestrator.state.records import RECORD_FILE, SearchRecord
 # ------------------------------------------------------------------ without a server
 
 RECORD = {
-    "space": {"name": "tiny"}, "space_file": "tiny.yaml", "tracking_uri": "sqlite:///mlflow.db", "artifact_root": None,
-    "tracker": {"tracking_uri": "sqlite:///mlflow.db", "experiment_id": "1", "parent_run_id": "abc", "search_name": "tiny-1"},
+    "space": {"name": "tiny"},
+    "space_file": "tiny.yaml",
+    "tracking_uri": "sqlite:///mlflow.db",
+    "artifact_root": None,
+    "tracker": {
+        "tracking_uri": "sqlite:///mlflow.db",
+        "experiment_id": "1",
+        "parent_run_id": "abc",
+        "search_name": "tiny-1",
+    },
 }
 
 
@@ -50,7 +58,11 @@ def test_uris_keep_their_options_and_refuse_credentials(tmp_path):
     root = storage.resolve("s3://bucket/pre?endpoint_override=127.0.0.1:9&scheme=http")
     folder = root.child("search-20250101-000000")
     assert folder.uri == "s3://bucket/pre/search-20250101-000000?endpoint_override=127.0.0.1:9&scheme=http"
-    assert (folder.path, folder.name, folder.is_local) == ("bucket/pre/search-20250101-000000", "search-20250101-000000", False)
+    assert (folder.path, folder.name, folder.is_local) == (
+        "bucket/pre/search-20250101-000000",
+        "search-20250101-000000",
+        False,
+    )
     with pytest.raises(storage.StorageError, match="carries credentials") as info:
         storage.resolve("s3://AKIA:topsecret@bucket/pre?endpoint_override=127.0.0.1:9&scheme=http")
     assert "topsecret" not in str(info.value)
@@ -76,14 +88,20 @@ def fake_search(root: Path, record: str | None) -> Path:
     return folder
 
 
-@pytest.mark.parametrize(("record", "expected"), [
-    (None, "is missing"),
-    (json.dumps(RECORD, indent=2)[:70], "is not valid JSON; it may have been cut short by a crash"),
-    ("", "is not valid JSON"),
-    ("<html>oops</html>", "is not valid JSON"),
-    (json.dumps({"space": {}}), "is not a normlab search record (space_file: Field required"),
-    (json.dumps({**RECORD, "space": {"name": "tiny", "nonsense": 1}}), "holds a search space this normlab cannot run"),
-])
+@pytest.mark.parametrize(
+    ("record", "expected"),
+    [
+        (None, "is missing"),
+        (json.dumps(RECORD, indent=2)[:70], "is not valid JSON; it may have been cut short by a crash"),
+        ("", "is not valid JSON"),
+        ("<html>oops</html>", "is not valid JSON"),
+        (json.dumps({"space": {}}), "is not a normlab search record (space_file: Field required"),
+        (
+            json.dumps({**RECORD, "space": {"name": "tiny", "nonsense": 1}}),
+            "holds a search space this normlab cannot run",
+        ),
+    ],
+)
 def test_a_bad_record_is_one_clear_error(tmp_path, record, expected):
     folder = fake_search(tmp_path / "runs", record)
     for args in ([str(folder)], ["tiny", "--storage-path", str(tmp_path / "runs")]):
@@ -103,8 +121,16 @@ def test_a_record_round_trips_in_the_format_it_always_had(tmp_path):
 WEED = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
 ACCESS_KEY, SECRET_KEY = "NLTESTACCESS7C41D9", "nl-test-secret-2b8e0f5a"  # strings found nowhere else
 S3_ENV = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_EC2_METADATA_DISABLED": "true"}
-PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
-         "s3.port", "s3.port.grpc")
+PORTS = (
+    "master.port",
+    "master.port.grpc",
+    "volume.port",
+    "volume.port.grpc",
+    "filer.port",
+    "filer.port.grpc",
+    "s3.port",
+    "s3.port.grpc",
+)
 
 
 @dataclass
@@ -117,11 +143,14 @@ class S3Server:
         return f"s3://{self.bucket}/{prefix}?endpoint_override={self.endpoint}&scheme=http"
 
     def fs(self, **options: object) -> pafs.S3FileSystem:
-        return pafs.S3FileSystem(access_key=ACCESS_KEY, secret_key=SECRET_KEY, endpoint_override=self.endpoint,
-                                 scheme="http", **options)
+        return pafs.S3FileSystem(
+            access_key=ACCESS_KEY, secret_key=SECRET_KEY, endpoint_override=self.endpoint, scheme="http", **options
+        )
 
     def files(self, prefix: str) -> dict[str, int]:
-        infos = self.fs().get_file_info(pafs.FileSelector(f"{self.bucket}/{prefix}", recursive=True, allow_not_found=True))
+        infos = self.fs().get_file_info(
+            pafs.FileSelector(f"{self.bucket}/{prefix}", recursive=True, allow_not_found=True)
+        )
         return {i.path.removeprefix(f"{self.bucket}/{prefix}/"): i.size for i in infos if i.type == pafs.FileType.File}
 
 
@@ -158,12 +187,22 @@ def listening_addresses(pid: int) -> set[str]:
 
 def weed_command(data: Path, config: Path, ports: dict[str, int]) -> list[str]:
     return [
-        WEED, "-v=3",  # logs each S3 request's handler
-        "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-filer", "-s3", f"-s3.config={config}",
+        WEED,
+        "-v=3",  # logs each S3 request's handler
+        "server",
+        f"-dir={data}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        "-filer",
+        "-s3",
+        f"-s3.config={config}",
         *[f"-{name}={port}" for name, port in ports.items()],
-        "-s3.port.iceberg=0", "-s3.port.lance=0",  # extra listeners a test does not need
-        f"-filer.localSocket={data}/filer.sock", f"-s3.localSocket={data}/s3.sock",
-        "-master.volumeSizeLimitMB=64", "-volume.max=16",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",  # extra listeners a test does not need
+        f"-filer.localSocket={data}/filer.sock",
+        f"-s3.localSocket={data}/s3.sock",
+        "-master.volumeSizeLimitMB=64",
+        "-volume.max=16",
     ]
 
 
@@ -179,15 +218,25 @@ def s3(tmp_path_factory):
     root = tmp_path_factory.mktemp("seaweedfs")
     (root / "data").mkdir()
     config = root / "s3.json"
-    config.write_text(json.dumps({"identities": [{
-        "name": "normlab", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-    }]}))
+    config.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "normlab",
+                        "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    }
+                ]
+            }
+        )
+    )
     ports = dict(zip(PORTS, free_ports(len(PORTS)), strict=True))
     log = root / "weed.log"
     with log.open("w") as out:
-        proc = subprocess.Popen(weed_command(root / "data", config, ports), stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            weed_command(root / "data", config, ports), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     server = S3Server(f"127.0.0.1:{ports['s3.port']}", "normlab-test", log)
     try:
         deadline = time.time() + 90
@@ -224,10 +273,13 @@ checkpoint: {{every: 1, keep: {keep}}}
 """
 
 
-def space_file(workdir: Path, name: str, epochs: int, subset: int | str, regime: str = "standard", keep: int = 1) -> str:
+def space_file(
+    workdir: Path, name: str, epochs: int, subset: int | str, regime: str = "standard", keep: int = 1
+) -> str:
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / f"{name}.yaml").write_text(textwrap.dedent(SMALL.format(name=name, epochs=epochs, subset=subset,
-                                                                       regime=regime, keep=keep)))
+    (workdir / f"{name}.yaml").write_text(
+        textwrap.dedent(SMALL.format(name=name, epochs=epochs, subset=subset, regime=regime, keep=keep))
+    )
     return f"{name}.yaml"
 
 
@@ -311,8 +363,14 @@ def test_a_bad_record_in_the_bucket_is_one_clear_error(s3, tmp_path):
     assert by_name.returncode == 2 and "Traceback" not in err, err
     assert "not valid JSON; it may have been cut short" in err and "submit the search again" in err
     assert storage.join(s3.uri("broken/tiny-20250101-000000"), RECORD_FILE).split("?")[0] in err.replace(" ", "")
-    wrong_keys = run_normlab("resume", uri, cwd=tmp_path, AWS_ACCESS_KEY_ID="nobody", AWS_SECRET_ACCESS_KEY="wrong",
-                             AWS_EC2_METADATA_DISABLED="true")
+    wrong_keys = run_normlab(
+        "resume",
+        uri,
+        cwd=tmp_path,
+        AWS_ACCESS_KEY_ID="nobody",
+        AWS_SECRET_ACCESS_KEY="wrong",
+        AWS_EC2_METADATA_DISABLED="true",
+    )
     assert wrong_keys.returncode == 2 and "Traceback" not in wrong_keys.stderr, wrong_keys.stderr[-2000:]
 
 
@@ -324,9 +382,12 @@ def test_a_missing_bucket_or_unknown_keys_stop_submit_before_ray_starts(s3, tmp_
     err = " ".join(proc.stderr.split())
     assert proc.returncode == 2 and "bucket 'no-such-bucket' of s3://no-such-bucket/runs?" in err, err
     assert "create it first" in err and "Traceback" not in err and "trial(s) on Ray" not in err  # Ray never started
-    wrong = run_normlab("submit", space, "--storage-path", s3.uri("runs"), cwd=tmp_path,
-                        **{**S3_ENV, "AWS_SECRET_ACCESS_KEY": "wrong"})
-    assert wrong.returncode == 2 and "cannot reach s3://" in wrong.stderr and "Traceback" not in wrong.stderr, wrong.stderr
+    wrong = run_normlab(
+        "submit", space, "--storage-path", s3.uri("runs"), cwd=tmp_path, **{**S3_ENV, "AWS_SECRET_ACCESS_KEY": "wrong"}
+    )
+    assert wrong.returncode == 2 and "cannot reach s3://" in wrong.stderr and "Traceback" not in wrong.stderr, (
+        wrong.stderr
+    )
 
 
 def s3_checkpoints(s3: S3Server, prefix: str) -> dict[str, set[str]]:
@@ -346,8 +407,21 @@ def test_a_killed_search_resumes_from_the_bucket_into_the_same_runs(s3, tmp_path
     space = space_file(tmp_path, "s3kill", epochs=epochs, subset="null", regime="pgd_at", keep=2)
     log = tmp_path / "submit.log"
     driver = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", "submit", space, "--num-cpus", "2", "--storage-path", s3.uri("kill")],
-        cwd=tmp_path, env=normlab_env(**S3_ENV), stdout=subprocess.DEVNULL, stderr=log.open("w"),
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.cli",
+            "submit",
+            space,
+            "--num-cpus",
+            "2",
+            "--storage-path",
+            s3.uri("kill"),
+        ],
+        cwd=tmp_path,
+        env=normlab_env(**S3_ENV),
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("w"),
         start_new_session=True,
     )
     deadline = time.time() + 300
@@ -368,7 +442,9 @@ def test_a_killed_search_resumes_from_the_bucket_into_the_same_runs(s3, tmp_path
             os.killpg(driver.pid, signal.SIGKILL)
     time.sleep(3)  # Ray's reaper ends the orphaned workers
 
-    resumed = run_normlab("resume", "s3kill", "--num-cpus", "2", "--storage-path", s3.uri("kill"), cwd=tmp_path, **S3_ENV)
+    resumed = run_normlab(
+        "resume", "s3kill", "--num-cpus", "2", "--storage-path", s3.uri("kill"), cwd=tmp_path, **S3_ENV
+    )
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "resuming search s3kill-" in resumed.stderr and resumed.stdout.count(" OK ") == 2
 

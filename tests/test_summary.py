@@ -32,21 +32,37 @@ def search(tmp_path):
     target = resolve_tracking(None, tmp_path)
     spec = tmp_path / "s.yaml"
     spec.write_text("name: summ\n")
-    tracker = start_search_run(target, "summ", "summ-20250101-000000", params={}, spec={}, spec_file=spec, tags={},
-                               name_keys=("norm_power",))
+    tracker = start_search_run(
+        target, "summ", "summ-20250101-000000", params={}, spec={}, spec_file=spec, tags={}, name_keys=("norm_power",)
+    )
     config = {"regime": "pgd_at", "norm_power": 0.2, "eval_attacks": ["pgd", "fgsm"], "eval_eps": [0.1]}
     finished = [
-        TrialRecord("aa000_00000", "train_aa000_00000", {**config, "norm": "batchnorm"}, 2,
-                    history=_history([0.2, 0.3], _final(0.95, 0.31))),
-        TrialRecord("aa000_00001", "train_aa000_00001", {**config, "norm": "robustnorm", "norm_power": 0.5}, 2,
-                    history=_history([0.4, 0.6], _final(0.90, 0.55))),  # the best by final_adv_acc
+        TrialRecord(
+            "aa000_00000",
+            "train_aa000_00000",
+            {**config, "norm": "batchnorm"},
+            2,
+            history=_history([0.2, 0.3], _final(0.95, 0.31)),
+        ),
+        TrialRecord(
+            "aa000_00001",
+            "train_aa000_00001",
+            {**config, "norm": "robustnorm", "norm_power": 0.5},
+            2,
+            history=_history([0.4, 0.6], _final(0.90, 0.55)),
+        ),  # the best by final_adv_acc
     ]
     for record in finished:
         assert tracker.sync(record, budget_s=10, finish=True)
     failed = TrialRecord("aa000_00002", "train_aa000_00002", {**config, "norm": "robustnorm", "norm_power": 1.0}, 2)
     assert tracker.fail(failed, "non-finite training loss", retryable=False, budget_s=10)
-    stopped = TrialRecord("aa000_00003", "train_aa000_00003", {**config, "norm": "batchnorm", "norm_power": 1.0}, 2,
-                          history=_history([0.9]))  # a high per-epoch adv_acc, but no final sweep
+    stopped = TrialRecord(
+        "aa000_00003",
+        "train_aa000_00003",
+        {**config, "norm": "batchnorm", "norm_power": 1.0},
+        2,
+        history=_history([0.9]),
+    )  # a high per-epoch adv_acc, but no final sweep
     assert tracker.sync(stopped, budget_s=10)
     assert tracker.close(stopped, "KILLED", "stopped by the scheduler", budget_s=10)
     return tracker, MlflowClient(tracking_uri=target.uri), finished[1]
@@ -58,25 +74,40 @@ def test_the_parent_run_carries_the_best_trial_counts_and_a_table(search, tmp_pa
     assert summary is not None and summary.best is not None and summary.best.run_id == best.run_id
     parent = client.get_run(tracker.parent_run_id)
     metrics, tags = parent.data.metrics, parent.data.tags
-    assert metrics["best_final_adv_acc"] == pytest.approx(0.55) and metrics["best_final_clean_acc"] == pytest.approx(0.90)
+    assert metrics["best_final_adv_acc"] == pytest.approx(0.55) and metrics["best_final_clean_acc"] == pytest.approx(
+        0.90
+    )
     assert metrics["best_adv_acc_pgd_eps0.1"] == pytest.approx(0.55)
-    assert (metrics["trials_total"], metrics["trials_finished"], metrics["trials_failed"], metrics["trials_killed"]) == \
-        (4, 2, 1, 1)
+    assert (
+        metrics["trials_total"],
+        metrics["trials_finished"],
+        metrics["trials_failed"],
+        metrics["trials_killed"],
+    ) == (4, 2, 1, 1)
     best_name = client.get_run(best.run_id).info.run_name
     assert best_name == "robustnorm pgd_at p=0.5"
     assert tags["normlab.best_run_id"] == best.run_id and tags["normlab.best_run_name"] == best_name
     assert tags["normlab.best_by"] == "final_adv_acc (max)"  # the final sweep, not the stopped trial's 0.9 epoch value
-    assert tags["normlab.best_run_url"] == \
-        f"http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs/{best.run_id}?workflowType=machine_learning"
+    assert (
+        tags["normlab.best_run_url"]
+        == f"http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs/{best.run_id}?workflowType=machine_learning"
+    )
     assert f"[{best_name}](#/experiments/{tracker.experiment_id}/runs/{best.run_id}" in tags["mlflow.note.content"]
     assert "4 trials: 2 finished, 1 failed, 1 killed" in tags["mlflow.note.content"]
 
     folder = Path(client.download_artifacts(tracker.parent_run_id, "summary", str(tmp_path / "dl")))
     md = (folder / "trials.md").read_text().splitlines()
     assert md[0] == "| trial | status | norm | regime | norm_power | final_clean_acc | final_adv_acc |"
-    assert len(md) == 2 + 4 and "| robustnorm pgd_at p=0.5 | FINISHED | robustnorm | pgd_at | 0.5 | 0.9000 | 0.5500 |" in md
+    assert (
+        len(md) == 2 + 4
+        and "| robustnorm pgd_at p=0.5 | FINISHED | robustnorm | pgd_at | 0.5 | 0.9000 | 0.5500 |" in md
+    )
     csv = (folder / "trials.csv").read_text().splitlines()
-    assert csv[0].endswith(",run_id") and len(csv) == 5 and any(line.startswith("robustnorm pgd_at p=1,FAILED") for line in csv)
+    assert (
+        csv[0].endswith(",run_id")
+        and len(csv) == 5
+        and any(line.startswith("robustnorm pgd_at p=1,FAILED") for line in csv)
+    )
 
 
 def test_a_resume_logs_the_summary_again_at_the_next_step_and_keeps_a_users_description(search):
@@ -91,8 +122,11 @@ def test_a_resume_logs_the_summary_again_at_the_next_step_and_keeps_a_users_desc
 
 
 def test_without_final_metrics_the_last_value_of_the_metric_ranks():
-    trials = [TrialRun("a", "1", "KILLED", metrics={"adv_acc": 0.4}), TrialRun("b", "2", "KILLED", metrics={"adv_acc": 0.7}),
-              TrialRun("c", "3", "FAILED")]
+    trials = [
+        TrialRun("a", "1", "KILLED", metrics={"adv_acc": 0.4}),
+        TrialRun("b", "2", "KILLED", metrics={"adv_acc": 0.7}),
+        TrialRun("c", "3", "FAILED"),
+    ]
     summary = summarise(trials, metric="adv_acc", mode="max")
     assert summary.best.name == "b" and summary.metrics["best_adv_acc"] == 0.7
     assert summary.tags["normlab.best_by"] == "adv_acc (max)" and set(summary.files) == set(REPORT_FILES)
@@ -114,7 +148,10 @@ def test_another_report_file_is_one_more_function():
     def norms(trials, keys):
         return ",".join(sorted({t.params["norm"] for t in trials}))
 
-    trials = [TrialRun("a", "1", "FINISHED", params={"norm": "batchnorm"}), TrialRun("b", "2", "FINISHED", params={"norm": "x"})]
+    trials = [
+        TrialRun("a", "1", "FINISHED", params={"norm": "batchnorm"}),
+        TrialRun("b", "2", "FINISHED", params={"norm": "x"}),
+    ]
     summary = summarise(trials, metric="adv_acc", mode="max", files={**REPORT_FILES, "summary/norms.txt": norms})
     assert summary.files["summary/norms.txt"] == "batchnorm,x" and "summary/trials.md" in summary.files
 

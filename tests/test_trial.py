@@ -14,8 +14,17 @@ TIMING = ("epoch_seconds", "train_images_per_s")
 
 # a trial small enough for seconds on a CPU, with every source of randomness in play
 TINY = dict(
-    train_subset=256, test_subset=96, batch_size=64, eval_batch_size=48, epoch_adv_samples=48,
-    final_adv_samples=48, eval_steps=2, train_steps=2, cw_steps=2, square_queries=5, threads=1,
+    train_subset=256,
+    test_subset=96,
+    batch_size=64,
+    eval_batch_size=48,
+    epoch_adv_samples=48,
+    final_adv_samples=48,
+    eval_steps=2,
+    train_steps=2,
+    cw_steps=2,
+    square_queries=5,
+    threads=1,
 )
 
 
@@ -29,8 +38,14 @@ class Killed(Exception):
 
 def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path):
     cfg = TrialConfig(
-        **TINY, epochs=3, norm="robustnorm", regime="pgd_at", augment="crop_flip",
-        eval_attacks=["pgd", "fgsm"], eval_eps=[0.1, 0.05], seed=7,
+        **TINY,
+        epochs=3,
+        norm="robustnorm",
+        regime="pgd_at",
+        augment="crop_flip",
+        eval_attacks=["pgd", "fgsm"],
+        eval_eps=[0.1, 0.05],
+        seed=7,
     )
     full = run_trial(cfg)
 
@@ -45,7 +60,9 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path):
         run_trial(cfg, on_epoch=save_then_die)
     torch.manual_seed(999)  # whatever happened in between must not matter
     seen = []
-    resumed = run_trial(cfg, checkpoint=load_checkpoint(path), on_epoch=lambda e, m, s: seen.append((e, s["mlflow_run_id"])))
+    resumed = run_trial(
+        cfg, checkpoint=load_checkpoint(path), on_epoch=lambda e, m, s: seen.append((e, s["mlflow_run_id"]))
+    )
 
     assert resumed.resumed_from_epoch == 1
     assert seen == [(2, "run-123"), (3, "run-123")]  # caller's keys survive a resume
@@ -56,7 +73,10 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path):
 
 def test_a_checkpoint_from_another_configuration_is_refused(tmp_path):
     states = []
-    run_trial(TrialConfig(**TINY, epochs=1, eval_attacks=["fgsm"]), on_epoch=lambda e, m, s: states.append(save_checkpoint(s, tmp_path / "a.pt")))
+    run_trial(
+        TrialConfig(**TINY, epochs=1, eval_attacks=["fgsm"]),
+        on_epoch=lambda e, m, s: states.append(save_checkpoint(s, tmp_path / "a.pt")),
+    )
     checkpoint = load_checkpoint(tmp_path / "a.pt")
     with pytest.raises(CheckpointMismatchError, match="norm: checkpoint 'batchnorm' vs now 'robustnorm'"):
         run_trial(TrialConfig(**TINY, epochs=2, norm="robustnorm", eval_attacks=["fgsm"]), checkpoint=checkpoint)
@@ -65,7 +85,9 @@ def test_a_checkpoint_from_another_configuration_is_refused(tmp_path):
 
 
 def test_nan_loss_stops_the_trial_naming_epoch_and_step():
-    cfg = TrialConfig(**{**TINY, "batch_size": 32}, epochs=2, lr=1e12, momentum=0.0, weight_decay=0.0, eval_attacks=["fgsm"])
+    cfg = TrialConfig(
+        **{**TINY, "batch_size": 32}, epochs=2, lr=1e12, momentum=0.0, weight_decay=0.0, eval_attacks=["fgsm"]
+    )
     with pytest.raises(NonFiniteLossError, match=r"at epoch 1, step \d+/8"):
         run_trial(cfg)
 
@@ -78,8 +100,12 @@ def test_metrics_follow_the_design_names():
     for _, metrics, _ in epochs:
         assert {"train_loss", "train_acc", "clean_acc", "adv_acc"} <= set(metrics)
     assert set(result.final) == {
-        "final_clean_acc", "final_adv_acc", "adv_acc_fgsm_eps0.05", "adv_acc_fgsm_eps0.1",
-        "adv_acc_pgd_eps0.05", "adv_acc_pgd_eps0.1",
+        "final_clean_acc",
+        "final_adv_acc",
+        "adv_acc_fgsm_eps0.05",
+        "adv_acc_fgsm_eps0.1",
+        "adv_acc_pgd_eps0.05",
+        "adv_acc_pgd_eps0.1",
     }  # groupnorm has no statistic modes: no _batchstats
     assert result.final["final_adv_acc"] == result.final["adv_acc_fgsm_eps0.05"]
     assert epochs[-1][1]["final_clean_acc"] == result.final["final_clean_acc"]
@@ -106,7 +132,9 @@ def test_standard_training_on_digits_reaches_95_percent(digits_pair):
 def test_pgd_training_is_clearly_more_robust_than_standard_training(digits_pair):
     standard, pgd_at = digits_pair
     margin = pgd_at.final["adv_acc_pgd_eps0.1"] - standard.final["adv_acc_pgd_eps0.1"]
-    assert margin >= 0.15, f"pgd_at {pgd_at.final['adv_acc_pgd_eps0.1']:.3f} vs standard {standard.final['adv_acc_pgd_eps0.1']:.3f}"
+    assert margin >= 0.15, (
+        f"pgd_at {pgd_at.final['adv_acc_pgd_eps0.1']:.3f} vs standard {standard.final['adv_acc_pgd_eps0.1']:.3f}"
+    )
     assert pgd_at.final["final_clean_acc"] >= 0.9
 
 
@@ -120,8 +148,10 @@ def test_pgd_training_is_clearly_more_robust_than_standard_training(digits_pair)
 @pytest.fixture(scope="module")
 def digits_amp():
     common = dict(epochs=10, eval_attacks=["pgd"], eval_eps=[0.1], threads=2)
-    runs = {(norm, regime): run_trial(TrialConfig(norm=norm, regime=regime, amp=True, **common))
-            for norm, regime in (("batchnorm", "standard"), ("batchnorm", "pgd_at"))}
+    runs = {
+        (norm, regime): run_trial(TrialConfig(norm=norm, regime=regime, amp=True, **common))
+        for norm, regime in (("batchnorm", "standard"), ("batchnorm", "pgd_at"))
+    }
     for amp in (False, True):
         runs["robustnorm", amp] = run_trial(TrialConfig(norm="robustnorm", lr=0.1, amp=amp, **common))
     return runs
@@ -158,8 +188,16 @@ def test_mixed_precision_checkpoints_resume_exactly(tmp_path):
 @pytest.mark.parametrize("amp", [False, True], ids=["float32", "amp-float16"])
 def test_a_robustnorm_trial_trains_on_cuda(amp):
     """The first GPU training step of a RobustNorm trial: the path that used to fail."""
-    cfg = TrialConfig(**{**TINY, "threads": None}, epochs=2, norm="robustnorm", regime="pgd_at", eval_attacks=["fgsm"],
-                      device="cuda", amp=amp, lr=0.1)
+    cfg = TrialConfig(
+        **{**TINY, "threads": None},
+        epochs=2,
+        norm="robustnorm",
+        regime="pgd_at",
+        eval_attacks=["fgsm"],
+        device="cuda",
+        amp=amp,
+        lr=0.1,
+    )
     result = run_trial(cfg)
     assert result.device.startswith("cuda")
     cpu = run_trial(cfg.model_copy(update={"device": "cpu", "amp": False}))

@@ -34,15 +34,21 @@ def test_a_config_error_inside_a_trial_fails_once_with_a_run_that_says_why(tmp_p
 
     target = resolve_tracking(None, workdir=tmp_path)
     (tmp_path / "space.yaml").write_text("name: cfgerr\n")
-    tracker = start_search_run(target, "cfgerr", "cfgerr-1", params={}, spec={}, spec_file=tmp_path / "space.yaml", tags={})
+    tracker = start_search_run(
+        target, "cfgerr", "cfgerr-1", params={}, spec={}, spec_file=tmp_path / "space.yaml", tags={}
+    )
     ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="ERROR")
     try:
         tuner = tune.Tuner(
             tune.with_parameters(train, resolve=TrialResolver({"dataset": "digits", "epochs": 1}), tracker=tracker),
             param_space={"lr": -0.5},
-            run_config=tune.RunConfig(name="cfgerr", storage_path=str(tmp_path / "results"), verbose=0,
-                                      failure_config=tune.FailureConfig(max_failures=5),
-                                      callbacks=[TrialRunsCallback(tracker)]),
+            run_config=tune.RunConfig(
+                name="cfgerr",
+                storage_path=str(tmp_path / "results"),
+                verbose=0,
+                failure_config=tune.FailureConfig(max_failures=5),
+                callbacks=[TrialRunsCallback(tracker)],
+            ),
         )
         started = time.time()
         grid = tuner.fit()
@@ -60,7 +66,10 @@ def test_a_config_error_inside_a_trial_fails_once_with_a_run_that_says_why(tmp_p
     run = runs[0]
     assert run.info.status == "FAILED"
     assert run.data.tags["normlab.retryable"] == "false"
-    assert "TrialConfigError: invalid trial configuration: lr: Input should be greater than 0" in run.data.tags["normlab.error"]
+    assert (
+        "TrialConfigError: invalid trial configuration: lr: Input should be greater than 0"
+        in run.data.tags["normlab.error"]
+    )
     assert run.data.params["lr"] == "-0.5" and run.data.params["dataset"] == "digits"  # the values it was given
 
 
@@ -80,7 +89,9 @@ def small_disk(tmp_path):
     """A 48 MiB tmpfs: a storage path that can really fill up (needs root, as in CI)."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount)], capture_output=True, text=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()}); this test needs root")
     try:
@@ -110,8 +121,22 @@ def test_a_full_storage_disk_fails_the_trials_with_the_reason_not_the_driver(tmp
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"kills": [], "state_dir": str(state_dir)}))
     driver = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", "submit", "space.yaml", "--num-cpus", "2", "--storage-path", str(storage)],
-        cwd=tmp_path, env=normlab_env(NORMLAB_FAULTS=str(plan)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.cli",
+            "submit",
+            "space.yaml",
+            "--num-cpus",
+            "2",
+            "--storage-path",
+            str(storage),
+        ],
+        cwd=tmp_path,
+        env=normlab_env(NORMLAB_FAULTS=str(plan)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.time() + 300
     while time.time() < deadline and driver.poll() is None:  # both trials are past their second checkpoint
@@ -124,7 +149,7 @@ def test_a_full_storage_disk_fails_the_trials_with_the_reason_not_the_driver(tmp
     assert driver.returncode == 1, err[-4000:]  # trials failed; the driver did not crash
     assert "StorageFullError: no space left on the storage path" in err, err[-6000:]  # the trials' reason
     # Tune reads the trials' (truncated) error files back at the end: one clear line, no traceback from normlab
-    tail = err[err.index("Trials did not complete"):] if "Trials did not complete" in err else err[-3000:]
+    tail = err[err.index("Trials did not complete") :] if "Trials did not complete" in err else err[-3000:]
     assert "Is the storage full or gone?" in tail and "normlab resume" in tail, tail
     assert "Traceback" not in tail, tail
 

@@ -25,14 +25,22 @@ def test_ui_serves_the_default_store_on_loopback(tmp_path):
     search_tags = {"normlab.search": "uisearch", "normlab.search_run": "uisearch-1"}
     older = client.create_run(experiment, run_name="uisearch-0", tags=search_tags, start_time=1000).info.run_id
     parent = client.create_run(experiment, run_name="uisearch-1", tags=search_tags).info.run_id
-    child = client.create_run(experiment, run_name="trial-0", tags={"mlflow.parentRunId": parent, **search_tags}).info.run_id
+    child = client.create_run(
+        experiment, run_name="trial-0", tags={"mlflow.parentRunId": parent, **search_tags}
+    ).info.run_id
     client.log_metric(child, "adv_acc", 0.5, step=1)
 
     port = free_port()
     out = tmp_path / "ui.out"
     with out.open("w") as stdout:
-        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", "--port", str(port)], cwd=tmp_path,
-                                env=normlab_env(), stdout=stdout, stderr=subprocess.PIPE, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.cli", "ui", "--port", str(port)],
+            cwd=tmp_path,
+            env=normlab_env(),
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.time() + 120
@@ -45,13 +53,17 @@ def test_ui_serves_the_default_store_on_loopback(tmp_path):
         assert requests.get(base, timeout=10).status_code == 200  # the UI page itself
         # the URL it prints: the newest search's runs table, through normlab's page, its trials unfolded
         url = out.read_text().splitlines()[0]
-        assert url == (f"{base}/normlab/open?expand={parent}#/experiments/{experiment}/runs?workflowType=machine_learning"
-                       "&searchFilter=tags.%60normlab.search_run%60%20%3D%20%27uisearch-1%27")
+        assert url == (
+            f"{base}/normlab/open?expand={parent}#/experiments/{experiment}/runs?workflowType=machine_learning"
+            "&searchFilter=tags.%60normlab.search_run%60%20%3D%20%27uisearch-1%27"
+        )
         assert older not in url
         page = requests.get(f"{base}/normlab/open", timeout=10)  # served by MLflow's own server (the plugin app)
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
         assert "mlflow.assistant.fab.autoOpenedOnFirstLoad_v1" in page.text and "location.replace(" in page.text
-        runs = requests.post(f"{base}/api/2.0/mlflow/runs/search", json={"experiment_ids": [experiment]}, timeout=10).json()
+        runs = requests.post(
+            f"{base}/api/2.0/mlflow/runs/search", json={"experiment_ids": [experiment]}, timeout=10
+        ).json()
         by_name = {r["info"]["run_name"]: r for r in runs["runs"]}
         assert set(by_name) == {"uisearch-0", "uisearch-1", "trial-0"}
         tags = {t["key"]: t["value"] for t in by_name["trial-0"]["data"]["tags"]}
@@ -76,8 +88,15 @@ def test_ui_refuses_a_search_it_does_not_have(tmp_path):
 
 
 def test_ui_links_go_to_the_runs_table_of_one_search():
-    assert runs_route("7", "s-20250101-000000") == \
-        "#/experiments/7/runs?workflowType=machine_learning&searchFilter=tags.%60normlab.search_run%60%20%3D%20%27s-20250101-000000%27"
-    assert search_url("http://mlflow.example:5000/", "7") == "http://mlflow.example:5000/#/experiments/7/runs?workflowType=machine_learning"
-    assert search_url("sqlite:////x/mlflow.db", "7", "", "abc", ui="http://127.0.0.1:5001") == \
-        "http://127.0.0.1:5001/normlab/open?expand=abc#/experiments/7/runs?workflowType=machine_learning"
+    assert (
+        runs_route("7", "s-20250101-000000")
+        == "#/experiments/7/runs?workflowType=machine_learning&searchFilter=tags.%60normlab.search_run%60%20%3D%20%27s-20250101-000000%27"
+    )
+    assert (
+        search_url("http://mlflow.example:5000/", "7")
+        == "http://mlflow.example:5000/#/experiments/7/runs?workflowType=machine_learning"
+    )
+    assert (
+        search_url("sqlite:////x/mlflow.db", "7", "", "abc", ui="http://127.0.0.1:5001")
+        == "http://127.0.0.1:5001/normlab/open?expand=abc#/experiments/7/runs?workflowType=machine_learning"
+    )

@@ -26,8 +26,15 @@ from conftest import free_port, normlab_env, run_normlab, stop
 pytestmark = pytest.mark.slow  # a search, a UI server and a browser: about a minute
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "ui-browser"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 SPACE = """
 name: uibrowse
 fixed:
@@ -77,8 +84,14 @@ def served(tmp_path_factory):
     port = free_port()
     log = workdir / "ui.log"
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", "--port", str(port)], cwd=workdir,
-                                env=normlab_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.cli", "ui", "--port", str(port)],
+            cwd=workdir,
+            env=normlab_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.time() + 180
         while time.time() < deadline:
@@ -103,8 +116,12 @@ def browser_page(chromium, tmp_path):
 
     with sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=chromium, headless=True, args=CHROMIUM_FLAGS,
-            viewport={"width": 1600, "height": 1000})
+            str(tmp_path / "profile"),
+            executable_path=chromium,
+            headless=True,
+            args=CHROMIUM_FLAGS,
+            viewport={"width": 1600, "height": 1000},
+        )
         try:
             yield context.new_page()
         finally:
@@ -161,7 +178,8 @@ def _look(page, ui_url: str, tmp_path: Path) -> None:
 
     page.locator("label:has(input[name=runs-view-mode][value=CHART])").click()
     card = page.locator("[data-testid=experiment-view-compare-runs-card]").filter(
-        has=page.get_by_role("heading", name="adv_acc", exact=True))
+        has=page.get_by_role("heading", name="adv_acc", exact=True)
+    )
     card.wait_for(timeout=60_000)
     card.locator("svg.main-svg").first.wait_for(timeout=60_000)
     lines = card.locator("path.js-line")

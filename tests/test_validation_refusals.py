@@ -63,11 +63,14 @@ def test_a_scheduler_override_applies_to_a_scheduler_given_by_name(tmp_path):
     assert load_space(str(path), ["scheduler=asha"])[0].search.scheduler.type == "asha"
 
 
-@pytest.mark.parametrize(("scheduler", "expected"), [
-    ("hyperband", "search.scheduler.type: allowed: 'fifo' or 'asha'"),
-    ("3", "search.scheduler: fifo or asha, or a mapping such as {type: asha, grace_period: 2} (got 3)"),
-    ("[fifo]", "search.scheduler: fifo or asha, or a mapping"),
-])
+@pytest.mark.parametrize(
+    ("scheduler", "expected"),
+    [
+        ("hyperband", "search.scheduler.type: allowed: 'fifo' or 'asha'"),
+        ("3", "search.scheduler: fifo or asha, or a mapping such as {type: asha, grace_period: 2} (got 3)"),
+        ("[fifo]", "search.scheduler: fifo or asha, or a mapping"),
+    ],
+)
 def test_a_scheduler_that_is_neither_a_name_nor_a_mapping_says_what_is(tmp_path, scheduler, expected):
     assert expected in refusal(tmp_path, f"name: x\nsearch: {{scheduler: {scheduler}}}\n")
 
@@ -85,34 +88,64 @@ def test_a_section_that_is_not_a_mapping_lists_its_keys(tmp_path):
 # ------------------------------------------------------------------ refusals, one at a time
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    (f"name: {'n' * (MAX_NAME_LENGTH + 1)}\n", f"name: name is {MAX_NAME_LENGTH + 1} characters long; at most {MAX_NAME_LENGTH}"),
-    (f"name: {'n' * 300}\n", "it names the search's folder NAME-YYYYmmdd-HHMMSS"),
-    (f"name: x\nseeds: [0, {MAX_SEED + 1}]\n", f"seeds: a list of different seeds from 0 to {MAX_SEED}"),
-    ("name: x\nseeds: [-1]\n", f"seeds: a list of different seeds from 0 to {MAX_SEED}"),
-    ("name: x\nseeds: [0, true]\n", "seeds: Input should be a whole number, not true or false"),
-    (f"name: x\nfixed: {{seed: {2**64}}}\n", f"fixed.seed: a seed goes from 0 to {MAX_SEED}"),
-    (f"name: x\ngrid: {{seed: [0, {MAX_SEED + 1}]}}\n", f"grid.seed[1]: a seed goes from 0 to {MAX_SEED}"),
-    (f"name: x\nsample: {{seed: {{int: [0, {2**40}]}}}}\nsearch: {{algorithm: random}}\n",
-     f"sample.seed.int[1]: a seed goes from 0 to {MAX_SEED}"),
-    (f"name: x\nsearch: {{sampler_seed: {MAX_SEED + 1}}}\n", f"search.sampler_seed: Input should be less than or equal to {MAX_SEED}"),
-    ("name: x\nfixed: {epochs: true}\n", "fixed.epochs: Input should be a whole number, not true or false"),
-    ("name: x\nfixed: {lr: false}\n", "fixed.lr: Input should be a number, not true or false"),
-    ("name: x\nfixed: {eval_eps: [0.1, true]}\n", "fixed.eval_eps: Input should be a number, not true or false"),
-    ("name: x\ngrid: {epochs: [2, true]}\n", "grid.epochs[1]: Input should be a whole number, not true or false"),
-    ("name: x\nsample: {epochs: {int: [true, 3]}}\nsearch: {algorithm: random}\n",
-     "sample.epochs.int: Input should be a whole number, not true or false"),
-    ("name: x\nsearch: {num_samples: true}\n", "search.num_samples: Input should be a whole number, not true or false"),
-    ("name: x\nsearch: {scheduler: {type: asha, grace_period: true}}\n", "search.scheduler.grace_period: Input should be a whole"),
-    ("name: x\nresources: {cpu: true}\n", "resources.cpu: Input should be a number, not true or false"),
-    ("name: x\nmax_failures: false\n", "max_failures: Input should be a whole number, not true or false"),
-    ("name: x\ncheckpoint: {keep: true}\n", "checkpoint.keep: Input should be a whole number, not true or false"),
-    ("name: x\nsearch: {algorithm: optuna, storage: 'not a url'}\n", "search.storage: SQLAlchemy cannot read this as a database URL"),
-    ("name: x\nsearch: {algorithm: optuna, storage: 'nosuchdb://h/x'}\n", "search.storage: SQLAlchemy knows no database kind 'nosuchdb'"),
-    ("name: x\nsearch: {algorithm: optuna, storage: 'postgresql+nosuchdriver://h/x'}\n", "search.storage: SQLAlchemy knows no database kind"),
-    ("name: x\nsearch: {algorithm: optuna, storage: 'sqlite:////no/such/folder/optuna.db'}\n",
-     "search.storage: the folder '/no/such/folder' of the SQLite file does not exist"),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            f"name: {'n' * (MAX_NAME_LENGTH + 1)}\n",
+            f"name: name is {MAX_NAME_LENGTH + 1} characters long; at most {MAX_NAME_LENGTH}",
+        ),
+        (f"name: {'n' * 300}\n", "it names the search's folder NAME-YYYYmmdd-HHMMSS"),
+        (f"name: x\nseeds: [0, {MAX_SEED + 1}]\n", f"seeds: a list of different seeds from 0 to {MAX_SEED}"),
+        ("name: x\nseeds: [-1]\n", f"seeds: a list of different seeds from 0 to {MAX_SEED}"),
+        ("name: x\nseeds: [0, true]\n", "seeds: Input should be a whole number, not true or false"),
+        (f"name: x\nfixed: {{seed: {2**64}}}\n", f"fixed.seed: a seed goes from 0 to {MAX_SEED}"),
+        (f"name: x\ngrid: {{seed: [0, {MAX_SEED + 1}]}}\n", f"grid.seed[1]: a seed goes from 0 to {MAX_SEED}"),
+        (
+            f"name: x\nsample: {{seed: {{int: [0, {2**40}]}}}}\nsearch: {{algorithm: random}}\n",
+            f"sample.seed.int[1]: a seed goes from 0 to {MAX_SEED}",
+        ),
+        (
+            f"name: x\nsearch: {{sampler_seed: {MAX_SEED + 1}}}\n",
+            f"search.sampler_seed: Input should be less than or equal to {MAX_SEED}",
+        ),
+        ("name: x\nfixed: {epochs: true}\n", "fixed.epochs: Input should be a whole number, not true or false"),
+        ("name: x\nfixed: {lr: false}\n", "fixed.lr: Input should be a number, not true or false"),
+        ("name: x\nfixed: {eval_eps: [0.1, true]}\n", "fixed.eval_eps: Input should be a number, not true or false"),
+        ("name: x\ngrid: {epochs: [2, true]}\n", "grid.epochs[1]: Input should be a whole number, not true or false"),
+        (
+            "name: x\nsample: {epochs: {int: [true, 3]}}\nsearch: {algorithm: random}\n",
+            "sample.epochs.int: Input should be a whole number, not true or false",
+        ),
+        (
+            "name: x\nsearch: {num_samples: true}\n",
+            "search.num_samples: Input should be a whole number, not true or false",
+        ),
+        (
+            "name: x\nsearch: {scheduler: {type: asha, grace_period: true}}\n",
+            "search.scheduler.grace_period: Input should be a whole",
+        ),
+        ("name: x\nresources: {cpu: true}\n", "resources.cpu: Input should be a number, not true or false"),
+        ("name: x\nmax_failures: false\n", "max_failures: Input should be a whole number, not true or false"),
+        ("name: x\ncheckpoint: {keep: true}\n", "checkpoint.keep: Input should be a whole number, not true or false"),
+        (
+            "name: x\nsearch: {algorithm: optuna, storage: 'not a url'}\n",
+            "search.storage: SQLAlchemy cannot read this as a database URL",
+        ),
+        (
+            "name: x\nsearch: {algorithm: optuna, storage: 'nosuchdb://h/x'}\n",
+            "search.storage: SQLAlchemy knows no database kind 'nosuchdb'",
+        ),
+        (
+            "name: x\nsearch: {algorithm: optuna, storage: 'postgresql+nosuchdriver://h/x'}\n",
+            "search.storage: SQLAlchemy knows no database kind",
+        ),
+        (
+            "name: x\nsearch: {algorithm: optuna, storage: 'sqlite:////no/such/folder/optuna.db'}\n",
+            "search.storage: the folder '/no/such/folder' of the SQLite file does not exist",
+        ),
+    ],
+)
 def test_what_would_fail_in_the_search_is_refused_with_key_path_and_reason(tmp_path, text, expected):
     assert expected in refusal(tmp_path, text)
 
@@ -131,8 +164,12 @@ def test_a_missing_driver_is_refused_without_quoting_the_url(tmp_path, monkeypat
 
 def test_true_and_too_large_seeds_from_the_command_line_are_refused(tmp_path):
     path = write(tmp_path, "name: x\nfixed: {epochs: 2}\n")
-    assert "search.num_samples: Input should be a whole number" in refusal(tmp_path, path.read_text(), "num_samples=true")
-    assert f"fixed.seed: a seed goes from 0 to {MAX_SEED}" in refusal(tmp_path, path.read_text(), f"seed={MAX_SEED + 1}")
+    assert "search.num_samples: Input should be a whole number" in refusal(
+        tmp_path, path.read_text(), "num_samples=true"
+    )
+    assert f"fixed.seed: a seed goes from 0 to {MAX_SEED}" in refusal(
+        tmp_path, path.read_text(), f"seed={MAX_SEED + 1}"
+    )
     space, _ = load_space(str(path), ["epochs=3", f"seed={MAX_SEED}"])  # numbers on the command line stay numbers
     assert space.fixed["epochs"] == 3 and space.fixed["seed"] == MAX_SEED
 
@@ -147,24 +184,32 @@ def test_a_stage_name_too_long_for_a_folder_is_refused(tmp_path):
 
 
 def test_an_init_from_file_that_does_not_exist_is_refused_where_it_is_named(tmp_path):
-    message = refusal(tmp_path, f"""
+    message = refusal(
+        tmp_path,
+        f"""
         name: x
-        fixed: {{regime: bn_finetune_adv, init_from: {tmp_path / 'nope.pt'}}}
-    """)
+        fixed: {{regime: bn_finetune_adv, init_from: {tmp_path / "nope.pt"}}}
+    """,
+    )
     assert f"fixed.init_from: no such file '{tmp_path / 'nope.pt'}'; init_from names the checkpoint file" in message
     (tmp_path / "real.pt").write_bytes(b"")
-    message = refusal(tmp_path, f"""
+    message = refusal(
+        tmp_path,
+        f"""
         name: x
         fixed: {{regime: bn_finetune_adv}}
-        grid: {{init_from: [{tmp_path / 'real.pt'}, {tmp_path / 'gone.pt'}, {tmp_path}]}}
-    """)
+        grid: {{init_from: [{tmp_path / "real.pt"}, {tmp_path / "gone.pt"}, {tmp_path}]}}
+    """,
+    )
     assert "grid.init_from[0]" not in message
     assert f"grid.init_from[1]: no such file '{tmp_path / 'gone.pt'}'" in message
     assert f"grid.init_from[2]: '{tmp_path}' is a folder, not a checkpoint file" in message
 
 
 def test_an_init_from_file_in_a_stage_is_checked_and_a_stage_name_there_is_explained(tmp_path):
-    message = refusal(tmp_path, """
+    message = refusal(
+        tmp_path,
+        """
         name: x
         fixed: {dataset: digits, epochs: 1}
         stages:
@@ -173,12 +218,17 @@ def test_an_init_from_file_in_a_stage_is_checked_and_a_stage_name_there_is_expla
           finetune:
             fixed: {regime: bn_finetune_adv, init_from: pretrain}
             grid: {norm: [batchnorm]}
-    """)
-    assert ("stages.finetune.fixed.init_from: no such file 'pretrain'; init_from names the checkpoint file a trial "
-            "starts from (to start from stage pretrain's trials, give that stage init_from: pretrain)") in message
+    """,
+    )
+    assert (
+        "stages.finetune.fixed.init_from: no such file 'pretrain'; init_from names the checkpoint file a trial "
+        "starts from (to start from stage pretrain's trials, give that stage init_from: pretrain)"
+    ) in message
 
 
-def test_an_existing_relative_init_from_is_made_absolute_and_a_later_stage_checkpoint_is_not_checked(tmp_path, monkeypatch):
+def test_an_existing_relative_init_from_is_made_absolute_and_a_later_stage_checkpoint_is_not_checked(
+    tmp_path, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "ckpt.pt").write_bytes(b"")
     space, _ = load_space(str(write(tmp_path, "name: x\nfixed: {regime: bn_finetune_adv, init_from: ckpt.pt}\n")))
@@ -191,7 +241,7 @@ def test_an_existing_relative_init_from_is_made_absolute_and_a_later_stage_check
 
 
 HOSTILE_STRUCTURE = f"""
-name: {'n' * 300}
+name: {"n" * 300}
 seeds: [0, {MAX_SEED + 1}]
 search: {{algorithm: optuna, num_samples: true, storage: 'not a url', scheduler: hyperband}}
 resources: {{cpu: true}}
@@ -208,14 +258,19 @@ def test_validate_and_submit_refuse_every_such_problem_with_exit_2(tmp_path, com
     structure = write(tmp_path, HOSTILE_STRUCTURE, "structure.yaml")
     values = write(tmp_path, HOSTILE_VALUES.format(missing=tmp_path / "nope.pt"), "values.yaml")
     expected = {
-        structure: ["name: name is 300 characters long; at most 100", f"seeds: a list of different seeds from 0 to {MAX_SEED}",
-                    "search.num_samples: Input should be a whole number, not true or false",
-                    "search.storage: SQLAlchemy cannot read this as a database URL",
-                    "search.scheduler.type: allowed: 'fifo' or 'asha'",
-                    "resources.cpu: Input should be a number, not true or false"],
-        values: ["fixed.epochs: Input should be a whole number, not true or false",
-                 f"fixed.init_from: no such file '{tmp_path / 'nope.pt'}'",
-                 f"grid.seed[1]: a seed goes from 0 to {MAX_SEED}"],
+        structure: [
+            "name: name is 300 characters long; at most 100",
+            f"seeds: a list of different seeds from 0 to {MAX_SEED}",
+            "search.num_samples: Input should be a whole number, not true or false",
+            "search.storage: SQLAlchemy cannot read this as a database URL",
+            "search.scheduler.type: allowed: 'fifo' or 'asha'",
+            "resources.cpu: Input should be a number, not true or false",
+        ],
+        values: [
+            "fixed.epochs: Input should be a whole number, not true or false",
+            f"fixed.init_from: no such file '{tmp_path / 'nope.pt'}'",
+            f"grid.seed[1]: a seed goes from 0 to {MAX_SEED}",
+        ],
     }
     for path, needles in expected.items():
         proc = run_normlab(command, str(path), cwd=tmp_path, timeout=120)
@@ -233,13 +288,16 @@ def test_validate_accepts_the_scheduler_form_readme_suggests(tmp_path):
     assert proc.returncode == 0 and "scheduler fifo" in proc.stdout, proc.stderr
 
 
-@pytest.mark.parametrize(("args", "expected"), [
-    (["ui", "--port", "99999"], "Invalid value for '--port': 99999 is not in the range 1<=x<=65535"),
-    (["ui", "--port", "0"], "Invalid value for '--port': 0 is not in the range 1<=x<=65535"),
-    (["ui", "--workers", "0"], "Invalid value for '--workers': 0 is not in the range x>=1"),
-    (["submit", "quickstart", "--num-cpus", "0"], "Invalid value for '--num-cpus': 0 is not in the range x>=1"),
-    (["resume", "somewhere", "--num-cpus", "-2"], "Invalid value for '--num-cpus': -2 is not in the range x>=1"),
-])
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["ui", "--port", "99999"], "Invalid value for '--port': 99999 is not in the range 1<=x<=65535"),
+        (["ui", "--port", "0"], "Invalid value for '--port': 0 is not in the range 1<=x<=65535"),
+        (["ui", "--workers", "0"], "Invalid value for '--workers': 0 is not in the range x>=1"),
+        (["submit", "quickstart", "--num-cpus", "0"], "Invalid value for '--num-cpus': 0 is not in the range x>=1"),
+        (["resume", "somewhere", "--num-cpus", "-2"], "Invalid value for '--num-cpus': -2 is not in the range x>=1"),
+    ],
+)
 def test_out_of_range_numeric_options_are_usage_errors(tmp_path, args, expected):
     proc = run_normlab(*args, cwd=tmp_path, timeout=60)
     assert proc.returncode == 2, proc.stderr
@@ -256,8 +314,10 @@ def test_trial_refuses_a_checkpoint_dir_or_json_out_it_cannot_write_before_train
     assert "epoch 1/1" not in proc.stdout
     proc = run_normlab("trial", "epochs=1", "--json-out", str(blocker / "result.json"), cwd=tmp_path, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert f"--json-out {blocker / 'result.json'}: cannot write in the folder {blocker} (a file is in the way)" in \
-        " ".join(proc.stderr.split())
+    assert (
+        f"--json-out {blocker / 'result.json'}: cannot write in the folder {blocker} (a file is in the way)"
+        in " ".join(proc.stderr.split())
+    )
     assert "epoch 1/1" not in proc.stdout
 
 

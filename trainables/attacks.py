@@ -41,7 +41,6 @@ def torchattacks_module():  # noqa: ANN201
     return torchattacks
 
 
-
 @dataclass(frozen=True)
 class AttackSettings:
     """The attack knobs of a trial (from ``TrialConfig``), shared by every attack."""
@@ -73,17 +72,25 @@ ATTACKS: Registry[AttackEntry] = Registry(
     {
         "fgsm": AttackEntry(lambda m, eps, s: torchattacks_module().FGSM(m, eps=eps)),
         "pgd": AttackEntry(
-            lambda m, eps, s: torchattacks_module().PGD(m, eps=eps, alpha=2.5 * eps / s.steps, steps=s.steps, random_start=True)
+            lambda m, eps, s: torchattacks_module().PGD(
+                m, eps=eps, alpha=2.5 * eps / s.steps, steps=s.steps, random_start=True
+            )
         ),
         "pgd_l2": AttackEntry(
-            lambda m, eps, s: torchattacks_module().PGDL2(m, eps=eps, alpha=2.5 * eps / s.steps, steps=s.steps, random_start=True),
+            lambda m, eps, s: torchattacks_module().PGDL2(
+                m, eps=eps, alpha=2.5 * eps / s.steps, steps=s.steps, random_start=True
+            ),
             norm="L2",
         ),
         "cw": AttackEntry(
-            lambda m, eps, s: torchattacks_module().CW(m, c=s.cw_c, kappa=0.0, steps=s.cw_steps, lr=0.01), norm="L2", min_norm=True
+            lambda m, eps, s: torchattacks_module().CW(m, c=s.cw_c, kappa=0.0, steps=s.cw_steps, lr=0.01),
+            norm="L2",
+            min_norm=True,
         ),
         "square": AttackEntry(
-            lambda m, eps, s: torchattacks_module().Square(m, norm="Linf", eps=eps, n_queries=s.square_queries, seed=s.seed)
+            lambda m, eps, s: torchattacks_module().Square(
+                m, norm="Linf", eps=eps, n_queries=s.square_queries, seed=s.seed
+            )
         ),
         "autoattack": AttackEntry(
             lambda m, eps, s: torchattacks_module().AutoAttack(

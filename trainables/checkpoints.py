@@ -100,8 +100,14 @@ class Manifest:
         except (ValueError, TypeError, AttributeError) as exc:
             raise CorruptCheckpointError(f"{name}: unreadable checkpoint manifest ({exc})") from exc
         if manifest.format != FORMAT:
-            raise CorruptCheckpointError(f"{name}: checkpoint format {manifest.format!r}, this normlab reads {FORMAT!r}")
-        if not isinstance(manifest.epoch, int) or not isinstance(manifest.sha256, str) or not isinstance(manifest.bytes, int):
+            raise CorruptCheckpointError(
+                f"{name}: checkpoint format {manifest.format!r}, this normlab reads {FORMAT!r}"
+            )
+        if (
+            not isinstance(manifest.epoch, int)
+            or not isinstance(manifest.sha256, str)
+            or not isinstance(manifest.bytes, int)
+        ):
             raise CorruptCheckpointError(f"{name}: checkpoint manifest has wrong field types")
         return manifest
 
@@ -113,8 +119,13 @@ def encode_checkpoint(state: dict[str, Any], extra: dict[str, Any] | None = None
     data = buffer.getvalue()
     epoch = state.get("epoch", 0)
     history = state.get("history", [])
-    manifest = Manifest(epoch=int(epoch) if isinstance(epoch, int) else 0, sha256=hashlib.sha256(data).hexdigest(),
-                        bytes=len(data), history=list(history) if isinstance(history, list) else [], extra=dict(extra or {}))
+    manifest = Manifest(
+        epoch=int(epoch) if isinstance(epoch, int) else 0,
+        sha256=hashlib.sha256(data).hexdigest(),
+        bytes=len(data),
+        history=list(history) if isinstance(history, list) else [],
+        extra=dict(extra or {}),
+    )
     return data, manifest
 
 
@@ -132,7 +143,9 @@ def save_checkpoint(state: dict[str, Any], path: str | Path, extra: dict[str, An
 def verify(data: bytes, manifest: Manifest, name: str) -> None:
     """Raise ``CorruptCheckpointError`` unless ``data`` is what ``manifest`` describes."""
     if len(data) != manifest.bytes:
-        raise CorruptCheckpointError(f"{name}: {len(data)} bytes, its manifest says {manifest.bytes} (truncated or overwritten)")
+        raise CorruptCheckpointError(
+            f"{name}: {len(data)} bytes, its manifest says {manifest.bytes} (truncated or overwritten)"
+        )
     if hashlib.sha256(data).hexdigest() != manifest.sha256:
         raise CorruptCheckpointError(f"{name}: SHA-256 does not match its manifest (corrupt)")
 
@@ -234,7 +247,9 @@ def stored_checkpoints(fs: Any, trial_path: str) -> tuple[list[StoredCheckpoint]
     from pyarrow import fs as pafs
 
     infos = fs.get_file_info(pafs.FileSelector(trial_path, allow_not_found=True))
-    folders = sorted(i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+    folders = sorted(
+        i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
+    )
     found = {info.path: info for info in fs.get_file_info([f"{f}/{MANIFEST_FILE}" for f in folders])}
     found.update({info.path: info for info in fs.get_file_info([f"{f}/{CHECKPOINT_FILE}" for f in folders])})
     stored, notes = [], []
@@ -248,7 +263,7 @@ def stored_checkpoints(fs: Any, trial_path: str) -> tuple[list[StoredCheckpoint]
         try:
             manifest = Manifest.from_json(_read_bytes(fs, f"{folder}/{MANIFEST_FILE}"), f"{folder}/{MANIFEST_FILE}")
         except (CorruptCheckpointError, FileNotFoundError) as exc:  # any other OSError (a storage hiccup) propagates:
-            notes.append(str(exc))                                 # the trial is retried, nothing is skipped
+            notes.append(str(exc))  # the trial is retried, nothing is skipped
             continue
         stored.append(StoredCheckpoint(folder, manifest))
     stored.sort(key=lambda s: (s.epoch, s.folder), reverse=True)
@@ -280,12 +295,17 @@ def unmanifested_checkpoints(fs: Any, trial_path: str) -> list[str]:
     from pyarrow import fs as pafs
 
     infos = fs.get_file_info(pafs.FileSelector(trial_path, allow_not_found=True))
-    folders = sorted((i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")),
-                     reverse=True)
+    folders = sorted(
+        (i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")),
+        reverse=True,
+    )
     manifests = fs.get_file_info([f"{f}/{MANIFEST_FILE}" for f in folders])
     payloads = fs.get_file_info([f"{f}/{CHECKPOINT_FILE}" for f in folders])
-    return [f for f, m, p in zip(folders, manifests, payloads)
-            if m.type != pafs.FileType.File and p.type == pafs.FileType.File]
+    return [
+        f
+        for f, m, p in zip(folders, manifests, payloads)
+        if m.type != pafs.FileType.File and p.type == pafs.FileType.File
+    ]
 
 
 def read_unmanifested_checkpoint(fs: Any, folder: str) -> dict[str, Any]:

@@ -31,8 +31,12 @@ _FILE_DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn", "imag
 _NONE = ("none", "null", "~")
 # fields whose value is a registry name
 _REGISTRY_FIELDS: dict[str, Registry] = {
-    "dataset": DATASETS, "model": MODELS, "norm": NORMS, "regime": REGIMES,
-    "optimizer": OPTIMIZERS, "lr_schedule": LR_SCHEDULES,
+    "dataset": DATASETS,
+    "model": MODELS,
+    "norm": NORMS,
+    "regime": REGIMES,
+    "optimizer": OPTIMIZERS,
+    "lr_schedule": LR_SCHEDULES,
 }
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 MAX_SEED = 2**32 - 1  # numpy's generator takes no larger seed; Ray's and Optuna's samplers seed numpy too
@@ -107,7 +111,9 @@ class TrialConfig(NumbersNotBooleans):
     # --- training regime -------------------------------------------------------------
     regime: str = Field("standard", description="training regime (registry `regimes`)")
     train_eps: Eps = Field(0.1, description="adversarial training: L-inf eps in [0, 1] pixel scale")
-    train_alpha: float | None = Field(None, gt=0.0, description="adversarial training: step size (default 2.5 * eps / steps; FGSM-RS: 1.25 * eps)")
+    train_alpha: float | None = Field(
+        None, gt=0.0, description="adversarial training: step size (default 2.5 * eps / steps; FGSM-RS: 1.25 * eps)"
+    )
     train_steps: int = Field(7, gt=0, description="adversarial training: PGD / TRADES steps")
     trades_beta: float = Field(6.0, ge=0.0, description="TRADES: weight of the KL robustness term")
     init_from: str | None = Field(None, description="bn_finetune_adv: checkpoint file to start from")
@@ -119,15 +125,21 @@ class TrialConfig(NumbersNotBooleans):
     weight_decay: float = Field(5e-4, ge=0.0, description="weight decay")
     lr_schedule: str = Field("cosine", description="learning-rate schedule (registry `lr_schedules`)")
     warmup_epochs: float = Field(0.0, ge=0.0, description="linear warm-up, in epochs")
-    lr_milestones: list[float] = Field(default_factory=list, description="step schedule: epochs at which lr *= lr_gamma")
+    lr_milestones: list[float] = Field(
+        default_factory=list, description="step schedule: epochs at which lr *= lr_gamma"
+    )
     lr_gamma: float = Field(0.1, gt=0.0, description="step schedule: factor at each milestone")
     epochs: int = Field(10, gt=0, description="training epochs")
     batch_size: int = Field(128, ge=2, description="training batch size")
     grad_clip: float | None = Field(None, gt=0.0, description="clip the gradient norm to this value")
 
     # --- evaluation ----------------------------------------------------------------------
-    eval_attacks: list[str] = Field(["fgsm", "pgd"], min_length=1, description="attacks for evaluation (registry `attacks`); the first is primary")
-    eval_eps: list[Eps] = Field([0.05, 0.1], min_length=1, description="eps values for evaluation, [0, 1] pixel scale; the first is primary")
+    eval_attacks: list[str] = Field(
+        ["fgsm", "pgd"], min_length=1, description="attacks for evaluation (registry `attacks`); the first is primary"
+    )
+    eval_eps: list[Eps] = Field(
+        [0.05, 0.1], min_length=1, description="eps values for evaluation, [0, 1] pixel scale; the first is primary"
+    )
     eval_batch_size: int = Field(256, ge=2, description="evaluation batch size (batch statistics depend on it; logged)")
     eval_steps: int = Field(10, gt=0, description="evaluation PGD / PGD-L2 steps")
     epoch_adv_samples: int | None = Field(512, gt=1, description="test samples for the per-epoch adv_acc (None: all)")
@@ -135,13 +147,19 @@ class TrialConfig(NumbersNotBooleans):
     cw_c: float = Field(1.0, gt=0.0, description="CW: confidence weight c")
     cw_steps: int = Field(50, gt=0, description="CW: optimisation steps")
     square_queries: int = Field(1000, gt=0, description="Square attack: query budget")
-    shift_diagnostic: bool = Field(False, description="after the final sweep, measure how far the primary attack shifts each BatchNorm/RobustNorm layer's input mean and variance (metrics shift_mean_<layer>, shift_var_<layer>, shift_*_avg)")
+    shift_diagnostic: bool = Field(
+        False,
+        description="after the final sweep, measure how far the primary attack shifts each BatchNorm/RobustNorm layer's input mean and variance (metrics shift_mean_<layer>, shift_var_<layer>, shift_*_avg)",
+    )
 
     # --- run -----------------------------------------------------------------------------
     seed: int = Field(0, ge=0, description=f"random seed, 0 to {MAX_SEED} (2**32 - 1)")
     device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:N, mps")
     threads: int | None = Field(None, gt=0, description="torch CPU threads (None: torch's default)")
-    amp: bool = Field(False, description="mixed-precision training steps (torch.autocast: bfloat16 on CPU, float16 with a gradient scaler on CUDA); evaluation stays float32")
+    amp: bool = Field(
+        False,
+        description="mixed-precision training steps (torch.autocast: bfloat16 on CPU, float16 with a gradient scaler on CUDA); evaluation stays float32",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -205,11 +223,15 @@ class TrialConfig(NumbersNotBooleans):
     def _consistent(self) -> TrialConfig:
         regime = REGIMES[self.regime]
         if regime.from_checkpoint and not self.init_from:
-            raise ValueError(f"regime {self.regime!r} starts from a trained network: set init_from to a checkpoint file")
+            raise ValueError(
+                f"regime {self.regime!r} starts from a trained network: set init_from to a checkpoint file"
+            )
         if self.init_from and not regime.from_checkpoint:
             raise ValueError(f"init_from is only used by regimes that start from a checkpoint, not {self.regime!r}")
         if regime.norm_only and (self.norm == "none" or not self.norm_affine):
-            raise ValueError(f"regime {self.regime!r} trains only norm parameters: it needs a norm other than 'none' with norm_affine=true")
+            raise ValueError(
+                f"regime {self.regime!r} trains only norm parameters: it needs a norm other than 'none' with norm_affine=true"
+            )
         if self.dataset in _FILE_DATASETS and not self.data_dir:
             raise ValueError(f"dataset {self.dataset!r} reads files: set data_dir")
         if self.lr_schedule == "step" and not self.lr_milestones:

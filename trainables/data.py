@@ -62,9 +62,13 @@ class TensorData:
             if x.ndim != 4 or x.dtype != torch.float32:
                 raise ValueError(f"{split} images must be float32 (N, C, H, W), got {x.dtype} {tuple(x.shape)}")
             if y.ndim != 1 or y.dtype != torch.int64 or len(y) != len(x):
-                raise ValueError(f"{split} labels must be int64 (N,) matching {len(x)} images, got {y.dtype} {tuple(y.shape)}")
+                raise ValueError(
+                    f"{split} labels must be int64 (N,) matching {len(x)} images, got {y.dtype} {tuple(y.shape)}"
+                )
         if self.test_x.shape[1:] != self.train_x.shape[1:]:
-            raise ValueError(f"train images are {tuple(self.train_x.shape[1:])}, test images {tuple(self.test_x.shape[1:])}")
+            raise ValueError(
+                f"train images are {tuple(self.train_x.shape[1:])}, test images {tuple(self.test_x.shape[1:])}"
+            )
         if len(self.classes) != self.num_classes:
             raise ValueError(f"num_classes={self.num_classes} but {len(self.classes)} class names")
         if not self.mean or not self.std:
@@ -140,7 +144,9 @@ def _load_synthetic(data_dir: Path | None, download: bool) -> TensorData:
     tints = 0.5 + torch.rand(num_classes, 3, generator=g)
     angles = (torch.arange(num_classes) % 5) * math.pi / 5
     freqs = torch.where(torch.arange(num_classes) < 5, 1 / 8, 1 / 4)  # cycles per pixel
-    v, u = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
+    v, u = torch.meshgrid(
+        torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij"
+    )
 
     def sample(n: int) -> tuple[Tensor, Tensor]:
         y = (torch.arange(n) % num_classes)[torch.randperm(n, generator=g)]
@@ -254,8 +260,7 @@ def _read_split(split_dir: Path, classes: list[str], first: list[tuple[Path, tor
     images, labels = [], []
     for label, cls in enumerate(classes):
         files = sorted(
-            p for p in (split_dir / cls).iterdir()
-            if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+            p for p in (split_dir / cls).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
         )
         for path in files:
             img = _decode_rgb(path)
@@ -269,7 +274,9 @@ def _read_split(split_dir: Path, classes: list[str], first: list[tuple[Path, tor
             images.append(img)
         labels += [label] * len(files)
     if not images:
-        raise FileNotFoundError(f"imagefolder: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {str(split_dir)!r}")
+        raise FileNotFoundError(
+            f"imagefolder: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {str(split_dir)!r}"
+        )
     return torch.stack(images).to(torch.float32).div_(255.0), torch.tensor(labels, dtype=torch.int64)
 
 

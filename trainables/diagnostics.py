@@ -179,11 +179,13 @@ def measure_shift(model: nn.Module, perturb: Perturb, x: Tensor, y: Tensor, batc
             continue
         scale = normalizing_scale(layer)
         c, a = clean[name], adv[name]
-        out.append(LayerShift(
-            name,
-            mean=float(((a.mean - c.mean).abs() / scale).mean()),
-            var=float(((a.var - c.var).abs() / scale.square()).mean()),
-        ))
+        out.append(
+            LayerShift(
+                name,
+                mean=float(((a.mean - c.mean).abs() / scale).mean()),
+                var=float(((a.var - c.var).abs() / scale.square()).mean()),
+            )
+        )
     return out
 
 
@@ -217,7 +219,7 @@ def shifts_from_metrics(metrics: dict[str, float]) -> list[LayerShift]:
     for key, value in metrics.items():
         for kind in SHIFT_KINDS:
             prefix = f"{SHIFT_PREFIX}{kind}_"
-            layer = key[len(prefix):] if key.startswith(prefix) else ""
+            layer = key[len(prefix) :] if key.startswith(prefix) else ""
             if layer and layer != AVERAGE:
                 by_layer.setdefault(layer, {})[kind] = float(value)
     return [

@@ -80,8 +80,11 @@ class LockDiff:
     def summary(self) -> str:
         if self.exact:
             return "exact"
-        parts = [f"{len(d)} {what}" for d, what in ((self.changed, "changed"), (self.missing, "missing"),
-                                                     (self.extra, "extra")) if d]
+        parts = [
+            f"{len(d)} {what}"
+            for d, what in ((self.changed, "changed"), (self.missing, "missing"), (self.extra, "extra"))
+            if d
+        ]
         return ", ".join(parts) + ": " + "; ".join(self.lines())
 
 

@@ -55,7 +55,11 @@ def maybe_kill(point: str, trial_name: str, epoch: int) -> None:
     if plan is None:
         return
     for kill in plan.get("kills", []):
-        if kill["point"] != point or kill["epoch"] != epoch or not (kill["trial"] == "*" or kill["trial"] in trial_name):
+        if (
+            kill["point"] != point
+            or kill["epoch"] != epoch
+            or not (kill["trial"] == "*" or kill["trial"] in trial_name)
+        ):
             continue
         marker = Path(plan["state_dir"]) / f"killed-{trial_name}-{point}-{epoch}"
         if marker.exists():

@@ -29,8 +29,12 @@ OPTIMIZERS: Registry[OptimizerBuilder] = Registry(
         "sgd_nesterov": lambda params, c: torch.optim.SGD(
             params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay, nesterov=c.momentum > 0
         ),
-        "adam": lambda params, c: torch.optim.Adam(params, lr=c.lr, betas=(c.momentum, 0.999), weight_decay=c.weight_decay),
-        "adamw": lambda params, c: torch.optim.AdamW(params, lr=c.lr, betas=(c.momentum, 0.999), weight_decay=c.weight_decay),
+        "adam": lambda params, c: torch.optim.Adam(
+            params, lr=c.lr, betas=(c.momentum, 0.999), weight_decay=c.weight_decay
+        ),
+        "adamw": lambda params, c: torch.optim.AdamW(
+            params, lr=c.lr, betas=(c.momentum, 0.999), weight_decay=c.weight_decay
+        ),
     },
 )
 

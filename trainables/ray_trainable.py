@@ -103,7 +103,8 @@ def check_gpu_share(device: str, gpus: float) -> None:
         raise RuntimeError(
             f"Ray gave this trial {gpus:g} GPU, but torch on this node cannot use CUDA (torch {torch.__version__}, "
             f"CUDA build {torch.version.cuda}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}): "
-            "install a CUDA build of torch on GPU nodes, or start this node with --num-gpus=0")
+            "install a CUDA build of torch on GPU nodes, or start this node with --num-gpus=0"
+        )
 
 
 def auto_device(gpus: float) -> str:
@@ -167,8 +168,10 @@ class TrialStorage:
             except CorruptCheckpointError as exc:
                 notes.append(str(exc))
                 continue
-            notes.append(f"resumed from epoch {state['epoch']} ({folder}, a checkpoint without a manifest: it loaded "
-                         "and holds a model)")
+            notes.append(
+                f"resumed from epoch {state['epoch']} ({folder}, a checkpoint without a manifest: it loaded "
+                "and holds a model)"
+            )
             return state, notes
         if notes:
             notes.append("no complete checkpoint left: started from scratch")
@@ -261,8 +264,12 @@ def train(
     try:
         cfg = TrialConfig.model_validate(values)
     except ValidationError as exc:
-        _fail(record, tracker, storage, TrialConfigError("invalid trial configuration: " +
-                                                         format_validation_error(exc).replace("\n", "; ")))
+        _fail(
+            record,
+            tracker,
+            storage,
+            TrialConfigError("invalid trial configuration: " + format_validation_error(exc).replace("\n", "; ")),
+        )
     record.config, record.epochs = cfg.model_dump(mode="json"), cfg.epochs
     record.tags = {**runtime_tags(values, resources.get("GPU", 0)), **facts}
     checkpoint, notes = storage.restore()
@@ -297,8 +304,10 @@ def train(
                 tune.report(_shown(metrics, knobs), checkpoint=tune.Checkpoint.from_directory(folder) if save else None)
             except OSError as exc:
                 if is_disk_full(exc):
-                    raise StorageFullError(f"no space left on the storage path while saving the epoch {epoch} checkpoint "
-                                           f"({exc}); free space, then `normlab resume`") from exc
+                    raise StorageFullError(
+                        f"no space left on the storage path while saving the epoch {epoch} checkpoint "
+                        f"({exc}); free space, then `normlab resume`"
+                    ) from exc
                 raise
         if save:
             storage.fsync()
@@ -333,8 +342,9 @@ def _save(state: dict[str, Any], path: Path, record: TrialRecord, epoch: int) ->
         return save_checkpoint(state, path, extra=record.manifest_extra())
     except OSError as exc:
         if is_disk_full(exc):
-            raise StorageFullError(f"no space left on this node's temporary folder while saving the epoch {epoch} "
-                                   f"checkpoint ({exc})") from exc
+            raise StorageFullError(
+                f"no space left on this node's temporary folder while saving the epoch {epoch} checkpoint ({exc})"
+            ) from exc
         raise
 
 

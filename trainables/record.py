@@ -55,6 +55,7 @@ class TrialTracker(Protocol):
     finished record, closes it; ``fail`` closes it with a reason. Neither raises for an
     unreachable server: they return False after ``budget_s`` seconds of trying."""
 
-    def sync(self, record: TrialRecord, *, budget_s: float, checkpoint_file: Path | None = None,
-             finish: bool = False) -> bool: ...
+    def sync(
+        self, record: TrialRecord, *, budget_s: float, checkpoint_file: Path | None = None, finish: bool = False
+    ) -> bool: ...
     def fail(self, record: TrialRecord, reason: str, *, retryable: bool, budget_s: float) -> bool: ...

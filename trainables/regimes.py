@@ -60,7 +60,9 @@ def clean_loss(model: nn.Module, cfg: TrialConfig) -> LossFn:
     return loss_fn
 
 
-def adversarial_loss(make_attack: Callable[[nn.Module, TrialConfig], torchattacks.attack.Attack]) -> Callable[[nn.Module, TrialConfig], LossFn]:
+def adversarial_loss(
+    make_attack: Callable[[nn.Module, TrialConfig], torchattacks.attack.Attack],
+) -> Callable[[nn.Module, TrialConfig], LossFn]:
     """Cross-entropy on examples from ``make_attack`` (made in eval mode)."""
 
     def make(model: nn.Module, cfg: TrialConfig) -> LossFn:

@@ -46,8 +46,11 @@ MAX_NODES = 20_000
 
 _Parser = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser when PyYAML has it: faster
 _BOMS = (  # UTF-32 first: its little-endian BOM starts with UTF-16's
-    (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
-    (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"),
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
 )
 _FLOAT = "tag:yaml.org,2002:float"
 _MERGE = "tag:yaml.org,2002:merge"
@@ -94,14 +97,32 @@ def decode(data: bytes, source: str) -> str:
             try:
                 return data.decode(encoding).removeprefix("\ufeff")
             except UnicodeDecodeError as exc:
-                raise YamlRefused(source, [("", f"not valid {encoding.upper().removesuffix('-SIG')} at byte offset {exc.start}; {_SAVE_AS_UTF8}")]) from exc
+                raise YamlRefused(
+                    source,
+                    [
+                        (
+                            "",
+                            f"not valid {encoding.upper().removesuffix('-SIG')} at byte offset {exc.start}; {_SAVE_AS_UTF8}",
+                        )
+                    ],
+                ) from exc
     nul = data.find(b"\0")
     if nul >= 0:
-        raise YamlRefused(source, [("", f"binary data (NUL byte at byte offset {nul}), or UTF-16/32 without a byte-order mark; {_SAVE_AS_UTF8}")])
+        raise YamlRefused(
+            source,
+            [
+                (
+                    "",
+                    f"binary data (NUL byte at byte offset {nul}), or UTF-16/32 without a byte-order mark; {_SAVE_AS_UTF8}",
+                )
+            ],
+        )
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        reason = f"not UTF-8 (byte 0x{data[exc.start]:02x} at byte offset {exc.start}, Latin-1 or another legacy encoding?)"
+        reason = (
+            f"not UTF-8 (byte 0x{data[exc.start]:02x} at byte offset {exc.start}, Latin-1 or another legacy encoding?)"
+        )
         raise YamlRefused(source, [("", f"{reason}; {_SAVE_AS_UTF8}")]) from exc
 
 
@@ -238,10 +259,14 @@ class _NodeChecks:
             value = self.loader.construct_object(node)
         except (yaml.YAMLError, ValueError, OverflowError) as exc:
             reason = getattr(exc, "problem", None) or str(exc).split(";")[0]
-            self.problems.append((_line(node), path, f"cannot read {_label(node.value)!r}: {reason} (line {_line(node)})"))
+            self.problems.append(
+                (_line(node), path, f"cannot read {_label(node.value)!r}: {reason} (line {_line(node)})")
+            )
             return False, None
         if node.tag == _FLOAT and not math.isfinite(value):
-            self.problems.append((_line(node), path, f"non-finite number {_label(node.value)} (line {_line(node)}); use a finite value"))
+            self.problems.append(
+                (_line(node), path, f"non-finite number {_label(node.value)} (line {_line(node)}); use a finite value")
+            )
             return False, None
         return True, value
 
@@ -268,8 +293,13 @@ class _NodeChecks:
                 readable, key = self.value(key_node, path)
                 label = _label(key_node.value)
                 if readable and key in first:
-                    self.problems.append((_line(key_node), f"{path}.{label}" if path else label,
-                                          f"duplicate key (lines {first[key]} and {_line(key_node)})"))
+                    self.problems.append(
+                        (
+                            _line(key_node),
+                            f"{path}.{label}" if path else label,
+                            f"duplicate key (lines {first[key]} and {_line(key_node)})",
+                        )
+                    )
                 elif readable:
                     first[key] = _line(key_node)
             else:

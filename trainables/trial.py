@@ -45,8 +45,14 @@ RESUMABLE_CHANGES = ("device", "threads")
 STATE_KEYS = frozenset({"format", "epoch", "model", "optimizer", "scheduler", "scaler", "rng", "config", "history"})
 # the checkpoint dict's structure: key -> (type, required)
 STATE_TYPES: dict[str, tuple[type, bool]] = {
-    "epoch": (int, True), "model": (dict, True), "optimizer": (dict, True), "scheduler": (dict, True),
-    "rng": (dict, True), "config": (dict, True), "scaler": (dict, False), "history": (list, False),
+    "epoch": (int, True),
+    "model": (dict, True),
+    "optimizer": (dict, True),
+    "scheduler": (dict, True),
+    "rng": (dict, True),
+    "config": (dict, True),
+    "scaler": (dict, False),
+    "history": (list, False),
 }
 RNG_KEYS = ("python", "numpy", "torch")
 
@@ -144,7 +150,9 @@ class _Trial:
             device=self.device,
         )
         if len(self.data.train_x) < cfg.batch_size:
-            raise TrialConfigError(f"batch_size={cfg.batch_size} is larger than the training set ({len(self.data.train_x)})")
+            raise TrialConfigError(
+                f"batch_size={cfg.batch_size} is larger than the training set ({len(self.data.train_x)})"
+            )
         self.model: nn.Module = create_model(
             cfg.model,
             num_classes=self.data.num_classes,
@@ -183,7 +191,9 @@ class _Trial:
         losses = torch.zeros(len(batches), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         check_every = 25  # a look at the losses costs a device sync; the first bad step is still found exactly
-        bar = tqdm(total=len(batches), desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=not progress, unit="batch")
+        bar = tqdm(
+            total=len(batches), desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=not progress, unit="batch"
+        )
         start = time.perf_counter()
         for step, idx in enumerate(batches):
             idx = idx.to(self.device, non_blocking=True)
@@ -331,15 +341,21 @@ def validate_checkpoint_state(state: Any, name: str = "checkpoint") -> TrialConf
         problems += [(f"rng.{key}", "missing") for key in RNG_KEYS if key not in state["rng"]]
     if isinstance(state.get("model"), dict):
         bad = [k for k, v in state["model"].items() if not isinstance(v, torch.Tensor)]
-        problems += [(f"model.{short_repr(bad[0], 40)}", f"should be a tensor ({len(bad)} entries are not)")] if bad else []
+        problems += (
+            [(f"model.{short_repr(bad[0], 40)}", f"should be a tensor ({len(bad)} entries are not)")] if bad else []
+        )
     if isinstance(state.get("optimizer"), dict):
-        problems += [(f"optimizer.{key}", "missing") for key in ("state", "param_groups") if key not in state["optimizer"]]
+        problems += [
+            (f"optimizer.{key}", "missing") for key in ("state", "param_groups") if key not in state["optimizer"]
+        ]
     saved = None
     if isinstance(state.get("config"), dict):
         try:
             saved = TrialConfig.model_validate(state["config"])
         except ValidationError as err:
-            problems += [(f"config.{'.'.join(map(str, e['loc']))}", e["msg"].removeprefix("Value error, ")) for e in err.errors()]
+            problems += [
+                (f"config.{'.'.join(map(str, e['loc']))}", e["msg"].removeprefix("Value error, ")) for e in err.errors()
+            ]
     if saved is not None and isinstance(state.get("epoch"), int) and not 0 <= state["epoch"] <= saved.epochs:
         problems.append(("epoch", f"{short_repr(state['epoch'])} is outside 0..{saved.epochs} (the config's epochs)"))
     if problems or saved is None:

@@ -21,7 +21,9 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
-def final_table(final: dict[str, float], attacks: Sequence[str], eps_values: Sequence[float], eval_batch_size: int) -> Table:
+def final_table(
+    final: dict[str, float], attacks: Sequence[str], eps_values: Sequence[float], eval_batch_size: int
+) -> Table:
     """Clean and adversarial accuracy per attack (rows) and eps (columns).
 
     When the final sweep was also measured with batch statistics, each cell shows
@@ -78,8 +80,10 @@ def shift_table(final: dict[str, float], attack: str | None = None, eps: float |
     if not shifts:
         return None
     under = f"{attack} at eps {eps:g}" if attack is not None and eps is not None else "the primary attack"
-    table = Table(title=f"norm-layer input shift under {under}",
-                  caption="mean over channels of |adv - clean| / s (variance: / s^2), s the layer's tracked scale")
+    table = Table(
+        title=f"norm-layer input shift under {under}",
+        caption="mean over channels of |adv - clean| / s (variance: / s^2), s the layer's tracked scale",
+    )
     table.add_column("layer")
     table.add_column("mean shift", justify="right")
     table.add_column("var shift", justify="right")
@@ -116,9 +120,15 @@ def shift_figure(final: dict[str, float]) -> Figure | None:
             ax.legend(fontsize="small")
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle("norm-layer input shift under the primary attack\n(relative to each layer's tracked scale)",
-                 fontsize="medium")
-    axes[1].set_xticks(positions, [s.name for s in shifts], rotation=60 if len(shifts) > 4 else 0,
-                       ha="right" if len(shifts) > 4 else "center", fontsize="small")
+    fig.suptitle(
+        "norm-layer input shift under the primary attack\n(relative to each layer's tracked scale)", fontsize="medium"
+    )
+    axes[1].set_xticks(
+        positions,
+        [s.name for s in shifts],
+        rotation=60 if len(shifts) > 4 else 0,
+        ha="right" if len(shifts) > 4 else "center",
+        fontsize="small",
+    )
     axes[1].set_xlabel("norm layer (input to output)")
     return fig

@@ -63,8 +63,10 @@ def group_keys(frame: pd.DataFrame, compare: list[str]) -> list[str]:
     varying = [k for k in frame.attrs.get("varying", []) if k not in GROUP_EXCLUDED and k not in sampled]
     unknown = [k for k in compare if k not in frame.columns]
     if unknown:
-        raise LookupError(f"--compare {','.join(unknown)}: not a key of this search's trials; keys that vary: "
-                          f"{', '.join(varying) or 'none'}")
+        raise LookupError(
+            f"--compare {','.join(unknown)}: not a key of this search's trials; keys that vary: "
+            f"{', '.join(varying) or 'none'}"
+        )
     return [*compare, *(k for k in varying if k not in compare and frame[k].nunique(dropna=False) > 1)]
 
 
@@ -100,16 +102,20 @@ def _cell(mean: float, std: float) -> str:
 def _grid(comp: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     keys, metrics = comp.attrs["keys"], comp.attrs["metrics"]
     header = [*keys, "n", *(label(m) for m in metrics)]
-    body = [[str(r[k]) for k in keys] + [str(int(r["n"]))] + [_cell(r[f"{m}_mean"], r[f"{m}_std"]) for m in metrics]
-            for _, r in comp.iterrows()]
+    body = [
+        [str(r[k]) for k in keys] + [str(int(r["n"]))] + [_cell(r[f"{m}_mean"], r[f"{m}_std"]) for m in metrics]
+        for _, r in comp.iterrows()
+    ]
     return header, body
 
 
 def comparison_table(comp: pd.DataFrame) -> Table:
     header, body = _grid(comp)
     over = ["seeds", *(f"sampled {k}" for k in comp.attrs.get("sampled", []))]
-    table = Table(title=f"search {comp.attrs.get('search')} / {comp.attrs.get('run_name')}: mean ± std over "
-                        f"{', '.join(over)}", caption="(batch): evaluated with the inference batch's statistics")
+    table = Table(
+        title=f"search {comp.attrs.get('search')} / {comp.attrs.get('run_name')}: mean ± std over {', '.join(over)}",
+        caption="(batch): evaluated with the inference batch's statistics",
+    )
     for i, column in enumerate(header):
         table.add_column(column, justify="left" if i < len(comp.attrs["keys"]) else "right")
     for row in body:
@@ -161,8 +167,16 @@ def accuracy_vs_eps_figure(comp: pd.DataFrame):  # noqa: ANN201
                     continue
                 stds = [0.0 if math.isnan(row[f"{n}_std"]) else row[f"{n}_std"] for n in names]
                 top = max([top, *(m + s for m, s in zip(means, stds) if not math.isnan(m))])
-                ax.errorbar([0.0, *eps], means, yerr=stds, fmt=style, marker="o", capsize=3, color=f"C{i % 10}",
-                            label=_group_label(row, keys) + (" (batch)" if suffix else ""))
+                ax.errorbar(
+                    [0.0, *eps],
+                    means,
+                    yerr=stds,
+                    fmt=style,
+                    marker="o",
+                    capsize=3,
+                    color=f"C{i % 10}",
+                    label=_group_label(row, keys) + (" (batch)" if suffix else ""),
+                )
         ax.set_title(attack)
         ax.set_xlabel("eps (pixel scale)")
         ax.set_ylabel("accuracy")
@@ -192,8 +206,17 @@ def tracked_vs_batch_figure(comp: pd.DataFrame):  # noqa: ANN201
     for b, (m, s) in enumerate(bars):
         means = comp[f"{m}{s}_mean"].to_numpy()
         stds = np.nan_to_num(comp[f"{m}{s}_std"].to_numpy())
-        ax.bar(x + (b - (len(bars) - 1) / 2) * width, means, width, yerr=stds, capsize=3, label=label(m + s),
-               color=f"C{metrics.index(m)}", alpha=1.0 if not s else 0.5, hatch="//" if s else None)
+        ax.bar(
+            x + (b - (len(bars) - 1) / 2) * width,
+            means,
+            width,
+            yerr=stds,
+            capsize=3,
+            label=label(m + s),
+            color=f"C{metrics.index(m)}",
+            alpha=1.0 if not s else 0.5,
+            hatch="//" if s else None,
+        )
     ax.set_xticks(x, [_group_label(r, keys) for _, r in comp.iterrows()], rotation=20, ha="right")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1.02)
@@ -232,7 +255,8 @@ def importance_figure(study: Any, metrics: list[str]):  # noqa: ANN201
     for j, metric in enumerate(metrics):
         target = (lambda t, j=j: t.values[j]) if len(metrics) > 1 else None
         importances = optuna.importance.get_param_importances(
-            study, target=target, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+            study, target=target, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)
+        )
         ax = fig.add_subplot(1, len(metrics), j + 1)
         names = list(importances)[::-1]
         ax.barh(names, [importances[n] for n in names], color=f"C{j}")
@@ -258,12 +282,19 @@ def write_report(frame: pd.DataFrame, compare: list[str], folder: Path, study: A
     for name, text in files.items():
         (folder / name).write_text(text + "\n")
         written[name] = folder / name
-    figures = {"accuracy_vs_eps.png": accuracy_vs_eps_figure(comp), "tracked_vs_batch.png": tracked_vs_batch_figure(comp)}
+    figures = {
+        "accuracy_vs_eps.png": accuracy_vs_eps_figure(comp),
+        "tracked_vs_batch.png": tracked_vs_batch_figure(comp),
+    }
     params = frame.attrs.get("search_params", {})
     metrics = _as_list(params.get("metric", "adv_acc"))
     if len(metrics) > 1:
         figures["pareto_front.png"] = pareto_figure(frame, metrics, _as_list(params.get("mode", "max"), len(metrics)))
-    if study is not None and len([t for t in study.trials if t.state.name == "COMPLETE"]) >= 2 and study.trials[0].params:
+    if (
+        study is not None
+        and len([t for t in study.trials if t.state.name == "COMPLETE"]) >= 2
+        and study.trials[0].params
+    ):
         figures["param_importances.png"] = importance_figure(study, metrics)
     for name, fig in figures.items():
         if fig is None:  # nothing to draw

@@ -20,8 +20,11 @@ def log_report(target: Any, parent_run_id: str, files: dict[str, Path], budget_s
     client = MlflowClient(tracking_uri=target.uri)
     try:
         for path in files.values():
-            retrying(f"log {path.name}", lambda p=path: client.log_artifact(parent_run_id, str(p), "report"),
-                     time.monotonic() + budget_s)
+            retrying(
+                f"log {path.name}",
+                lambda p=path: client.log_artifact(parent_run_id, str(p), "report"),
+                time.monotonic() + budget_s,
+            )
     except TrackingError as exc:
         log.warning("report files not logged to run %s: %s", parent_run_id, exc)
         return False

@@ -28,7 +28,10 @@ def _parent_run(client: Any, experiment_id: str, name: str, run_id: str | None) 
     if run_id:
         return client.get_run(run_id)
     parents = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{TAG_SEARCH}` = '{name}'", order_by=["attributes.start_time DESC"], max_results=200
+        [experiment_id],
+        filter_string=f"tags.`{TAG_SEARCH}` = '{name}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=200,
     )
     parents = [r for r in parents if PARENT_TAG not in r.data.tags]
     if not parents:
@@ -66,8 +69,11 @@ def search_results(target: TrackingTarget, name: str, run_id: str | None = None)
     if not children:
         raise LookupError(f"search run {parent.info.run_name!r} ({parent.info.run_id}) has no trials yet")
     params = pd.DataFrame([c.data.params for c in children])
-    varying = [c for c in params.columns
-               if c not in ALWAYS_SHOWN and c not in NOT_COMPARED and params[c].nunique(dropna=False) > 1]
+    varying = [
+        c
+        for c in params.columns
+        if c not in ALWAYS_SHOWN and c not in NOT_COMPARED and params[c].nunique(dropna=False) > 1
+    ]
     staged = any(c.data.tags.get("normlab.stage") for c in children)
     rows = []
     for child in children:
@@ -90,8 +96,12 @@ def search_results(target: TrackingTarget, name: str, run_id: str | None = None)
     sampled = sorted({k for part in [spec, *spec.get("stages", {}).values()] for k in (part.get("sample") or {})})
     frame.attrs.update(
         sampled=sampled,
-        search=name, run_name=parent.info.run_name, run_id=parent.info.run_id, tags=dict(parent.data.tags),
-        search_params=dict(parent.data.params), varying=(["stage"] if staged else []) + [*ALWAYS_SHOWN, *varying],
+        search=name,
+        run_name=parent.info.run_name,
+        run_id=parent.info.run_id,
+        tags=dict(parent.data.tags),
+        search_params=dict(parent.data.params),
+        varying=(["stage"] if staged else []) + [*ALWAYS_SHOWN, *varying],
         attacks=[a for a in first.get("eval_attacks", "").split(",") if a],
         eps=sorted(float(e) for e in first.get("eval_eps", "").split(",") if e),
         primary=(first.get("eval_attacks", "").split(",")[0], float(first.get("eval_eps", "0").split(",")[0])),
@@ -116,8 +126,11 @@ def render(frame: pd.DataFrame, fmt: str) -> Any:
         return frame.to_json(orient="records", indent=2)
     if fmt == "markdown":
         return _markdown(frame)
-    shown = [c for c in frame.columns if c != "run_id" and not c.startswith(("adv_acc_", "last_"))
-             and not c.endswith("_batchstats")]
+    shown = [
+        c
+        for c in frame.columns
+        if c != "run_id" and not c.startswith(("adv_acc_", "last_")) and not c.endswith("_batchstats")
+    ]
     table = Table(title=f"search {frame.attrs.get('search')} / {frame.attrs.get('run_name')}")
     for column in shown:
         table.add_column(column, justify="right" if column.startswith("final_") else "left")
@@ -142,8 +155,14 @@ def tradeoff_figure(frame: pd.DataFrame):  # noqa: ANN201
         for j, regime in enumerate(regimes):
             part = frame[(frame["norm"] == norm) & (frame["regime"] == regime)]
             if len(part):
-                ax.scatter(part["final_clean_acc"], part["final_adv_acc"], color=f"C{i % 10}",
-                           marker=markers[j % len(markers)], s=60, label=f"{norm} / {regime}")
+                ax.scatter(
+                    part["final_clean_acc"],
+                    part["final_adv_acc"],
+                    color=f"C{i % 10}",
+                    marker=markers[j % len(markers)],
+                    s=60,
+                    label=f"{norm} / {regime}",
+                )
     ax.set_xlabel("clean accuracy")
     ax.set_ylabel("adversarial accuracy (primary attack, primary eps)")
     ax.set_title(f"search {frame.attrs.get('search')}: {frame.attrs.get('run_name')}")

@@ -124,9 +124,15 @@ class TrialRunsCallback(tune.Callback):
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         deadline = time.monotonic() + DRAIN_S
         for trial in trials:
-            if trial.status in ("TERMINATED", "ERROR") and trial.trial_id not in self._pending and trial.trial_id not in self._done:
+            if (
+                trial.status in ("TERMINATED", "ERROR")
+                and trial.trial_id not in self._pending
+                and trial.trial_id not in self._done
+            ):
                 status = "FAILED" if trial.status == "ERROR" else "KILLED"
-                self._submit(trial, status, trial_error(trial) if status == "FAILED" else "stopped before its last epoch")
+                self._submit(
+                    trial, status, trial_error(trial) if status == "FAILED" else "stopped before its last epoch"
+                )
         while self._pending and time.monotonic() < deadline:
             for trial_id, (future, trial, status, reason) in list(self._pending.items()):
                 if not future.done():
@@ -142,8 +148,11 @@ class TrialRunsCallback(tune.Callback):
             time.sleep(0.2)
         for future, trial, _, _ in self._pending.values():
             future.cancel()
-            log.warning("trial %s: its MLflow run could not be brought up to date before the search ended; "
-                        "its metrics are safe in its checkpoints: `normlab resume` syncs them", trial)
+            log.warning(
+                "trial %s: its MLflow run could not be brought up to date before the search ended; "
+                "its metrics are safe in its checkpoints: `normlab resume` syncs them",
+                trial,
+            )
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
@@ -178,7 +187,7 @@ class TrialRunsCallback(tune.Callback):
                 return self.tracker.close(record, status, reason, budget_s=CLOSE_BUDGET_S, checkpoint_file=checkpoint)
             except Exception as exc:  # never let tracking end a search; an outage is handled inside
                 log.warning("trial %s: closing its run failed: %s", trial, exc)  # close(): this is not one,
-                return None                                                      # and would not pass by waiting
+                return None  # and would not pass by waiting
 
 
 class StateBackupCallback(tune.Callback):

@@ -72,8 +72,14 @@ def _fmt(value: Any) -> str:
 def results_table(title: str, rows: list[dict[str, Any]], keys: list[str]) -> Table:
     """One row per trial: stage (if any), status, the keys that vary, clean and adversarial accuracy."""
     table = Table(title=title)
-    columns = ["trial", *(["stage"] if any(r.get("stage") for r in rows) else []), "status", *keys, "epochs",
-               *RESULT_COLUMNS]
+    columns = [
+        "trial",
+        *(["stage"] if any(r.get("stage") for r in rows) else []),
+        "status",
+        *keys,
+        "epochs",
+        *RESULT_COLUMNS,
+    ]
     for column in columns:
         table.add_column(column, justify="right" if column in (*RESULT_COLUMNS, "epochs") else "left")
     for row in rows:
@@ -85,7 +91,8 @@ def _row(result: Any, view: StageView, keys: list[str]) -> dict[str, Any]:
     metrics = result.metrics or {}
     # as the trial reported them; a trial that never reported: from Ray's config
     knobs = metrics.get("knobs") or TrialResolver(view.space.fixed, frozenset(view.space.conditional_keys())).varying(
-        result.config or {})
+        result.config or {}
+    )
     values = {**view.space.fixed, **knobs}
     trial = metrics.get("trial_id") or (Path(result.path).name if result.path else "?")
     row = {"trial": trial, "stage": view.name, "status": "ERROR" if result.error else "OK"}
@@ -127,15 +134,21 @@ def _record_retried(study: StudyRef | None, view: StageView, results: list[Any],
         return
     from orchestrator.studies.study import record_retried
 
-    finished = {r.metrics["trial_id"]: r.metrics for r in results if not r.error and r.metrics and "trial_id" in r.metrics}
+    finished = {
+        r.metrics["trial_id"]: r.metrics for r in results if not r.error and r.metrics and "trial_id" in r.metrics
+    }
     try:
         added = record_retried(study.storage, study.name, view.space.search.metrics, finished)
     except Exception as exc:  # the search's results stand; the study misses the retried trials
-        console.print(f"[yellow]warning[/]: could not add the retried trials to Optuna study {study.name!r} ({escape(str(exc))})")
+        console.print(
+            f"[yellow]warning[/]: could not add the retried trials to Optuna study {study.name!r} ({escape(str(exc))})"
+        )
         return
     if added:
-        console.print(f"Optuna study {study.name!r}: {len(added)} trial(s) that had failed finished on retry; "
-                      "added as COMPLETE (normlab.retry_of names the failed one)")
+        console.print(
+            f"Optuna study {study.name!r}: {len(added)} trial(s) that had failed finished on retry; "
+            "added as COMPLETE (normlab.retry_of names the failed one)"
+        )
 
 
 def _new_experiment_name(root: Location, name: str) -> str:
@@ -162,14 +175,19 @@ def _new_experiment_name(root: Location, name: str) -> str:
     raise SearchStorageError(f"{root.uri}: 99 searches named {name!r} started this second; try again")
 
 
-def _finish(tracker: MlflowTrialTracker, space: SearchSpace, console: Console, folder: Location) -> SearchSummary | None:
+def _finish(
+    tracker: MlflowTrialTracker, space: SearchSpace, console: Console, folder: Location
+) -> SearchSummary | None:
     """The search's summary on its parent run (best trial, counts, trial table) and its comparison
     report (tables and plots, ``compare``); never raises: the search is done either way."""
     s = space.search
     summary = log_search_summary(tracker, metric=s.metrics[0], mode=s.modes[0], budget_s=DRIVER_BUDGET_S)
     if summary is None:
-        console.print(f"[yellow]warning:[/] the search's summary is not in MLflow (see the warning above); "
-                      f"`normlab resume {escape(folder.uri)}` logs it once the server answers", soft_wrap=True)
+        console.print(
+            f"[yellow]warning:[/] the search's summary is not in MLflow (see the warning above); "
+            f"`normlab resume {escape(folder.uri)}` logs it once the server answers",
+            soft_wrap=True,
+        )
         return None
     console.print(escape(describe(summary)))
     _log_comparison(tracker, console, folder)
@@ -195,8 +213,11 @@ def _log_comparison(tracker: MlflowTrialTracker, console: Console, search_folder
         if where:
             console.print(f"  report (--compare {','.join(keys) or '(none)'}): {' and '.join(where)}", soft_wrap=True)
     except Exception as exc:  # a report must never fail a finished search
-        console.print(f"[yellow]warning:[/] no comparison report ({escape(type(exc).__name__)}: {escape(str(exc))}); "
-                      "`normlab report NAME --compare ...` makes one", soft_wrap=True)
+        console.print(
+            f"[yellow]warning:[/] no comparison report ({escape(type(exc).__name__)}: {escape(str(exc))}); "
+            "`normlab report NAME --compare ...` makes one",
+            soft_wrap=True,
+        )
 
 
 def _stage_tracker(tracker: MlflowTrialTracker, view: StageView) -> MlflowTrialTracker:
@@ -207,8 +228,13 @@ def _stage_tracker(tracker: MlflowTrialTracker, view: StageView) -> MlflowTrialT
     # repeats of one grid point (num_samples > 1, nothing sampled) have the same name but for the trial number
     repeats = space.search.algorithm != "optuna" and space.search.num_samples > 1 and not space.sample
     conditions = {k: key.when for k, key in (*space.grid.items(), *space.sample.items()) if key.when}
-    return dataclasses.replace(tracker, stage=view.name, name_keys=varying_keys(space.trial_keys()),
-                               name_conditions=conditions, number_names=repeats)
+    return dataclasses.replace(
+        tracker,
+        stage=view.name,
+        name_keys=varying_keys(space.trial_keys()),
+        name_conditions=conditions,
+        number_names=repeats,
+    )
 
 
 def _run_stages(space: SearchSpace, folder: Location, record: SearchRecord, console: Console) -> SearchOutcome:
@@ -227,38 +253,54 @@ def _run_stages(space: SearchSpace, folder: Location, record: SearchRecord, cons
         if storage.latest_snapshot(stage_folder) is not None:  # started before: continue it
             if view.name:
                 console.print(f"stage {view.name}: continuing")
-            tuner = tune.Tuner.restore(stage_folder.uri, trainable=trainable(view.space, tracker),
-                                       resume_unfinished=True, resume_errored=True)
+            tuner = tune.Tuner.restore(
+                stage_folder.uri, trainable=trainable(view.space, tracker), resume_unfinished=True, resume_errored=True
+            )
         else:
             combinations = None
             if view.init_from:
                 source = next(v for v in views if v.name == view.init_from)
                 combinations = seeded_combinations(view, source, finished_trials(folder.child(source.name)))
             if view.name:
-                console.print(f"stage {view.name}: {view.space.trial_count()} trial(s)"
-                              + (f", starting from stage {view.init_from}" if view.init_from else ""))
+                console.print(
+                    f"stage {view.name}: {view.space.trial_count()} trial(s)"
+                    + (f", starting from stage {view.init_from}" if view.init_from else "")
+                )
             # Ray resolves these URIs with the same pyarrow call as normlab did
             parent, name = (folder, view.name) if view.name else (folder.parent(), folder.name)
-            tuner = build_tuner(view.space, storage_path=parent.uri, experiment=name, tracker=tracker,
-                                callbacks=callbacks, study=_study(record, view), combinations=combinations)
+            tuner = build_tuner(
+                view.space,
+                storage_path=parent.uri,
+                experiment=name,
+                tracker=tracker,
+                callbacks=callbacks,
+                study=_study(record, view),
+                combinations=combinations,
+            )
         results = list(_fit(tuner, stage_folder.uri))
         _record_retried(_study(record, view), view, results, console)
         stage_rows = [_row(result, view, keys) for result in results]
         rows += sorted(stage_rows, key=lambda r: r["trial"])
         failed = [r for r in stage_rows if r["status"] == "ERROR"]
         if failed and i + 1 < len(views):
-            waiting = [v.name for v in views[i + 1:]]
-            console.print(f"[red]stage {view.name}: {len(failed)} trial(s) failed[/]; stage(s) {', '.join(waiting)} "
-                          "wait for it: `normlab resume` retries the failed trials, then runs them")
+            waiting = [v.name for v in views[i + 1 :]]
+            console.print(
+                f"[red]stage {view.name}: {len(failed)} trial(s) failed[/]; stage(s) {', '.join(waiting)} "
+                "wait for it: `normlab resume` retries the failed trials, then runs them"
+            )
             break
     for row in rows:
         if row["status"] == "ERROR":
             console.print(f"[red]{row['trial']}[/]: {row['error']}")
     table = results_table(f"search {folder.name}", rows, keys)
     tracker = record.tracker
-    outcome = SearchOutcome(folder.uri, table, sum(r["status"] == "ERROR" for r in rows), waiting,
-                            search_url(tracker.tracking_uri, tracker.experiment_id, tracker.search_run,
-                                       tracker.parent_run_id))
+    outcome = SearchOutcome(
+        folder.uri,
+        table,
+        sum(r["status"] == "ERROR" for r in rows),
+        waiting,
+        search_url(tracker.tracking_uri, tracker.experiment_id, tracker.search_run, tracker.parent_run_id),
+    )
     outcome.summary = _finish(tracker, space, console, folder)
     return outcome
 
@@ -289,28 +331,51 @@ def run_search(
     # one study per stage for a staged search (_study), named after the search and the stage
     studies = [f"{experiment}-{stage}" for stage in space.stages] or [experiment]
     if study_storage:
-        console.print(f"  Optuna {'studies' if len(studies) > 1 else 'study'} {', '.join(map(repr, studies))} "
-                      f"({s.sampler_name}) in {study_storage}")
+        console.print(
+            f"  Optuna {'studies' if len(studies) > 1 else 'study'} {', '.join(map(repr, studies))} "
+            f"({s.sampler_name}) in {study_storage}"
+        )
     params = {
-        "algorithm": s.algorithm, "num_samples": s.num_samples, "metric": s.metric, "mode": s.mode,
-        "scheduler": s.scheduler.type, "trials": space.trial_count(), "cpu_per_trial": space.resources.cpu,
-        "gpu_per_trial": space.resources.gpu, "max_failures": space.max_failures,
+        "algorithm": s.algorithm,
+        "num_samples": s.num_samples,
+        "metric": s.metric,
+        "mode": s.mode,
+        "scheduler": s.scheduler.type,
+        "trials": space.trial_count(),
+        "cpu_per_trial": space.resources.cpu,
+        "gpu_per_trial": space.resources.gpu,
+        "max_failures": space.max_failures,
         **({"sampler": s.sampler_name, "study": ",".join(studies)} if study_storage else {}),
         **({"stages": ",".join(space.stages)} if space.stages else {}),
         **{f"fixed.{k}": v for k, v in space.fixed.items()},
     }
-    tags = {"normlab.ray_address": where, "normlab.storage_path": folder.uri, **environment_tags(),
-            # the report's importances come from the last stage's study
-            **({"normlab.study": studies[-1], "normlab.study_storage": study_storage} if study_storage else {})}
+    tags = {
+        "normlab.ray_address": where,
+        "normlab.storage_path": folder.uri,
+        **environment_tags(),
+        # the report's importances come from the last stage's study
+        **({"normlab.study": studies[-1], "normlab.study_storage": study_storage} if study_storage else {}),
+    }
     spec = space.model_dump(mode="json", by_alias=True)
-    tracker = start_search_run(target, space.name, experiment, params=params, spec=spec, spec_file=space_file, tags=tags,
-                               name_keys=())  # named per stage, by what varies in it (_stage_tracker)
+    tracker = start_search_run(
+        target, space.name, experiment, params=params, spec=spec, spec_file=space_file, tags=tags, name_keys=()
+    )  # named per stage, by what varies in it (_stage_tracker)
     url = search_url(tracker.tracking_uri, tracker.experiment_id, tracker.search_run, tracker.parent_run_id)
     console.print(f"  MLflow: {target.uri} (experiment {space.name!r}, run {experiment!r})")
-    console.print(f"  MLflow UI: {url}" + (" (serve it with `normlab ui`)" if target.is_local_file_store else ""),
-                  soft_wrap=True, markup=False)
-    record = SearchRecord(spec, str(space_file), target.uri, target.artifact_root, tracker,
-                          study_storage=study_storage, study_name=experiment if study_storage else None)
+    console.print(
+        f"  MLflow UI: {url}" + (" (serve it with `normlab ui`)" if target.is_local_file_store else ""),
+        soft_wrap=True,
+        markup=False,
+    )
+    record = SearchRecord(
+        spec,
+        str(space_file),
+        target.uri,
+        target.artifact_root,
+        tracker,
+        study_storage=study_storage,
+        study_name=experiment if study_storage else None,
+    )
     with search_running(tracker):  # a record that cannot be written ends the parent run FAILED, not RUNNING
         write_record(folder, record)
         return _run_stages(space, folder, record, console)
@@ -327,7 +392,9 @@ def resume_search(
     for stage_folder in stage_folders:
         repaired = snapshots.repair(stage_folder)
         if repaired:
-            console.print(f"[yellow]repaired[/] damaged Ray Tune state from normlab's last good copy: {', '.join(repaired)}")
+            console.print(
+                f"[yellow]repaired[/] damaged Ray Tune state from normlab's last good copy: {', '.join(repaired)}"
+            )
         snapshots.check_loadable(stage_folder)  # before anything is changed: a search this version cannot restore
     check_reachable(TrackingTarget(record.tracking_uri, record.artifact_root))
     where = init_ray(address, num_cpus=num_cpus)
@@ -355,4 +422,3 @@ def clear_fatal_markers(folder: Location) -> list[str]:
             fs.delete_file(marker)
             cleared.append(info.base_name.split("_")[2] if info.base_name.count("_") >= 2 else info.base_name)
     return cleared
-

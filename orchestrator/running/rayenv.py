@@ -78,7 +78,9 @@ def cluster_auth_mode(address: str, timeout: float = 5.0) -> str:
     if status == "OK":
         return "disabled"
     if status != "UNAUTHENTICATED":
-        raise ConnectionError(f"Ray head {address} is unreachable ({status}: {details}); is `ray start --head` running there?")
+        raise ConnectionError(
+            f"Ray head {address} is unreachable ({status}: {details}); is `ray start --head` running there?"
+        )
     token, where = find_ray_token()
     if token is None:
         raise RayAuthError(
@@ -135,4 +137,6 @@ def check_ray_head(address: str, timeout: float = 5.0) -> None:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
             pass
     except (OSError, ValueError) as exc:
-        raise ConnectionError(f"Ray head {address} is unreachable ({exc}); is `ray start --head` running there?") from exc
+        raise ConnectionError(
+            f"Ray head {address} is unreachable ({exc}); is `ray start --head` running there?"
+        ) from exc

@@ -41,8 +41,10 @@ def finished_trials(stage_folder: Location) -> list[Finished]:
     try:
         return _finished_trials(stage_folder)
     except OSError as exc:
-        raise StageError(f"cannot read the checkpoints of stage {stage_folder.name} at {stage_folder.uri} ({exc}); "
-                         "`normlab resume` the search once the storage answers") from exc
+        raise StageError(
+            f"cannot read the checkpoints of stage {stage_folder.name} at {stage_folder.uri} ({exc}); "
+            "`normlab resume` the search once the storage answers"
+        ) from exc
 
 
 def _finished_trials(stage_folder: Location) -> list[Finished]:
@@ -57,7 +59,11 @@ def _finished_trials(stage_folder: Location) -> list[Finished]:
                 continue
             record = TrialRecord.from_manifest(candidate.manifest.extra, candidate.manifest.history)
             if record.finished:
-                file = stage_folder.child(info.base_name).child(posixpath.basename(candidate.folder)).child(CHECKPOINT_FILE)
+                file = (
+                    stage_folder.child(info.base_name)
+                    .child(posixpath.basename(candidate.folder))
+                    .child(CHECKPOINT_FILE)
+                )
                 found.append(Finished(record.trial_id, record.config, record.run_id, file.uri))
             break
     return found
@@ -76,7 +82,12 @@ def seeded_combinations(view: StageView, source: StageView, finished: list[Finis
             if match is None:
                 wanted = ", ".join(f"{k}={values.get(k, default_of(k))}" for k in keys)
                 raise StageError(f"stage {view.name}: no finished trial of stage {source.name} with {wanted}")
-            combo = {**combo, "init_from": match.checkpoint, f"{META_PREFIX}init_from_run_id": match.run_id or "",
-                     f"{META_PREFIX}init_from_trial_id": match.trial_id, f"{META_PREFIX}init_from_checkpoint": match.checkpoint}
+            combo = {
+                **combo,
+                "init_from": match.checkpoint,
+                f"{META_PREFIX}init_from_run_id": match.run_id or "",
+                f"{META_PREFIX}init_from_trial_id": match.trial_id,
+                f"{META_PREFIX}init_from_checkpoint": match.checkpoint,
+            }
         combos.append(combo)
     return combos

@@ -43,17 +43,24 @@ def _table(title: str, folder: Location) -> Table | str:
     try:
         analysis = ExperimentAnalysis(folder.uri)
     except (OSError, ValueError, EOFError) as exc:
-        return escape(f"{title}: Ray Tune's state cannot be read ({type(exc).__name__}: {exc}) "
-                      "and normlab has no good copy of it")
+        return escape(
+            f"{title}: Ray Tune's state cannot be read ({type(exc).__name__}: {exc}) and normlab has no good copy of it"
+        )
     note = f"; state repaired from normlab's last good copy: {', '.join(repaired)}" if repaired else ""
     table = Table(title=f"{title}  ({folder}){note}")
     for column in ("trial", "state", "epochs", "clean_acc", "adv_acc", "final_adv_acc", "error"):
         table.add_column(column)
     for trial in sorted(analysis.trials, key=lambda t: str(t)):
         last = trial.last_result or {}
-        table.add_row(str(trial), trial.status, _fmt(last.get("epoch")), _fmt(last.get("clean_acc")),
-                      _fmt(last.get("adv_acc")), _fmt(last.get("final_adv_acc")),
-                      trial_error(trial)[:200] if trial.status == "ERROR" else "")
+        table.add_row(
+            str(trial),
+            trial.status,
+            _fmt(last.get("epoch")),
+            _fmt(last.get("clean_acc")),
+            _fmt(last.get("adv_acc")),
+            _fmt(last.get("final_adv_acc")),
+            trial_error(trial)[:200] if trial.status == "ERROR" else "",
+        )
     return table
 
 

@@ -147,9 +147,14 @@ def search_algorithm(space: SearchSpace, study: StudyRef | None = None) -> Searc
         metric = s.metrics if s.multi_objective else s.metric
         mode = s.modes if s.multi_objective else s.mode
         # a define-by-run space takes metric and mode here, not from TuneConfig
-        return StudySearch(space=OptunaSpace(space), metric=metric, mode=mode,
-                           sampler=make_sampler(s.sampler_name, s.sampler_seed),
-                           storage=rdb_storage(study.storage), study_name=study.name)
+        return StudySearch(
+            space=OptunaSpace(space),
+            metric=metric,
+            mode=mode,
+            sampler=make_sampler(s.sampler_name, s.sampler_seed),
+            storage=rdb_storage(study.storage),
+            study_name=study.name,
+        )
     return BasicVariantGenerator(random_state=s.sampler_seed)
 
 
@@ -173,8 +178,11 @@ def scheduler(space: SearchSpace) -> TrialScheduler:
     # time is the trial's own epoch counter, which survives restarts exactly (Tune's iteration
     # count restarts from the checkpoint Tune remembers, which may be older than the newest one)
     return ASHAScheduler(
-        time_attr="epoch", max_t=sched.max_t or max_epochs(space), grace_period=sched.grace_period,
-        reduction_factor=sched.reduction_factor, **own,
+        time_attr="epoch",
+        max_t=sched.max_t or max_epochs(space),
+        grace_period=sched.grace_period,
+        reduction_factor=sched.reduction_factor,
+        **own,
     )
 
 
@@ -193,7 +201,9 @@ def trainable(space: SearchSpace, tracker: Any) -> Any:
     return tune.with_resources(fn, {"cpu": space.resources.cpu, "gpu": space.resources.gpu})
 
 
-def run_config(space: SearchSpace, storage_path: str, experiment: str, callbacks: list[tune.Callback]) -> tune.RunConfig:
+def run_config(
+    space: SearchSpace, storage_path: str, experiment: str, callbacks: list[tune.Callback]
+) -> tune.RunConfig:
     return tune.RunConfig(
         name=experiment,
         storage_path=storage_path,
@@ -206,8 +216,14 @@ def run_config(space: SearchSpace, storage_path: str, experiment: str, callbacks
 
 
 def build_tuner(
-    space: SearchSpace, *, storage_path: str, experiment: str, tracker: Any, callbacks: list[tune.Callback] | None = None,
-    study: StudyRef | None = None, combinations: list[dict[str, Any]] | None = None,
+    space: SearchSpace,
+    *,
+    storage_path: str,
+    experiment: str,
+    tracker: Any,
+    callbacks: list[tune.Callback] | None = None,
+    study: StudyRef | None = None,
+    combinations: list[dict[str, Any]] | None = None,
 ) -> tune.Tuner:
     """A ``tune.Tuner`` running ``space`` under ``storage_path/experiment``."""
     s = space.search
@@ -235,9 +251,14 @@ def build_tuner(
 # a local Ray those requests go to a dead proxy on loopback instead; workers get the
 # user's own proxy settings back through the runtime environment.
 _PROXY_VARS = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "no_proxy", "NO_PROXY")
-_LOOPBACK_PROXY = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
-                   "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
-                   "no_proxy": "127.0.0.1,localhost,::1", "NO_PROXY": "127.0.0.1,localhost,::1"}
+_LOOPBACK_PROXY = {
+    "http_proxy": "http://127.0.0.1:9",
+    "https_proxy": "http://127.0.0.1:9",
+    "HTTP_PROXY": "http://127.0.0.1:9",
+    "HTTPS_PROXY": "http://127.0.0.1:9",
+    "no_proxy": "127.0.0.1,localhost,::1",
+    "NO_PROXY": "127.0.0.1,localhost,::1",
+}
 
 
 def init_ray(address: str | None, *, num_cpus: int | None = None) -> str:
@@ -259,8 +280,13 @@ def init_ray(address: str | None, *, num_cpus: int | None = None) -> str:
     user_proxies = {k: os.environ.get(k, "") for k in _PROXY_VARS}
     os.environ.update(_LOOPBACK_PROXY)
     try:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING",
-                 runtime_env={"env_vars": {**user_proxies, **secrets}})
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            logging_level="WARNING",
+            runtime_env={"env_vars": {**user_proxies, **secrets}},
+        )
     finally:
         for key, value in user_proxies.items():
             if value:
@@ -268,4 +294,3 @@ def init_ray(address: str | None, *, num_cpus: int | None = None) -> str:
             else:
                 os.environ.pop(key, None)
     return "local (127.0.0.1 only)"
-

@@ -103,7 +103,9 @@ def choose_data(raw: dict[str, Any], path: Path) -> dict[str, Any]:
             found = find(chosen["data_dir"])
             chosen["data_dir"] = str(found) if found else chosen["data_dir"]
         raw = {k: v for k, v in raw.items() if k != "data_options"}
-        raw["fixed"] = {**(raw.get("fixed") or {}), **chosen} if isinstance(raw.get("fixed") or {}, dict) else raw.get("fixed")
+        raw["fixed"] = (
+            {**(raw.get("fixed") or {}), **chosen} if isinstance(raw.get("fixed") or {}, dict) else raw.get("fixed")
+        )
         return raw
     raise ValueError("no option applies: every if_exists path is missing; add a last option without if_exists")
 
@@ -129,7 +131,9 @@ def resolve_space_path(name_or_path: str) -> Path:
     builtin = builtin_spaces()
     if name_or_path in builtin:
         return builtin[name_or_path]
-    raise SpaceError(name_or_path, [("", f"neither a file nor a built-in search space; built-in: {', '.join(sorted(builtin))}")])
+    raise SpaceError(
+        name_or_path, [("", f"neither a file nor a built-in search space; built-in: {', '.join(sorted(builtin))}")]
+    )
 
 
 def load_space(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> tuple[SearchSpace, Path]:

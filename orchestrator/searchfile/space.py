@@ -129,8 +129,9 @@ class Scheduler(NumbersNotBooleans):
         if isinstance(data, str):
             return {"type": data}
         if not isinstance(data, (dict, Scheduler)):
-            raise ValueError(f"fifo or asha, or a mapping such as {{type: asha, grace_period: 2}} "
-                             f"(got {short_repr(data)})")
+            raise ValueError(
+                f"fifo or asha, or a mapping such as {{type: asha, grace_period: 2}} (got {short_repr(data)})"
+            )
         return data
 
 
@@ -145,8 +146,11 @@ class Search(NumbersNotBooleans):
     metric: str | list[str] = Field("adv_acc", description="the objective, or several (optuna: a Pareto front)")
     mode: Mode | list[Mode] = Field("max", description="max or min, one per metric (one value applies to all)")
     sampler: Literal["tpe", "cmaes", "nsgaii", "qmc", "random"] | None = Field(
-        None, description="optuna: the sampler (default tpe; nsgaii with several metrics)")
-    storage: str | None = Field(None, description="optuna: SQLAlchemy URL of the study (default: sqlite beside the MLflow store)")
+        None, description="optuna: the sampler (default tpe; nsgaii with several metrics)"
+    )
+    storage: str | None = Field(
+        None, description="optuna: SQLAlchemy URL of the study (default: sqlite beside the MLflow store)"
+    )
     scheduler: Scheduler = Field(default_factory=Scheduler)
     max_concurrent_trials: int | None = Field(None, gt=0)
     sampler_seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the random / Optuna sampler (numpy's range)")
@@ -166,8 +170,10 @@ class Search(NumbersNotBooleans):
         from orchestrator.credentials.uris import strip_credentials
 
         if strip_credentials(v)[2]:
-            raise ValueError("the study storage URL carries a password: Ray pickles the study (and its URL) into "
-                             "the search's state; use the database's own credentials (e.g. ~/.pgpass) instead")
+            raise ValueError(
+                "the study storage URL carries a password: Ray pickles the study (and its URL) into "
+                "the search's state; use the database's own credentials (e.g. ~/.pgpass) instead"
+            )
         return check_storage_url(v)
 
     @field_validator("metric", mode="before")
@@ -201,13 +207,19 @@ class Search(NumbersNotBooleans):
             raise ValueError("sampler and storage are Optuna settings: they need algorithm optuna")
         if len(metrics) > 1:
             if self.algorithm != "optuna":
-                raise ValueError("several metrics need algorithm optuna (a Pareto front; NSGA-II by default): "
-                                 "grid and random searches rank trials on one metric")
+                raise ValueError(
+                    "several metrics need algorithm optuna (a Pareto front; NSGA-II by default): "
+                    "grid and random searches rank trials on one metric"
+                )
             if self.scheduler.type == "asha":
-                raise ValueError("ASHA cannot stop trials on several metrics: it ranks trials on one metric at each "
-                                 "rung, and with several objectives no single ranking exists; use scheduler: fifo")
+                raise ValueError(
+                    "ASHA cannot stop trials on several metrics: it ranks trials on one metric at each "
+                    "rung, and with several objectives no single ranking exists; use scheduler: fifo"
+                )
             if self.sampler == "cmaes":
-                raise ValueError("CMA-ES optimises a single objective: with several metrics use nsgaii, tpe, qmc or random")
+                raise ValueError(
+                    "CMA-ES optimises a single objective: with several metrics use nsgaii, tpe, qmc or random"
+                )
         if isinstance(self.mode, list) and len(self.mode) == 1:  # as the metric: one objective is a plain value
             self.mode = self.mode[0]
         return self
@@ -245,8 +257,9 @@ def check_storage_url(url: str) -> str:
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError) as exc:
-        raise ValueError("SQLAlchemy cannot read this as a database URL "
-                         f"(dialect[+driver]://[user@]host[:port]/database, {example})") from exc
+        raise ValueError(
+            f"SQLAlchemy cannot read this as a database URL (dialect[+driver]://[user@]host[:port]/database, {example})"
+        ) from exc
     try:
         dialect = parsed.get_dialect()
     except NoSuchModuleError as exc:
@@ -255,8 +268,10 @@ def check_storage_url(url: str) -> str:
         dialect.import_dbapi()
     except ImportError as exc:
         missing = getattr(exc, "name", None) or str(exc)
-        raise ValueError(f"the driver of {short_repr(parsed.drivername)} is not installed here (no module "
-                         f"{short_repr(missing)}): install it, or name a driver that is installed") from exc
+        raise ValueError(
+            f"the driver of {short_repr(parsed.drivername)} is not installed here (no module "
+            f"{short_repr(missing)}): install it, or name a driver that is installed"
+        ) from exc
     database = parsed.database or ""
     on_disk = database and database != ":memory:" and not database.startswith("file:")
     if parsed.get_backend_name() == "sqlite" and on_disk:
@@ -268,7 +283,9 @@ def check_storage_url(url: str) -> str:
 class Resources(NumbersNotBooleans):
     model_config = _Strict
     cpu: float = Field(1.0, gt=0, description="CPUs per trial (sets torch threads)")
-    gpu: float = Field(0.0, ge=0, le=1, description="GPUs per trial, at most 1 (a trial uses one device); 0.5: two trials share a GPU")
+    gpu: float = Field(
+        0.0, ge=0, le=1, description="GPUs per trial, at most 1 (a trial uses one device); 0.5: two trials share a GPU"
+    )
 
 
 class CheckpointPolicy(NumbersNotBooleans):
@@ -336,10 +353,14 @@ class SearchSpace(NumbersNotBooleans):
     @classmethod
     def _name(cls, v: str) -> str:
         if not _NAME.match(v):
-            raise ValueError(f"name {short_repr(v)} must be letters, digits, '_', '.', '-' (it names folders and MLflow experiments)")
+            raise ValueError(
+                f"name {short_repr(v)} must be letters, digits, '_', '.', '-' (it names folders and MLflow experiments)"
+            )
         if len(v) > MAX_NAME_LENGTH:
-            raise ValueError(f"name is {len(v)} characters long; at most {MAX_NAME_LENGTH} (it names the search's "
-                             "folder NAME-YYYYmmdd-HHMMSS and its MLflow experiment)")
+            raise ValueError(
+                f"name is {len(v)} characters long; at most {MAX_NAME_LENGTH} (it names the search's "
+                "folder NAME-YYYYmmdd-HHMMSS and its MLflow experiment)"
+            )
         return v
 
     @field_validator("stages")
@@ -347,19 +368,25 @@ class SearchSpace(NumbersNotBooleans):
     def _stage_names(cls, v: dict[str, Stage]) -> dict[str, Stage]:
         for name in v:
             if not _NAME.match(name) or name in RESERVED_STAGE_NAMES:
-                raise ValueError(f"stage name {short_repr(name)} must be letters, digits, '_', '.', '-' and not "
-                                 f"{' or '.join(RESERVED_STAGE_NAMES)} (it names the stage's folder beside normlab's own)")
+                raise ValueError(
+                    f"stage name {short_repr(name)} must be letters, digits, '_', '.', '-' and not "
+                    f"{' or '.join(RESERVED_STAGE_NAMES)} (it names the stage's folder beside normlab's own)"
+                )
             if len(name) > MAX_NAME_LENGTH:
-                raise ValueError(f"stage name {short_repr(name)} is {len(name)} characters long; at most "
-                                 f"{MAX_NAME_LENGTH} (it names the stage's folder and its Optuna study)")
+                raise ValueError(
+                    f"stage name {short_repr(name)} is {len(name)} characters long; at most "
+                    f"{MAX_NAME_LENGTH} (it names the stage's folder and its Optuna study)"
+                )
         return v
 
     @field_validator("seeds")
     @classmethod
     def _seed_list(cls, v: list[int] | None) -> list[int] | None:
         if v is not None and (not v or len(set(v)) != len(v) or min(v) < 0 or max(v) > MAX_SEED):
-            raise ValueError(f"a list of different seeds from 0 to {MAX_SEED} (2**32 - 1, the most numpy's generator "
-                             "takes), e.g. [0, 1, 2]")
+            raise ValueError(
+                f"a list of different seeds from 0 to {MAX_SEED} (2**32 - 1, the most numpy's generator "
+                "takes), e.g. [0, 1, 2]"
+            )
         return v
 
     @field_validator("grid", mode="before")
@@ -373,8 +400,10 @@ class SearchSpace(NumbersNotBooleans):
             raise ValueError("with stages, grid and sample keys belong to the stages (fixed keys may stay at the top)")
         if self.seeds is not None:
             if self.search.algorithm == "optuna":
-                raise ValueError("seeds repeats each grid trial once per seed; Optuna would treat seed as one more "
-                                 "parameter to tune (and rank its importance): fix seed in fixed, or use algorithm grid")
+                raise ValueError(
+                    "seeds repeats each grid trial once per seed; Optuna would treat seed as one more "
+                    "parameter to tune (and rank its importance): fix seed in fixed, or use algorithm grid"
+                )
             for where in self.stages.values() if self.stages else [self]:
                 if "seed" in where.grid or "seed" in where.sample or "seed" in where.fixed or "seed" in self.fixed:
                     raise ValueError("seeds is a grid over seed: do not set seed elsewhere as well")
@@ -460,7 +489,9 @@ def count_grid_combinations(grid: dict[str, GridKey], fixed: dict[str, Any], lim
     def passes(key: str, value: Any) -> tuple[bool, ...]:
         return tuple(value in allowed for allowed in tests[key])
 
-    states: Counter[tuple[tuple[bool, ...], ...]] = Counter({tuple(passes(k, fixed.get(k, default_of(k))) for k in tests): 1})
+    states: Counter[tuple[tuple[bool, ...], ...]] = Counter(
+        {tuple(passes(k, fixed.get(k, default_of(k))) for k in tests): 1}
+    )
     for name, spec in grid.items():
         slot = slots.get(name)
         kinds = Counter(passes(name, value) for value in spec.values) if slot is not None else None
@@ -472,11 +503,12 @@ def count_grid_combinations(grid: dict[str, GridKey], fixed: dict[str, Any], lim
                 following[state] += n * len(spec.values)
             else:
                 for kind, m in kinds.items():
-                    following[(*state[:slot], kind, *state[slot + 1:])] += n * m
+                    following[(*state[:slot], kind, *state[slot + 1 :])] += n * m
             if len(following) > limit:
                 return None
         states = following
     return sum(states.values())
+
 
 @dataclass(frozen=True)
 class StageView:
@@ -492,9 +524,18 @@ def stage_views(space: SearchSpace) -> list[StageView]:
     if not space.stages:
         return [StageView("", space)]
     return [
-        StageView(name, space.model_copy(update={
-            "fixed": {**space.fixed, **stage.fixed}, "grid": stage.grid, "sample": stage.sample, "stages": {},
-            "description": stage.description or space.description,
-        }), stage.init_from.stage if stage.init_from else None)
+        StageView(
+            name,
+            space.model_copy(
+                update={
+                    "fixed": {**space.fixed, **stage.fixed},
+                    "grid": stage.grid,
+                    "sample": stage.sample,
+                    "stages": {},
+                    "description": stage.description or space.description,
+                }
+            ),
+            stage.init_from.stage if stage.init_from else None,
+        )
         for name, stage in space.stages.items()
     ]

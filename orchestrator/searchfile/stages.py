@@ -31,8 +31,6 @@ SAME_NETWORK = ("model", "norm", "norm_affine", "norm_groups", "dataset", "data_
 META_PREFIX = "_"  # keys of a grid combination that are facts for the run, not trial knobs
 
 
-
-
 def needs_checkpoint(values: dict[str, Any]) -> bool:
     return values.get("regime", default_of("regime")) in CHECKPOINT_REGIMES
 
@@ -68,7 +66,9 @@ def stage_problems(space: SearchSpace) -> list[Problem]:
         prefix = f"stages.{view.name}"
         checked = view.space
         if view.init_from:  # each trial that starts from a checkpoint gets one: stand in for it
-            stand_in = GridKey(values=[f"<final checkpoint in stage {view.init_from}>"], when={"regime": CHECKPOINT_REGIMES})
+            stand_in = GridKey(
+                values=[f"<final checkpoint in stage {view.init_from}>"], when={"regime": CHECKPOINT_REGIMES}
+            )
             checked = view.space.model_copy(update={"grid": {**view.space.grid, "init_from": stand_in}})
             if "init_from" in view.space.fixed or "init_from" in view.space.grid or "init_from" in view.space.sample:
                 problems.append((f"{prefix}.init_from", "init_from is set twice: as a stage and as a trial knob"))
@@ -78,7 +78,9 @@ def stage_problems(space: SearchSpace) -> list[Problem]:
     return problems
 
 
-def _chain_problems(space: SearchSpace, view: StageView, earlier: list[str], views: dict[str, StageView]) -> list[Problem]:
+def _chain_problems(
+    space: SearchSpace, view: StageView, earlier: list[str], views: dict[str, StageView]
+) -> list[Problem]:
     where = f"stages.{view.name}.init_from.stage"
     if view.init_from not in earlier:
         allowed = ", ".join(earlier) or "none (it is the first stage)"
@@ -89,17 +91,36 @@ def _chain_problems(space: SearchSpace, view: StageView, earlier: list[str], vie
     source = views[view.init_from].space
     problems: list[Problem] = []
     if space.search.algorithm == "optuna":
-        problems.append(("search.algorithm", "a stage that starts from another runs its trials as a grid: "
-                                             "use algorithm grid or random"))
+        problems.append(
+            (
+                "search.algorithm",
+                "a stage that starts from another runs its trials as a grid: use algorithm grid or random",
+            )
+        )
     if space.search.scheduler.type == "asha":
-        problems.append(("search.scheduler", "a stage that starts from another needs every earlier trial to finish its "
-                                             "last epoch, and ASHA stops some early: use scheduler: fifo"))
+        problems.append(
+            (
+                "search.scheduler",
+                "a stage that starts from another needs every earlier trial to finish its "
+                "last epoch, and ASHA stops some early: use scheduler: fifo",
+            )
+        )
     if space.search.num_samples != 1:
-        problems.append(("search.num_samples", "a stage that starts from another needs each earlier trial told apart by "
-                                               "its grid values: num_samples must be 1 (repeat with seeds: [0, 1, 2])"))
+        problems.append(
+            (
+                "search.num_samples",
+                "a stage that starts from another needs each earlier trial told apart by "
+                "its grid values: num_samples must be 1 (repeat with seeds: [0, 1, 2])",
+            )
+        )
     if source.sample:
-        problems.append((f"stages.{view.init_from}.sample", f"stage {view.name} starts from this stage, whose trials "
-                         "must be told apart by grid values: make its sampled keys grid keys"))
+        problems.append(
+            (
+                f"stages.{view.init_from}.sample",
+                f"stage {view.name} starts from this stage, whose trials "
+                "must be told apart by grid values: make its sampled keys grid keys",
+            )
+        )
     if problems:
         return problems
     keys = list(source.grid)
@@ -117,18 +138,33 @@ def _chain_problems(space: SearchSpace, view: StageView, earlier: list[str], vie
         found = index.get(match_key(values, keys), [])
         if len(found) != 1:
             shown = ", ".join(keys) or "(no grid keys)"
-            problems.append((f"stages.{view.name}.grid", f"trial {n} ({label}) matches {len(found)} trials of stage "
-                             f"{view.init_from} on {shown}; it must match exactly one"))
+            problems.append(
+                (
+                    f"stages.{view.name}.grid",
+                    f"trial {n} ({label}) matches {len(found)} trials of stage "
+                    f"{view.init_from} on {shown}; it must match exactly one",
+                )
+            )
         else:
             different = [k for k in SAME_NETWORK if match_key(values, [k]) != match_key(found[0], [k])]
             if different:
-                problems.append((f"stages.{view.name}.grid", f"trial {n} ({label}) would load weights of a different "
-                                 f"network from stage {view.init_from}: {', '.join(different)} differ"))
+                problems.append(
+                    (
+                        f"stages.{view.name}.grid",
+                        f"trial {n} ({label}) would load weights of a different "
+                        f"network from stage {view.init_from}: {', '.join(different)} differ",
+                    )
+                )
         if len(problems) >= 5:
             break
     if not starting:
-        problems.append((f"stages.{view.name}.init_from", f"no trial of this stage starts from a checkpoint (regime "
-                         f"one of {', '.join(CHECKPOINT_REGIMES)}): drop init_from or add such a regime"))
+        problems.append(
+            (
+                f"stages.{view.name}.init_from",
+                f"no trial of this stage starts from a checkpoint (regime "
+                f"one of {', '.join(CHECKPOINT_REGIMES)}): drop init_from or add such a regime",
+            )
+        )
     return problems
 
 

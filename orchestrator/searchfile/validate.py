@@ -64,8 +64,10 @@ def size_problems(space: SearchSpace) -> list[Problem]:
         return []
     count = space.combination_count()
     if count is None or count > MAX_GRID_COMBINATIONS:
-        reason = (f"{_grid_size(count)} combinations of grid values; at most {MAX_GRID_COMBINATIONS:,} "
-                  "(list fewer values, add when: conditions, or sample keys with algorithm random or optuna)")
+        reason = (
+            f"{_grid_size(count)} combinations of grid values; at most {MAX_GRID_COMBINATIONS:,} "
+            "(list fewer values, add when: conditions, or sample keys with algorithm random or optuna)"
+        )
         return [("grid", reason)]
     trials = count * space.search.num_samples
     if trials > MAX_TRIALS:
@@ -109,7 +111,12 @@ def semantic_problems(space: SearchSpace) -> list[Problem]:
             check_value(f"grid.{key}[{i}]", key, value)
     for key, spec in sample.items():
         if spec.kind in ("uniform", "loguniform") and is_integer_knob(key):
-            problems.append((f"sample.{key}.{spec.kind}", f"draws fractional numbers, but {key} is a whole number: use int: [low, high]"))
+            problems.append(
+                (
+                    f"sample.{key}.{spec.kind}",
+                    f"draws fractional numbers, but {key} is a whole number: use int: [low, high]",
+                )
+            )
             continue
         for i, value in enumerate(spec.probe_values()):
             check_value(f"sample.{key}.{spec.kind}[{i}]", key, value)
@@ -127,7 +134,9 @@ def semantic_problems(space: SearchSpace) -> list[Problem]:
                     for i, value in enumerate(allowed):
                         check_value(f"{path}[{i}]", cond_key, value)
     if space.search.algorithm == "grid" and space.sample:
-        problems.append(("search.algorithm", "sampled keys need algorithm 'random' or 'optuna' (grid enumerates only grid keys)"))
+        problems.append(
+            ("search.algorithm", "sampled keys need algorithm 'random' or 'optuna' (grid enumerates only grid keys)")
+        )
     if problems:
         return problems
     return _combination_problems(space, base)
@@ -160,8 +169,11 @@ def init_from_problems(space: SearchSpace) -> list[Problem]:
             problems.append((path, f"not a usable path ({exc})"))
             return value
         if not is_file:
-            reason = (f"{short_repr(value)} is a folder, not a checkpoint file" if exists else
-                      f"no such file {short_repr(value)}; init_from names the checkpoint file a trial starts from")
+            reason = (
+                f"{short_repr(value)} is a folder, not a checkpoint file"
+                if exists
+                else f"no such file {short_repr(value)}; init_from names the checkpoint file a trial starts from"
+            )
             if value in stages:
                 reason += f" (to start from stage {value}'s trials, give that stage init_from: {value})"
             problems.append((path, reason))
@@ -190,16 +202,19 @@ def _combination_problems(space: SearchSpace, base: dict[str, Any]) -> list[Prob
         try:
             cfg = TrialConfig.model_validate(values)
         except ValidationError as err:
-            label = ", ".join(f"{k}={v if isinstance(v, str) else short_repr(v)}" for k, v in combo.items()) or "fixed keys"
+            label = (
+                ", ".join(f"{k}={v if isinstance(v, str) else short_repr(v)}" for k, v in combo.items()) or "fixed keys"
+            )
             detail = format_validation_error(err).replace("(config): ", "").replace("\n", "; ")
             problems.append((f"grid combination {i + 1} ({label})", detail))
             if len(problems) >= 5:
                 problems.append(("", f"(further combinations not listed; {space.combination_count()} in all)"))
                 break
             continue
-        if space.search.scheduler.type == "asha" and (space.search.scheduler.max_t or cfg.epochs) < space.search.scheduler.grace_period:
+        if (
+            space.search.scheduler.type == "asha"
+            and (space.search.scheduler.max_t or cfg.epochs) < space.search.scheduler.grace_period
+        ):
             problems.append(("search.scheduler.grace_period", f"larger than max_t / epochs ({cfg.epochs})"))
             break
     return problems
-
-

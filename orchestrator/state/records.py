@@ -86,8 +86,10 @@ def load_record(folder: Location) -> tuple[SearchRecord, SearchSpace]:
     try:
         return record, SearchSpace.model_validate(record.space)
     except ValidationError as exc:
-        raise RecordError(f"{where} holds a search space this normlab cannot run ({_problems(exc)}); "
-                          "resume it with the normlab version that submitted it, or submit the search again") from None
+        raise RecordError(
+            f"{where} holds a search space this normlab cannot run ({_problems(exc)}); "
+            "resume it with the normlab version that submitted it, or submit the search again"
+        ) from None
 
 
 def find_experiment(path_or_name: str, storage_path: str | None = None) -> Location:

@@ -36,7 +36,9 @@ log = logging.getLogger("normlab.storage")
 
 def _state_files(folder: Location) -> list[pafs.FileInfo]:
     infos = folder.fs.get_file_info(pafs.FileSelector(folder.path, allow_not_found=True))
-    return [i for i in infos if i.type == pafs.FileType.File and any(fnmatch.fnmatch(i.base_name, p) for p in STATE_FILES)]
+    return [
+        i for i in infos if i.type == pafs.FileType.File and any(fnmatch.fnmatch(i.base_name, p) for p in STATE_FILES)
+    ]
 
 
 def is_whole(name: str, data: bytes) -> bool:

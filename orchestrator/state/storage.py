@@ -118,8 +118,11 @@ def _infos(location: Location, what: str) -> list[pafs.FileInfo]:
 
 def latest_snapshot(folder: Location) -> int | None:
     """When Ray Tune last snapshotted the search in ``folder`` (ns since the epoch); None if never."""
-    states = [info for info in _infos(folder, "search folder")
-              if info.type == pafs.FileType.File and fnmatch.fnmatch(info.base_name, STATE_PATTERN)]
+    states = [
+        info
+        for info in _infos(folder, "search folder")
+        if info.type == pafs.FileType.File and fnmatch.fnmatch(info.base_name, STATE_PATTERN)
+    ]
     return max((info.mtime_ns or 0 for info in states), default=None) if states else None
 
 
@@ -132,8 +135,11 @@ def search_folders(root: Location, markers: tuple[str, ...] = ()) -> list[Locati
             folder = root.child(info.base_name)
             snapshot = latest_snapshot(folder)
             if snapshot is None and markers:
-                stamps = [i.mtime_ns or 0 for i in folder.fs.get_file_info([folder.child(m).path for m in markers])
-                          if i.type == pafs.FileType.File]
+                stamps = [
+                    i.mtime_ns or 0
+                    for i in folder.fs.get_file_info([folder.child(m).path for m in markers])
+                    if i.type == pafs.FileType.File
+                ]
                 snapshot = max(stamps) if stamps else None
             if snapshot is not None:
                 found.append((snapshot, folder.name, folder))

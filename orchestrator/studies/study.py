@@ -54,8 +54,13 @@ DEFAULT_FILE = "optuna.db"
 RAY_TRIAL_ATTR = "ray_trial_id"
 STATE_KEY = "normlab.searcher_state"  # what StudySearch.__getstate__ returns: its state, pickled
 # normlab's sampler names, by the Optuna class that make_sampler builds for each
-SAMPLER_CLASSES = {"tpe": "TPESampler", "nsgaii": "NSGAIISampler", "cmaes": "CmaEsSampler",
-                   "qmc": "QMCSampler", "random": "RandomSampler"}
+SAMPLER_CLASSES = {
+    "tpe": "TPESampler",
+    "nsgaii": "NSGAIISampler",
+    "cmaes": "CmaEsSampler",
+    "qmc": "QMCSampler",
+    "random": "RandomSampler",
+}
 
 
 def default_storage(tracking_uri: str, workdir: Path | None = None) -> str:
@@ -168,7 +173,9 @@ def rdb_storage(url: str) -> Any:
 
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {})
+    return optuna.storages.RDBStorage(
+        url, engine_kwargs={"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {}
+    )
 
 
 def load_study(url: str, study_name: str) -> Any:
@@ -228,11 +235,16 @@ class StudySearch(OptunaSearch):
                 break
         path, culprit, error = found or ("searcher", state, error)
         reason = " ".join(str(error).split()) or type(error).__name__
-        owner = f"the {name} sampler of Optuna {optuna.__version__}" if path.startswith("sampler") else \
-            f"the Optuna search ({name} sampler, Optuna {optuna.__version__})"
-        return (f"{owner} keeps a {type(culprit).__module__}.{type(culprit).__qualname__} ({path}) which cannot be "
-                f"saved ({reason}), so Ray Tune could neither checkpoint nor resume this search; choose another "
-                f"sampler (search.sampler: {', '.join(n for n in SAMPLER_CLASSES if n != name)}) or another Optuna release")
+        owner = (
+            f"the {name} sampler of Optuna {optuna.__version__}"
+            if path.startswith("sampler")
+            else f"the Optuna search ({name} sampler, Optuna {optuna.__version__})"
+        )
+        return (
+            f"{owner} keeps a {type(culprit).__module__}.{type(culprit).__qualname__} ({path}) which cannot be "
+            f"saved ({reason}), so Ray Tune could neither checkpoint nor resume this search; choose another "
+            f"sampler (search.sampler: {', '.join(n for n in SAMPLER_CLASSES if n != name)}) or another Optuna release"
+        )
 
     def fail_orphans(self) -> list[int]:
         """Mark FAIL the study's RUNNING trials that Ray does not know; returns their numbers."""
@@ -244,14 +256,19 @@ class StudySearch(OptunaSearch):
         for trial in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if trial._trial_id in known:
                 continue
-            storage.set_trial_user_attr(trial._trial_id, "normlab.lost",
-                                        "handed out after Ray's last snapshot of the searcher; the driver died "
-                                        "before Ray ran it")
+            storage.set_trial_user_attr(
+                trial._trial_id,
+                "normlab.lost",
+                "handed out after Ray's last snapshot of the searcher; the driver died before Ray ran it",
+            )
             storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
             orphans.append(trial.number)
         if orphans:
-            log.warning("study %s: trial(s) %s were handed out but never run (the driver died): marked FAIL",
-                        self._study_name, orphans)
+            log.warning(
+                "study %s: trial(s) %s were handed out but never run (the driver died): marked FAIL",
+                self._study_name,
+                orphans,
+            )
         return orphans
 
 
@@ -277,9 +294,14 @@ def record_retried(url: str, study_name: str, metrics: list[str], finished: dict
         if any(not isinstance(v, (int, float)) or not math.isfinite(v) for v in values):
             continue  # Ray would not have told these either
         source = failed[0]
-        study.add_trial(optuna.trial.create_trial(
-            params=source.params, distributions=source.distributions, values=[float(v) for v in values],
-            user_attrs={**source.user_attrs, "normlab.retry_of": source.number}))
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=source.params,
+                distributions=source.distributions,
+                values=[float(v) for v in values],
+                user_attrs={**source.user_attrs, "normlab.retry_of": source.number},
+            )
+        )
         added.append(ray_id)
     if added:
         log.info("study %s: trial(s) %s failed, were retried and finished: added as COMPLETE", study_name, added)

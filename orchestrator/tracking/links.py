@@ -87,10 +87,15 @@ def ui_url(base: str, route: str, *, via_open_page: bool = False, expand: str = 
     return f"{base.rstrip('/')}{OPEN_PATH}{query}{route}"
 
 
-def search_url(tracking_uri: str, experiment_id: str, search_run: str = "", parent_run_id: str = "",
-               ui: str | None = None) -> str:
+def search_url(
+    tracking_uri: str, experiment_id: str, search_run: str = "", parent_run_id: str = "", ui: str | None = None
+) -> str:
     """A search's runs table: on its MLflow server, or (a local store) as ``normlab ui``
     serves it at ``ui`` (default ``DEFAULT_UI``), through its page, with the search's trials unfolded."""
     local = not tracking_uri.startswith(("http://", "https://"))
-    return ui_url(ui_base(tracking_uri, ui or DEFAULT_UI), runs_route(experiment_id, search_run), via_open_page=local,
-                  expand=parent_run_id)
+    return ui_url(
+        ui_base(tracking_uri, ui or DEFAULT_UI),
+        runs_route(experiment_id, search_run),
+        via_open_page=local,
+        expand=parent_run_id,
+    )

@@ -84,8 +84,14 @@ def numbered(name: str, trial_id: str) -> str:
     return f"{name} #{number if number is not None else trial_id}"
 
 
-def run_name(config: dict[str, Any], keys: Iterable[str], trial_id: str = "", *, number: bool = False,
-             conditions: Mapping[str, dict[str, list[Any]]] | None = None) -> str:
+def run_name(
+    config: dict[str, Any],
+    keys: Iterable[str],
+    trial_id: str = "",
+    *,
+    number: bool = False,
+    conditions: Mapping[str, dict[str, list[Any]]] | None = None,
+) -> str:
     """The run name of a trial with ``config``: norm, regime, then ``keys`` (see the module doc).
 
     A conditional key (``conditions``: key -> its ``when``) is shown only where its condition

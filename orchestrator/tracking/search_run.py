@@ -98,8 +98,11 @@ def check_reachable(target: TrackingTarget, timeout: float = 10.0) -> None:
             raise TrackingUnreachable(f"MLflow tracking server {shown} answered {response.status_code} on /health")
     # also creates a new SQLite store's tables, once, before trials open it concurrently
     try:
-        retrying("open the tracking store", lambda: client(target.uri).search_experiments(max_results=1),
-                 time.monotonic() + timeout)
+        retrying(
+            "open the tracking store",
+            lambda: client(target.uri).search_experiments(max_results=1),
+            time.monotonic() + timeout,
+        )
     except TrackingError as exc:
         raise TrackingUnreachable(f"MLflow tracking store {shown} cannot be used: {exc}") from exc
 
@@ -112,14 +115,17 @@ def ensure_experiment(target: TrackingTarget, name: str) -> str:
     c = client(target.uri)
     experiment = c.get_experiment_by_name(name)
     if experiment is not None and experiment.lifecycle_stage == "deleted":
-        raise TrackingError(f"experiment {name!r} was deleted in MLflow and sits in its trash (a new one of that name "
-                            "cannot be made until it is gone): restore it in the UI, remove it for good with `mlflow gc`, "
-                            "or give the search another name")
+        raise TrackingError(
+            f"experiment {name!r} was deleted in MLflow and sits in its trash (a new one of that name "
+            "cannot be made until it is gone): restore it in the UI, remove it for good with `mlflow gc`, "
+            "or give the search another name"
+        )
     if experiment is not None:
         return experiment.experiment_id
     try:
-        return c.create_experiment(name, artifact_location=target.artifact_root,
-                                   tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
+        return c.create_experiment(
+            name, artifact_location=target.artifact_root, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND}
+        )
     except Exception:  # created concurrently by another process
         experiment = c.get_experiment_by_name(name)
         if experiment is None:
@@ -131,10 +137,14 @@ def git_commit(path: Path | None = None) -> str:
     """The git commit of normlab's source (or ``unknown``), with ``-dirty`` for local changes."""
     where = path or Path(__file__).resolve().parent
     try:
-        commit = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        commit = subprocess.run(
+            ["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
         if commit.returncode != 0:
             return "unknown"
-        dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "-C", str(where), "status", "--porcelain"], capture_output=True, text=True, timeout=10
+        )
         return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -160,20 +170,34 @@ def start_search_run(
     deadline = time.monotonic() + DRIVER_BUDGET_S
     all_tags = {TAG_SEARCH: experiment, TAG_SEARCH_RUN: run_name, "mlflow.source.git.commit": git_commit(), **tags}
     try:
-        experiment_id = retrying("open the search's experiment", lambda: ensure_experiment(target, experiment), deadline)
+        experiment_id = retrying(
+            "open the search's experiment", lambda: ensure_experiment(target, experiment), deadline
+        )
         c = client(target.uri)
-        run_id = retrying("create the search's run", lambda: c.create_run(experiment_id, run_name=run_name, tags=all_tags),
-                          deadline).info.run_id
-        retrying("log the search's settings", lambda: (
-            c.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()][:100]),
-            c.log_dict(run_id, spec, "search_space.resolved.json"),
-            c.log_artifact(run_id, str(spec_file)),
-        ), deadline)
+        run_id = retrying(
+            "create the search's run", lambda: c.create_run(experiment_id, run_name=run_name, tags=all_tags), deadline
+        ).info.run_id
+        retrying(
+            "log the search's settings",
+            lambda: (
+                c.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()][:100]),
+                c.log_dict(run_id, spec, "search_space.resolved.json"),
+                c.log_artifact(run_id, str(spec_file)),
+            ),
+            deadline,
+        )
     except TrackingError as exc:  # unreachable, or refused: either way no search starts
         raise TrackingUnreachable(f"MLflow tracking store {mask_uri(target.uri)}: {exc}") from exc
-    return MlflowTrialTracker(target.uri, experiment_id, run_id, experiment, name_keys=tuple(name_keys),
-                              name_conditions=dict(name_conditions or {}), number_names=number_names,
-                              search_run=run_name)
+    return MlflowTrialTracker(
+        target.uri,
+        experiment_id,
+        run_id,
+        experiment,
+        name_keys=tuple(name_keys),
+        name_conditions=dict(name_conditions or {}),
+        number_names=number_names,
+        search_run=run_name,
+    )
 
 
 def _set_parent(tracker: MlflowTrialTracker, what: str, call: Any, budget_s: float) -> None:
@@ -195,12 +219,20 @@ def search_running(tracker: MlflowTrialTracker, *, resumed: bool = False) -> Ite
     if resumed:
         from mlflow.entities import RunTag
 
-        _set_parent(tracker, "mark it resumed", lambda: (
-            c.update_run(tracker.parent_run_id, status="RUNNING"),
-            c.set_tag(tracker.parent_run_id, "normlab.resumed_at", time.strftime("%Y-%m-%d %H:%M:%S")),
-            # the driver that resumed may run another install than the one that submitted
-            c.log_batch(tracker.parent_run_id, tags=[RunTag(k, v) for k, v in environment_tags("normlab.resume_env.").items()]),
-        ), DRIVER_BUDGET_S)
+        _set_parent(
+            tracker,
+            "mark it resumed",
+            lambda: (
+                c.update_run(tracker.parent_run_id, status="RUNNING"),
+                c.set_tag(tracker.parent_run_id, "normlab.resumed_at", time.strftime("%Y-%m-%d %H:%M:%S")),
+                # the driver that resumed may run another install than the one that submitted
+                c.log_batch(
+                    tracker.parent_run_id,
+                    tags=[RunTag(k, v) for k, v in environment_tags("normlab.resume_env.").items()],
+                ),
+            ),
+            DRIVER_BUDGET_S,
+        )
     status = "FAILED"
     try:
         yield tracker
@@ -209,7 +241,9 @@ def search_running(tracker: MlflowTrialTracker, *, resumed: bool = False) -> Ite
         status = "KILLED"
         raise
     finally:
-        _set_parent(tracker, f"mark it {status}", lambda: c.set_terminated(tracker.parent_run_id, status), DRIVER_BUDGET_S * 5)
+        _set_parent(
+            tracker, f"mark it {status}", lambda: c.set_terminated(tracker.parent_run_id, status), DRIVER_BUDGET_S * 5
+        )
 
 
 def find_search_run(target: TrackingTarget, name: str | None = None) -> Any:
@@ -225,8 +259,12 @@ def find_search_run(target: TrackingTarget, name: str | None = None) -> Any:
         quoted = name.replace("'", "")
         wanted = [f"tags.`{TAG_SEARCH}` = '{quoted}'", f"attributes.run_name = '{quoted}'"]
     for condition in wanted:
-        runs = c.search_runs(experiments, filter_string=f"{condition} and {parent}",
-                             order_by=["attributes.start_time DESC"], max_results=1)
+        runs = c.search_runs(
+            experiments,
+            filter_string=f"{condition} and {parent}",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
         if runs:
             return runs[0]
     return None

@@ -127,9 +127,16 @@ def best_trial(trials: list[TrialRun], metric: str, mode: str) -> TrialRun | Non
     return min(sorted(candidates, key=lambda t: t.name), key=lambda t: sign * t.metrics[metric])
 
 
-def summarise(trials: list[TrialRun], *, metric: str, mode: str, keys: list[str] | None = None,
-              link: Callable[[str], str] = lambda run_id: run_id, note_link: Callable[[str], str] | None = None,
-              files: dict[str, ReportFile] | None = None) -> SearchSummary:
+def summarise(
+    trials: list[TrialRun],
+    *,
+    metric: str,
+    mode: str,
+    keys: list[str] | None = None,
+    link: Callable[[str], str] = lambda run_id: run_id,
+    note_link: Callable[[str], str] | None = None,
+    files: dict[str, ReportFile] | None = None,
+) -> SearchSummary:
     """The summary of a search's ``trials`` (see the module doc); ``keys``: the varying keys
     (default: the params that differ); ``link(run_id)``: a run's URL for the tag,
     ``note_link(run_id)``: for the description (default: ``link``)."""
@@ -144,10 +151,20 @@ def summarise(trials: list[TrialRun], *, metric: str, mode: str, keys: list[str]
     tags = {"normlab.best_by": f"{by} ({mode})"}
     lines = [NOTE_HEADING, ""]
     if best is not None:
-        metrics.update({f"best_{k}": v for k, v in sorted(best.metrics.items())
-                        if (is_final_metric(k) or k == by) and math.isfinite(v)})
-        tags.update({"normlab.best_run_name": best.name, "normlab.best_run_id": best.run_id,
-                     "normlab.best_run_url": link(best.run_id)})
+        metrics.update(
+            {
+                f"best_{k}": v
+                for k, v in sorted(best.metrics.items())
+                if (is_final_metric(k) or k == by) and math.isfinite(v)
+            }
+        )
+        tags.update(
+            {
+                "normlab.best_run_name": best.name,
+                "normlab.best_run_id": best.run_id,
+                "normlab.best_run_url": link(best.run_id),
+            }
+        )
         shown = ", ".join(f"{m} {best.metrics[m]:.4f}" for m in RESULT_METRICS if m in best.metrics)
         shown = shown or f"{by} {best.metrics[by]:.4f}; no final metrics"
         if best.status != "FINISHED":
@@ -169,10 +186,16 @@ def read_trials(tracker: MlflowTrialTracker) -> list[TrialRun]:
     c = client(tracker.tracking_uri)
     trials, token = [], None
     while True:
-        page = c.search_runs([tracker.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{tracker.parent_run_id}'",
-                             max_results=1000, page_token=token)
-        trials += [TrialRun(r.info.run_name, r.info.run_id, r.info.status, dict(r.data.params), dict(r.data.metrics))
-                   for r in page]
+        page = c.search_runs(
+            [tracker.experiment_id],
+            filter_string=f"tags.`{PARENT_TAG}` = '{tracker.parent_run_id}'",
+            max_results=1000,
+            page_token=token,
+        )
+        trials += [
+            TrialRun(r.info.run_name, r.info.run_id, r.info.status, dict(r.data.params), dict(r.data.metrics))
+            for r in page
+        ]
         token = page.token
         if not token:
             return trials
@@ -191,12 +214,21 @@ def _log(tracker: MlflowTrialTracker, summary: SearchSummary) -> None:
         tags[NOTE_TAG] = summary.note
     for path, text in summary.files.items():
         c.log_text(run_id, text, path)
-    c.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in summary.metrics.items()],
-                tags=[RunTag(k, v[:5000]) for k, v in tags.items()])
+    c.log_batch(
+        run_id,
+        metrics=[Metric(k, v, now, step) for k, v in summary.metrics.items()],
+        tags=[RunTag(k, v[:5000]) for k, v in tags.items()],
+    )
 
 
-def log_search_summary(tracker: MlflowTrialTracker, *, metric: str, mode: str, budget_s: float = 60.0,
-                       files: dict[str, ReportFile] | None = None) -> SearchSummary | None:
+def log_search_summary(
+    tracker: MlflowTrialTracker,
+    *,
+    metric: str,
+    mode: str,
+    budget_s: float = 60.0,
+    files: dict[str, ReportFile] | None = None,
+) -> SearchSummary | None:
     """Summarise the search's trial runs on its parent run; None (and a warning) if MLflow
     stayed unreachable for ``budget_s`` seconds or refused."""
     deadline = time.monotonic() + budget_s
@@ -205,9 +237,15 @@ def log_search_summary(tracker: MlflowTrialTracker, *, metric: str, mode: str, b
         trials = retrying("read the search's trial runs", lambda: read_trials(tracker), deadline)
         # the keys runs are named by, where there are some (a staged search's parent run names none)
         keys = list(tracker.name_keys) if tracker.name_keys else None
-        summary = summarise(trials, metric=metric, mode=mode, keys=keys, files=files,
-                            link=lambda run_id: ui_url(base, run_route(tracker.experiment_id, run_id)),
-                            note_link=lambda run_id: run_route(tracker.experiment_id, run_id))  # within the UI
+        summary = summarise(
+            trials,
+            metric=metric,
+            mode=mode,
+            keys=keys,
+            files=files,
+            link=lambda run_id: ui_url(base, run_route(tracker.experiment_id, run_id)),
+            note_link=lambda run_id: run_route(tracker.experiment_id, run_id),
+        )  # within the UI
         retrying("log the search's summary", lambda: _log(tracker, summary), deadline)
     except TrackingError as exc:
         log.warning("search run %s: its summary could not be logged: %s", tracker.parent_run_id, exc)

@@ -76,8 +76,12 @@ def trial_params(config: dict[str, Any]) -> dict[str, str]:
 
 def result_summary(record: TrialRecord) -> dict[str, Any]:
     """The trial's result as ``TrialResult.to_dict()`` lays it out, from its record."""
-    return {"config": record.config, "history": record.history, "final": record.final,
-            "eval_batch_size": record.config.get("eval_batch_size")}
+    return {
+        "config": record.config,
+        "history": record.history,
+        "final": record.final,
+        "eval_batch_size": record.config.get("eval_batch_size"),
+    }
 
 
 @dataclass(frozen=True)
@@ -110,8 +114,15 @@ class MlflowTrialTracker:
         return f"MlflowTrialTracker({mask_uri(self.tracking_uri)!r}, parent run {self.parent_run_id})"
 
     # ------------------------------------------------------------ public
-    def sync(self, record: TrialRecord, *, budget_s: float, checkpoint_file: CheckpointFile = None,
-             finish: bool = False, running: bool = True) -> bool:
+    def sync(
+        self,
+        record: TrialRecord,
+        *,
+        budget_s: float,
+        checkpoint_file: CheckpointFile = None,
+        finish: bool = False,
+        running: bool = True,
+    ) -> bool:
         """Bring the trial's run up to ``record`` (see the module doc); False if the server
         could not be reached within ``budget_s`` (nothing is lost: sync again later).
 
@@ -126,8 +137,9 @@ class MlflowTrialTracker:
             return False
         return True
 
-    def _sync(self, record: TrialRecord, deadline: float, checkpoint_file: CheckpointFile, finish: bool,
-              running: bool) -> None:
+    def _sync(
+        self, record: TrialRecord, deadline: float, checkpoint_file: CheckpointFile, finish: bool, running: bool
+    ) -> None:
         self._retry("open the trial's run", lambda: self._open(record, running), deadline)
         self._retry("log the trial's epochs", lambda: self._log_missing(record), deadline)
         if finish and record.finished:
@@ -152,8 +164,9 @@ class MlflowTrialTracker:
             return False
         return True
 
-    def close(self, record: TrialRecord, status: str, reason: str, *, budget_s: float,
-              checkpoint_file: CheckpointFile = None) -> bool | None:
+    def close(
+        self, record: TrialRecord, status: str, reason: str, *, budget_s: float, checkpoint_file: CheckpointFile = None
+    ) -> bool | None:
         """Driver side, after the trial ended: sync what its checkpoints hold, then close a run
         its trial left open (finished -> FINISHED; otherwise ``status`` with ``reason``).
 
@@ -217,11 +230,16 @@ class MlflowTrialTracker:
             run = c.get_run(found) if found else None
         tags = dict(record.tags)
         if run is None:
-            tags.update({
-                PARENT_TAG: self.parent_run_id, TAG_SEARCH: self.search_name, TAG_TRIAL_ID: record.trial_id,
-                "normlab.trial_name": record.trial_name, "normlab.norm": str(record.config.get("norm")),
-                "normlab.regime": str(record.config.get("regime")),
-            })
+            tags.update(
+                {
+                    PARENT_TAG: self.parent_run_id,
+                    TAG_SEARCH: self.search_name,
+                    TAG_TRIAL_ID: record.trial_id,
+                    "normlab.trial_name": record.trial_name,
+                    "normlab.norm": str(record.config.get("norm")),
+                    "normlab.regime": str(record.config.get("regime")),
+                }
+            )
             if self.stage:
                 tags["normlab.stage"] = self.stage
             if self.search_run:
@@ -240,8 +258,11 @@ class MlflowTrialTracker:
             tags["normlab.nodes"] = ",".join(nodes if nodes and nodes[-1] == node else [*nodes, node])
         items = [Param(k, v) for k, v in params.items()]
         for i in range(0, max(len(items), 1), 100):
-            c.log_batch(run.info.run_id, params=items[i : i + 100],
-                        tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()] if i == 0 else [])
+            c.log_batch(
+                run.info.run_id,
+                params=items[i : i + 100],
+                tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()] if i == 0 else [],
+            )
         if self.name_keys is not None and not self.number_names and run.info.run_name == self.run_name(record):
             self._number_if_taken(c, run, record)
         record.run_id = run.info.run_id
@@ -251,8 +272,9 @@ class MlflowTrialTracker:
         """The name a new run of this trial gets (see ``run_names``)."""
         if self.name_keys is None:  # a search recorded before readable names
             return record.trial_name
-        return run_name(record.config, self.name_keys, record.trial_id, number=self.number_names,
-                        conditions=self.name_conditions)
+        return run_name(
+            record.config, self.name_keys, record.trial_id, number=self.number_names, conditions=self.name_conditions
+        )
 
     def _number_if_taken(self, c: Any, run: Any, record: TrialRecord) -> None:
         """Append the Ray trial number to the name when an earlier run of the search holds it.
@@ -261,8 +283,11 @@ class MlflowTrialTracker:
         on which came first (start time, then run id): only the later one is renamed.
         """
         name = run.info.run_name
-        same = c.search_runs([self.experiment_id], max_results=100, filter_string=(
-            f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and attributes.run_name = '{name}'"))
+        same = c.search_runs(
+            [self.experiment_id],
+            max_results=100,
+            filter_string=(f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and attributes.run_name = '{name}'"),
+        )
         mine = (run.info.start_time, run.info.run_id)
         if any((r.info.start_time, r.info.run_id) < mine for r in same if r.info.run_id != run.info.run_id):
             c.update_run(run.info.run_id, name=numbered(name, record.trial_id))
@@ -280,8 +305,11 @@ class MlflowTrialTracker:
             if epoch in logged:
                 continue
             now = int(time.time() * 1000)
-            batch = [Metric(k, float(v), now, epoch) for k, v in metrics.items()
-                     if k != STEP_METRIC and isinstance(v, (int, float)) and not isinstance(v, bool)]
+            batch = [
+                Metric(k, float(v), now, epoch)
+                for k, v in metrics.items()
+                if k != STEP_METRIC and isinstance(v, (int, float)) and not isinstance(v, bool)
+            ]
             batch.append(Metric(STEP_METRIC, float(epoch), now, epoch))  # last: its presence means the rest is in
             for i in range(0, len(batch), 1000):
                 c.log_batch(record.run_id, metrics=batch[i : i + 1000])
