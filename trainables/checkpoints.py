@@ -55,11 +55,15 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def write_atomic(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` whole or not at all: temp file, fsync, rename, fsync of the folder."""
+    """Write ``data`` to ``path`` whole or not at all: temp file, fsync, rename, fsync of the folder.
+
+    The one local atomic write of the project: checkpoints here, and every file normlab
+    keeps beside Ray's state (``orchestrator.state.storage.write_atomic`` on a local path)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644)  # as an ordinary new file, not mkstemp's 0600
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

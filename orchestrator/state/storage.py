@@ -15,18 +15,16 @@ Credentials never go into the URI: they come from the environment
 the filesystem into the experiment state it writes to the storage, and pyarrow pickles
 keys that were given explicitly, so a URI with ``user:secret@`` is refused.
 
-Small files (the search record) are written whole or not at all: locally a temporary
-file in the same folder, flushed, fsynced and renamed over the target (then the folder is
-fsynced); on an object store one request (S3's PutObject), which shows the whole object
+Small files (the search record) are written whole or not at all: locally by the project's
+one atomic write (``trainables.checkpoints.write_atomic``: a temporary file in the same
+folder, flushed, fsynced and renamed over the target, then the folder fsynced); on an object store one request (S3's PutObject), which shows the whole object
 or nothing.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import os
 import posixpath
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -34,6 +32,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pyarrow import fs as pafs
 
 from orchestrator.credentials.uris import strip_credentials
+from trainables.checkpoints import write_atomic as write_local_atomic
 
 DEFAULT_ROOT = Path("normlab_runs") / "ray_results"
 STATE_PATTERN = "experiment_state-*.json"  # Ray Tune's experiment snapshots
@@ -182,7 +181,7 @@ def write_atomic(location: Location, data: bytes) -> None:
     """Write ``data`` so that a reader sees the old file or the whole new one, never a part."""
     try:
         if location.is_local:
-            _replace_local(Path(location.path), data)
+            write_local_atomic(Path(location.path), data)
         else:  # one object upload: it appears whole or not at all
             fs, path = _one_request(location)
             with fs.open_output_stream(path) as fh:
@@ -199,28 +198,3 @@ def _one_request(location: Location) -> tuple[pafs.FileSystem, str]:
         return location.fs, location.path
     query = "&".join(filter(None, [parts.query, "allow_delayed_open=true"]))
     return pafs.FileSystem.from_uri(urlunsplit(parts._replace(query=query)))
-
-
-def _replace_local(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # as an ordinary new file, not mkstemp's 0600
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # the rename itself survives a crash (where the filesystem lets a folder be fsynced)
-        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(folder)
-    except OSError:  # e.g. EINVAL on some FUSE/CIFS mounts: the write itself is done
-        pass
-    finally:
-        os.close(folder)
