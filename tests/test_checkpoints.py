@@ -22,7 +22,7 @@ from trainables.checkpoints import (
     save_checkpoint,
     stored_checkpoints,
 )
-from trainables.ray_trainable import TrialStorage
+from trainables.trial_storage import TrialStorage
 
 
 def state(epoch: int) -> dict:
@@ -180,3 +180,16 @@ def test_fatal_marker_round_trip(tmp_path):
     storage.record_fatal("NonFiniteLossError: nan at epoch 3")
     assert storage.fatal() == {"error": "NonFiniteLossError: nan at epoch 3"}
     assert json.loads((tmp_path / "trial" / "normlab_fatal.json").read_text())["error"].startswith("NonFinite")
+    assert storage.fatal_reason() == "NonFiniteLossError: nan at epoch 3"
+    assert storage.clear_fatal() is True
+    assert storage.fatal() is None and storage.fatal_reason() is None
+    assert storage.clear_fatal() is False
+
+
+@pytest.mark.parametrize("text", ['{"error": "trunc', "{}", ""])
+def test_an_unreadable_or_reasonless_fatal_marker_is_no_reason(tmp_path, text):
+    storage = TrialStorage(pafs.LocalFileSystem(), str(tmp_path / "trial"))
+    (tmp_path / "trial").mkdir()
+    (tmp_path / "trial" / "normlab_fatal.json").write_text(text)
+    assert storage.fatal_reason() is None
+    assert storage.fatal() == ({} if text == "{}" else None)  # an empty marker refuses nothing either

@@ -1,58 +1,62 @@
 """The thin Ray Tune adapter around ``run_trial``.
 
-``train(config, resolve=..., tracker=...)`` is the function trainable: it turns Ray's
-config into a ``TrialConfig`` (``resolve`` merges the search's fixed keys), takes threads
-and device from the resources Ray gave the trial, restores from the newest *complete*
-checkpoint in the trial's storage, runs the trial and calls ``tune.report(metrics,
-checkpoint=...)`` after every epoch.
+``train(config, resolve=..., tracker=...)`` is the function trainable, shaped like Ray
+Tune's own examples: restore -> loop -> report. Its bookkeeping lives in named helpers:
+
+- ``_begin`` and ``_prepare``: the trial's record and storage from Ray's context (refused
+  at once when an earlier attempt failed for good), and its ``TrialConfig`` from Ray's
+  config (``resolve`` merges the search's fixed keys) and the resources Ray gave it
+  (threads and device);
+- ``_restore``: the newest *complete* checkpoint in the trial's storage, fallbacks noted
+  on the run, the run opened (or re-attached) and caught up with what the checkpoint holds;
+- ``_EpochReporter``: after every epoch, in this order: sync the run, save the
+  checkpoint, (last epoch) finish the run, ``tune.report(metrics, checkpoint=...)``,
+  then fsync and prune the checkpoints in storage;
+- ``_report_resumed_final``: a trial resumed from its last epoch's checkpoint only
+  records, and reports its result again.
 
 Exactly-once tracking. Every checkpoint carries a manifest with the trial's whole metric
 history (``trainables.checkpoints``); the tracker (any object with the ``TrialTracker``
 methods, e.g. orchestrator's MLflow tracker, injected so this module imports nothing
 from orchestrator) makes the trial's run match a ``TrialRecord``: it logs only the epochs
-the run does not hold yet. So whatever dies when, a restarted trial re-logs nothing it
-logged before and catches up on what it had not, and a tracking server that is down only
-delays metrics: they stay in the record and the checkpoint, and the next sync (the next
-epoch, the driver when the trial ends, ``normlab resume``) writes them.
+the run does not hold yet. Each epoch syncs the run *before* its checkpoint is saved, and
+the last epoch finishes the run *before* its report (a scheduler may end the trial inside
+``tune.report``). So whatever dies when, a restarted trial re-logs nothing it logged
+before and catches up on what it had not, and a tracking server that is down only delays
+metrics: they stay in the record and the checkpoint, and the next sync (the next epoch,
+the driver when the trial ends, ``normlab resume``) writes them. The fault-injection
+points of ``trainables.faults`` (``before_sync``, ``after_sync``, ``after_report``) sit
+between these steps.
 
 Restore ignores which checkpoint Ray remembers: a worker or driver killed between
 persisting a checkpoint and Ray's bookkeeping leaves a newer complete one in storage,
 and a truncated or corrupt newest one (its manifest does not match) falls back to the
-newest complete one, noted on the run.
+newest complete one, noted on the run (``trainables.trial_storage``).
 
 Failures are handled by kind (``trainables.failures``): a non-retryable one (NaN loss,
 bad configuration, foreign checkpoint, full storage) is recorded on the run and in a
-marker in the trial's storage, so a restart Ray attempts anyway fails at once with the
-same reason instead of training again. This module imports ray but nothing from
-orchestrator.
+fatal marker in the trial's storage (``TrialStorage.record_fatal``), so a restart Ray
+attempts anyway fails at once with the same reason instead of training again. A
+``SystemExit`` (``tune.report``'s way of ending a trial a scheduler stopped) passes
+through untouched. This module imports ray but nothing from orchestrator.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from pydantic import ValidationError
 from ray import tune
 
 from trainables import faults
-from trainables.checkpoints import (
-    CHECKPOINT_FILE,
-    MANIFEST_FILE,
-    CorruptCheckpointError,
-    delete_stored_checkpoint,
-    read_stored_checkpoint,
-    read_unmanifested_checkpoint,
-    save_checkpoint,
-    stored_checkpoints,
-    unmanifested_checkpoints,
-)
+from trainables.checkpoints import CHECKPOINT_FILE, save_checkpoint
 from trainables.config import TrialConfig, format_validation_error
 from trainables.environment import environment_tags
 from trainables.failures import (
@@ -66,9 +70,9 @@ from trainables.failures import (
 from trainables.metrics import EPOCH_METRICS
 from trainables.record import TrialRecord, TrialTracker
 from trainables.trial import run_trial
+from trainables.trial_storage import TrialStorage
 
 RUN_ID_KEY = "mlflow_run_id"
-FATAL_FILE = "normlab_fatal.json"
 log = logging.getLogger("normlab.trial")
 
 
@@ -132,100 +136,6 @@ def runtime_tags(values: dict[str, Any], gpus: float) -> dict[str, str]:
     }
 
 
-# ----------------------------------------------------------------- trial storage
-
-
-class TrialStorage:
-    """This trial's folder in the search's storage (any pyarrow filesystem)."""
-
-    def __init__(self, fs: Any, path: str) -> None:
-        self.fs, self.path = fs, path
-
-    def restore(self) -> tuple[dict[str, Any] | None, list[str]]:
-        """The newest complete checkpoint (None: start fresh), and a note per checkpoint skipped.
-
-        Checkpoints that fail their manifest's check are removed once skipped (so that pruning
-        never keeps them in place of good ones); a storage error other than a missing file
-        propagates (the trial is retried rather than started over). With no usable checkpoint
-        that has a manifest, the newest one without (an earlier normlab's) is tried."""
-        stored, notes = stored_checkpoints(self.fs, self.path)
-        for candidate in stored:
-            try:
-                state = read_stored_checkpoint(self.fs, candidate)
-            except CorruptCheckpointError as exc:
-                try:
-                    delete_stored_checkpoint(self.fs, candidate)
-                    notes.append(f"{exc} (removed)")
-                except OSError as removal:  # kept; restore skips it again next time
-                    notes.append(f"{exc} (could not be removed: {removal})")
-                continue
-            if notes:
-                notes.append(f"resumed from epoch {candidate.epoch} ({candidate.folder})")
-            return state, notes
-        for folder in unmanifested_checkpoints(self.fs, self.path):
-            try:
-                state = read_unmanifested_checkpoint(self.fs, folder)
-            except CorruptCheckpointError as exc:
-                notes.append(str(exc))
-                continue
-            notes.append(
-                f"resumed from epoch {state['epoch']} ({folder}, a checkpoint without a manifest: it loaded "
-                "and holds a model)"
-            )
-            return state, notes
-        if notes:
-            notes.append("no complete checkpoint left: started from scratch")
-        return None, notes
-
-    def prune(self, keep: int) -> None:
-        """Keep the newest ``keep`` complete checkpoints (by epoch); older ones lose their payload.
-        Best effort: the epoch is already persisted, so a storage error here is only a warning."""
-        try:
-            stored, _ = stored_checkpoints(self.fs, self.path)
-            for old in stored[keep:]:
-                delete_stored_checkpoint(self.fs, old)
-        except OSError as exc:
-            log.warning("could not prune old checkpoints in %s (%s); they are kept", self.path, exc)
-
-    def fsync(self) -> None:
-        """Flush persisted checkpoint files to disk when the storage is a local filesystem."""
-        from pyarrow import fs as pafs
-
-        if not isinstance(self.fs, pafs.LocalFileSystem):
-            return
-        try:
-            newest = stored_checkpoints(self.fs, self.path)[0][:1]
-        except OSError as exc:
-            log.warning("could not list checkpoints in %s to fsync them (%s)", self.path, exc)
-            return
-        for stored in newest:
-            for name in (CHECKPOINT_FILE, MANIFEST_FILE):
-                try:
-                    fd = os.open(f"{stored.folder}/{name}", os.O_RDONLY)
-                except OSError:
-                    continue
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-
-    def fatal(self) -> dict[str, Any] | None:
-        """The non-retryable failure recorded by an earlier attempt, if any."""
-        try:
-            with self.fs.open_input_stream(f"{self.path}/{FATAL_FILE}") as fh:
-                return json.loads(fh.read())
-        except (FileNotFoundError, OSError, ValueError):
-            return None
-
-    def record_fatal(self, reason: str) -> None:
-        try:
-            self.fs.create_dir(self.path)
-            with self.fs.open_output_stream(f"{self.path}/{FATAL_FILE}") as fh:
-                fh.write(json.dumps({"error": reason}).encode())
-        except OSError as exc:  # e.g. the storage is full: the run's tag still says why
-            log.warning("could not record the failure in %s: %s", self.path, exc)
-
-
 # ------------------------------------------------------------------- the trainable
 
 
@@ -239,96 +149,182 @@ def train(
 ) -> None:
     """Ray Tune function trainable: one trial, one report (and maybe a checkpoint) per epoch."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a line per checkpoint
-    context = tune.get_context()
-    resources = context.get_trial_resources().required_resources
-    storage_context = context.get_storage()
-    storage = TrialStorage(storage_context.storage_filesystem, storage_context.trial_fs_path)
-    record = TrialRecord(context.get_trial_id(), context.get_trial_name(), config={})
-    earlier = storage.fatal()
-    if earlier:  # Ray restarts every failure; this one would only fail again
-        raise NonRetryableError(f"{earlier['error']} (a non-retryable failure of an earlier attempt; not retried)")
+    attempt = _begin(tracker)
+    cfg, knobs = _prepare(attempt, config, resolve)
+    checkpoint = _restore(attempt)
+    reporter = _EpochReporter(attempt, cfg.epochs, knobs, every=checkpoint_every, keep=keep_checkpoints)
+    try:
+        run_trial(cfg, on_epoch=reporter.on_epoch, checkpoint=checkpoint)
+    except SystemExit:  # tune.report's way of ending a trial the scheduler stopped: the driver closes its run
+        raise
+    except BaseException as error:
+        attempt.fail(error)
+    if checkpoint is not None and int(checkpoint["epoch"]) >= cfg.epochs and attempt.record.history:
+        _report_resumed_final(attempt, checkpoint, knobs)  # there was nothing left to train
 
+
+@dataclass
+class _Attempt:
+    """This attempt at a trial (Ray restarts a failed trial as a new attempt): its record, its
+    storage, and who tracks it (None: nobody)."""
+
+    record: TrialRecord
+    storage: TrialStorage
+    tracker: TrialTracker | None
+
+    def sync(self) -> None:
+        """Bring the run up to date (opening or re-attaching it), trying for ``EPOCH_SYNC_S``."""
+        if self.tracker is not None:
+            self.tracker.sync(self.record, budget_s=EPOCH_SYNC_S)
+
+    def finish(self, checkpoint_file: Path | None) -> None:
+        """Bring the run up to date with the finished trial and close it, trying for ``FINAL_SYNC_S``."""
+        if self.tracker is not None:
+            self.tracker.sync(self.record, budget_s=FINAL_SYNC_S, checkpoint_file=checkpoint_file, finish=True)
+
+    def fail(self, error: BaseException) -> NoReturn:
+        """Record why the trial failed (run tag, and the fatal marker when retrying cannot help), then raise."""
+        retryable = is_retryable(error)
+        reason = describe(error)
+        if not retryable:
+            self.storage.record_fatal(reason)
+        if self.tracker is not None:
+            self.tracker.fail(self.record, reason, retryable=retryable, budget_s=EPOCH_SYNC_S)
+        raise error
+
+
+def _begin(tracker: TrialTracker | None) -> _Attempt:
+    """This attempt's record and storage, from Ray's context. It is refused at once when an earlier
+    attempt failed for good: Ray restarts every failure, and this one would only fail again."""
+    context = tune.get_context()
+    ray_storage = context.get_storage()
+    attempt = _Attempt(
+        TrialRecord(context.get_trial_id(), context.get_trial_name(), config={}),
+        TrialStorage(ray_storage.storage_filesystem, ray_storage.trial_fs_path),
+        tracker,
+    )
+    earlier = attempt.storage.fatal()
+    if earlier:
+        raise NonRetryableError(f"{earlier['error']} (a non-retryable failure of an earlier attempt; not retried)")
+    return attempt
+
+
+def _prepare(
+    attempt: _Attempt, config: dict[str, Any], resolve: Callable[[dict[str, Any]], dict[str, Any]] | None
+) -> tuple[TrialConfig, dict[str, Any]]:
+    """The trial's ``TrialConfig`` from Ray's ``config`` (``resolve`` merges the search's fixed keys)
+    and the resources Ray gave the trial, and its knobs; fills in the record's config, epochs and
+    tags. A configuration that cannot run fails the trial (``_validated``)."""
+    record = attempt.record
     values = resolve(config) if resolve else dict(config)
-    # the keys that vary, reported with every result: Tune's tables and ResultGrid.get_dataframe() show
-    # them as knobs/<key> (its own config/* columns hold Ray's unresolved config)
-    varying = getattr(resolve, "varying", None)
-    knobs = {k: v for k, v in (varying(config) if varying else config).items() if not k.startswith("_")}
+    knobs = _knobs(config, resolve)
     # keys starting with "_" are facts for the run (e.g. the earlier stage's run it starts from), not knobs
     facts = {f"normlab.{k[1:]}": str(values.pop(k)) for k in [k for k in values if k.startswith("_")]}
-    record.config = values
-    try:
-        values.update(runtime_settings(values, resources.get("CPU", 1), resources.get("GPU", 0)))
-        check_gpu_share(str(values.get("device")), resources.get("GPU", 0))
-    except RuntimeError as exc:
-        _fail(record, tracker, storage, exc)
-    try:
-        cfg = TrialConfig.model_validate(values)
-    except ValidationError as exc:
-        _fail(
-            record,
-            tracker,
-            storage,
-            TrialConfigError("invalid trial configuration: " + format_validation_error(exc).replace("\n", "; ")),
-        )
+    record.config = values  # what the run shows if they do not validate
+    resources = tune.get_context().get_trial_resources().required_resources
+    cfg = _validated(attempt, values, cpus=resources.get("CPU", 1), gpus=resources.get("GPU", 0))
     record.config, record.epochs = cfg.model_dump(mode="json"), cfg.epochs
     record.tags = {**runtime_tags(values, resources.get("GPU", 0)), **facts}
-    checkpoint, notes = storage.restore()
+    return cfg, knobs
+
+
+def _knobs(config: dict[str, Any], resolve: Callable[[dict[str, Any]], dict[str, Any]] | None) -> dict[str, Any]:
+    """The keys that vary, reported with every result: Tune's tables and ResultGrid.get_dataframe()
+    show them as knobs/<key> (its own config/* columns hold Ray's unresolved config)."""
+    varying = getattr(resolve, "varying", None)
+    return {k: v for k, v in (varying(config) if varying else config).items() if not k.startswith("_")}
+
+
+def _validated(attempt: _Attempt, values: dict[str, Any], *, cpus: float, gpus: float) -> TrialConfig:
+    """``values`` given threads and device from the resources Ray gave the trial (in place), then
+    validated; a GPU share this node cannot use, or a config that does not validate, fails the trial."""
+    try:
+        values.update(runtime_settings(values, cpus, gpus))
+        check_gpu_share(str(values.get("device")), gpus)
+    except RuntimeError as exc:
+        attempt.fail(exc)
+    try:
+        return TrialConfig.model_validate(values)
+    except ValidationError as exc:
+        attempt.fail(
+            TrialConfigError("invalid trial configuration: " + format_validation_error(exc).replace("\n", "; "))
+        )
+
+
+def _restore(attempt: _Attempt) -> dict[str, Any] | None:
+    """The newest complete checkpoint in the trial's storage (None: start fresh), with any fallback
+    noted on the run; the run opened (or re-attached) and caught up with what the checkpoint holds."""
+    record = attempt.record
+    checkpoint, notes = attempt.storage.restore()
     if notes:
         record.tags["normlab.checkpoint_fallback"] = "; ".join(notes)[:5000]
         log.warning("trial %s: %s", record.trial_name, "; ".join(notes))
     if checkpoint is not None:
         record.run_id = checkpoint.get(RUN_ID_KEY)
         record.history = list(checkpoint.get("history", []))
-    if tracker is not None:
-        tracker.sync(record, budget_s=EPOCH_SYNC_S)  # opens the run; catches up what the checkpoint holds
+    attempt.sync()  # opens the run; catches up what the checkpoint holds
     faults.training(record.trial_name, len(record.history) + 1)
+    return checkpoint
 
-    def on_epoch(epoch: int, metrics: dict[str, float], state: dict[str, Any]) -> None:
-        record.history = list(state["history"])
-        last = epoch == cfg.epochs
-        faults.maybe_kill("before_sync", record.trial_name, epoch)
-        if tracker is not None:  # before the checkpoint: a kill between the two re-logs nothing (see module doc)
-            tracker.sync(record, budget_s=EPOCH_SYNC_S)
-        save = last or epoch % checkpoint_every == 0
+
+class _EpochReporter:
+    """``run_trial``'s ``on_epoch`` for one attempt. After each epoch, in this order: sync the run,
+    save a checkpoint (every ``every`` epochs, and the last), finish the run (the last epoch), report
+    to Tune, then fsync the checkpoint and prune old ones to ``keep``. The order is what keeps
+    tracking exactly-once (module doc); the fault-injection points sit between the steps."""
+
+    def __init__(self, attempt: _Attempt, epochs: int, knobs: dict[str, Any], *, every: int, keep: int) -> None:
+        self.attempt, self.epochs, self.knobs, self.every, self.keep = attempt, epochs, knobs, every, keep
+
+    def on_epoch(self, epoch: int, metrics: dict[str, float], state: dict[str, Any]) -> None:
+        name, last = self.attempt.record.trial_name, epoch == self.epochs
+        save = last or epoch % self.every == 0
+        self.attempt.record.history = list(state["history"])
+        faults.maybe_kill("before_sync", name, epoch)
+        self.attempt.sync()  # before the checkpoint: a kill between the two re-logs nothing (see module doc)
         with tempfile.TemporaryDirectory(prefix="normlab-ckpt-") as folder:
-            file = None
-            if save:
-                state[RUN_ID_KEY] = record.run_id
-                file = _save(state, Path(folder) / CHECKPOINT_FILE, record, epoch)
-            if last and tracker is not None:
+            file = self._checkpoint(state, Path(folder), epoch) if save else None
+            if last:
                 # the run is complete before the last report: a scheduler may end the trial
                 # inside that report (ASHA does at max_t), and nothing after it would run
-                tracker.sync(record, budget_s=FINAL_SYNC_S, checkpoint_file=file, finish=True)
-            faults.maybe_kill("after_sync", record.trial_name, epoch)
-            try:
-                tune.report(_shown(metrics, knobs), checkpoint=tune.Checkpoint.from_directory(folder) if save else None)
-            except OSError as exc:
-                if is_disk_full(exc):
-                    raise StorageFullError(
-                        f"no space left on the storage path while saving the epoch {epoch} checkpoint "
-                        f"({exc}); free space, then `normlab resume`"
-                    ) from exc
-                raise
+                self.attempt.finish(file)
+            faults.maybe_kill("after_sync", name, epoch)
+            _report(_shown(metrics, self.knobs), folder if save else None, epoch)
         if save:
-            storage.fsync()
-            faults.maybe_kill("after_report", record.trial_name, epoch)
-            storage.prune(keep_checkpoints)
-        faults.training(record.trial_name, epoch + 1)
+            self.attempt.storage.fsync()
+            faults.maybe_kill("after_report", name, epoch)
+            self.attempt.storage.prune(self.keep)
+        faults.training(name, epoch + 1)
 
+    def _checkpoint(self, state: dict[str, Any], folder: Path, epoch: int) -> Path:
+        """Save ``state`` in ``folder``, with the run's id (a restart re-attaches to the run)."""
+        state[RUN_ID_KEY] = self.attempt.record.run_id
+        return _save(state, folder / CHECKPOINT_FILE, self.attempt.record, epoch)
+
+
+def _report(metrics: dict[str, Any], checkpoint_folder: str | None, epoch: int) -> None:
+    """``tune.report`` with the checkpoint in ``checkpoint_folder`` (None: no checkpoint); a full
+    storage path fails the trial for good (``StorageFullError``)."""
     try:
-        run_trial(cfg, on_epoch=on_epoch, checkpoint=checkpoint)
-    except SystemExit:  # tune.report's way of ending a trial the scheduler stopped: the driver closes its run
+        checkpoint = tune.Checkpoint.from_directory(checkpoint_folder) if checkpoint_folder else None
+        tune.report(metrics, checkpoint=checkpoint)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise StorageFullError(
+                f"no space left on the storage path while saving the epoch {epoch} checkpoint "
+                f"({exc}); free space, then `normlab resume`"
+            ) from exc
         raise
-    except BaseException as error:
-        _fail(record, tracker, storage, error)
-    if checkpoint is not None and int(checkpoint["epoch"]) >= cfg.epochs and record.history:
-        # resumed from the last epoch's checkpoint (its report was lost with the process that
-        # made it): nothing left to train, only to record, and to tell Tune the trial's result
-        if tracker is not None:
-            with tempfile.TemporaryDirectory(prefix="normlab-ckpt-") as folder:
-                file = _save(checkpoint, Path(folder) / CHECKPOINT_FILE, record, int(checkpoint["epoch"]))
-                tracker.sync(record, budget_s=FINAL_SYNC_S, checkpoint_file=file, finish=True)
-        tune.report(_shown(record.history[-1], knobs))
+
+
+def _report_resumed_final(attempt: _Attempt, checkpoint: dict[str, Any], knobs: dict[str, Any]) -> None:
+    """Resumed from the last epoch's checkpoint (its report was lost with the process that made
+    it): nothing left to train, only to record, and to tell Tune the trial's result."""
+    if attempt.tracker is not None:
+        with tempfile.TemporaryDirectory(prefix="normlab-ckpt-") as folder:
+            file = _save(checkpoint, Path(folder) / CHECKPOINT_FILE, attempt.record, int(checkpoint["epoch"]))
+            attempt.finish(file)
+    tune.report(_shown(attempt.record.history[-1], knobs))
 
 
 def _shown(metrics: dict[str, Any], knobs: dict[str, Any]) -> dict[str, Any]:
@@ -338,6 +334,7 @@ def _shown(metrics: dict[str, Any], knobs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _save(state: dict[str, Any], path: Path, record: TrialRecord, epoch: int) -> Path:
+    """Save a checkpoint with the record in its manifest; a full temporary folder fails the trial for good."""
     try:
         return save_checkpoint(state, path, extra=record.manifest_extra())
     except OSError as exc:
@@ -346,14 +343,3 @@ def _save(state: dict[str, Any], path: Path, record: TrialRecord, epoch: int) ->
                 f"no space left on this node's temporary folder while saving the epoch {epoch} checkpoint ({exc})"
             ) from exc
         raise
-
-
-def _fail(record: TrialRecord, tracker: TrialTracker | None, storage: TrialStorage, error: BaseException) -> None:
-    """Record why the trial failed (run tag, and a marker when retrying cannot help), then raise."""
-    retryable = is_retryable(error)
-    reason = describe(error)
-    if not retryable:
-        storage.record_fatal(reason)
-    if tracker is not None:
-        tracker.fail(record, reason, retryable=retryable, budget_s=EPOCH_SYNC_S)
-    raise error

@@ -12,8 +12,8 @@ and then syncs every trial not yet synced by this driver (a resumed search's ear
 trials). Nothing here raises: at worst it warns, and ``normlab resume`` syncs again.
 
 It also enforces non-retryable failures: when a failed trial left a fatal marker in its
-storage, its remaining retries are cancelled (the one restart Ray has already queued
-fails at once, see ``trainables.ray_trainable``).
+storage (``trainables.trial_storage``), its remaining retries are cancelled (the one
+restart Ray has already queued fails at once, see ``trainables.ray_trainable``).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from ray import tune
 
 from orchestrator.tracking.trial_runs import MlflowTrialTracker
 from trainables.checkpoints import CorruptCheckpointError, read_stored_checkpoint, save_checkpoint, stored_checkpoints
-from trainables.ray_trainable import FATAL_FILE
 from trainables.record import TrialRecord
+from trainables.trial_storage import TrialStorage
 
 log = logging.getLogger("normlab.tracking")
 DRAIN_S = float(os.environ.get("NORMLAB_TRACKING_DRAIN_S", 600))
@@ -53,13 +53,7 @@ def trial_record(trial: Any) -> tuple[TrialRecord, Any, Any]:
 
 def fatal_reason(trial: Any) -> str | None:
     """The non-retryable failure a trial recorded in its storage, if any."""
-    import json
-
-    try:
-        with trial.storage.storage_filesystem.open_input_stream(f"{trial.storage.trial_fs_path}/{FATAL_FILE}") as fh:
-            return json.loads(fh.read())["error"]
-    except (OSError, ValueError, KeyError):
-        return None
+    return TrialStorage(trial.storage.storage_filesystem, trial.storage.trial_fs_path).fatal_reason()
 
 
 def tune_error(trial: Any, default: str = "the trial failed (no error recorded)") -> str:

@@ -412,13 +412,11 @@ def clear_fatal_markers(folder: Location) -> list[str]:
     folder names) that had one."""
     from pyarrow import fs as pafs
 
-    from trainables.ray_trainable import FATAL_FILE
+    from trainables.trial_storage import TrialStorage
 
     fs, root = folder.fs, folder.path
     cleared = []
     for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
-        marker = f"{info.path}/{FATAL_FILE}"
-        if info.type == pafs.FileType.Directory and fs.get_file_info(marker).type == pafs.FileType.File:
-            fs.delete_file(marker)
+        if info.type == pafs.FileType.Directory and TrialStorage(fs, info.path).clear_fatal():
             cleared.append(info.base_name.split("_")[2] if info.base_name.count("_") >= 2 else info.base_name)
     return cleared
