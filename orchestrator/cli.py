@@ -11,8 +11,10 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 from pydantic import ValidationError
@@ -120,6 +122,34 @@ def _check_writable_folder(folder: Path, what: str) -> None:
         raise UsageFailure(f"{what}: cannot write in the folder {folder} ({reason})") from exc
 
 
+# ------------------------------------------------------------------ what several commands take
+# Each option is written once, with its default; a command's text says what the option means
+# there, and ``{default}`` in it stands for the default.
+
+F = TypeVar("F", bound=Callable[..., Any])
+DEFAULT_TRACKING = "$MLFLOW_TRACKING_URI, else normlab_runs/mlflow.db"  # orchestrator.tracking.search_run
+DEFAULT_STORAGE = "normlab_runs/ray_results"  # orchestrator.state.storage.DEFAULT_ROOT
+LOCAL_RAY = "a local Ray on 127.0.0.1"  # orchestrator.running.rayenv, _prepare_ray
+
+overrides_argument = click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+num_cpus_option = click.option("--num-cpus", type=click.IntRange(min=1), help="CPUs of the local Ray (default: all).")
+
+
+def tracking_uri_option(text: str) -> Callable[[F], F]:
+    """``--tracking-uri``: the MLflow store (``orchestrator.tracking.search_run.resolve_tracking``)."""
+    return click.option("--tracking-uri", help=text.format(default=DEFAULT_TRACKING))
+
+
+def storage_path_option(text: str) -> Callable[[F], F]:
+    """``--storage-path``: where searches are stored, a folder or an s3:// URI."""
+    return click.option("--storage-path", help=text.format(default=DEFAULT_STORAGE))
+
+
+def address_option(text: str) -> Callable[[F], F]:
+    """``--address``: the Ray cluster to join (``_prepare_ray``)."""
+    return click.option("--address", help=text.format(default=LOCAL_RAY))
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="normlab")
 def main() -> None:
@@ -130,7 +160,7 @@ def main() -> None:
 
 
 @main.command(cls=KnobsCommand)
-@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+@overrides_argument
 @click.option(
     "--config",
     "config_file",
@@ -234,9 +264,63 @@ def _prepare_ray(address: str | None) -> None:
         raise UsageFailure(str(exc)) from exc
 
 
+def _reachable_tracking(tracking_uri: str | None, timeout: float | None = None) -> Any:
+    """The tracking target of ``--tracking-uri`` (or its default), checked before any work starts
+    (within ``timeout`` seconds; default: ``check_reachable``'s)."""
+    from orchestrator.tracking.search_run import TrackingUnreachable, check_reachable, resolve_tracking
+
+    target = resolve_tracking(tracking_uri)
+    try:
+        if timeout is None:
+            check_reachable(target)
+        else:
+            check_reachable(target, timeout=timeout)
+    except TrackingUnreachable as exc:
+        raise UsageFailure(str(exc)) from exc
+    return target
+
+
+@contextmanager
+def _search_errors(*also_usage: type[Exception]) -> Iterator[None]:
+    """Running or resuming a search (after ``_prepare_ray``): its storage or a stage's inputs
+    failing is a TrialFailure (exit 1); storage, tracking or a sampler that cannot be used or
+    saved, and ``also_usage``, are a UsageFailure (exit 2)."""
+    from orchestrator.running.driver import SearchStorageError
+    from orchestrator.running.stage_inputs import StageError
+    from orchestrator.state.storage import StorageError
+    from orchestrator.studies.study import SearcherStateError
+    from orchestrator.tracking.search_run import TrackingUnreachable
+
+    try:
+        yield
+    except (SearchStorageError, StageError) as exc:
+        raise TrialFailure(str(exc)) from exc
+    except (StorageError, TrackingUnreachable, SearcherStateError, *also_usage) as exc:
+        raise UsageFailure(str(exc)) from exc
+
+
+def _print_outcome(outcome: Any, *, resumed: bool) -> None:
+    """A finished search (submit, resume): its results table and MLflow UI link; with failed
+    trials, how many and (after submit) the command that continues them, then exit code 1."""
+    import shlex
+
+    out.print(outcome.table)
+    console.print(f"MLflow UI: {outcome.ui_url}", soft_wrap=True, markup=False)
+    if not outcome.failed:
+        return
+    if resumed:
+        console.print(f"[red]{outcome.failed} trial(s) failed again[/]; see the errors above.")
+    else:
+        console.print(
+            f"[red]{outcome.failed} trial(s) failed[/]; see the errors above, then "
+            f"`normlab resume {escape(shlex.quote(outcome.experiment_path))}` to continue them."
+        )
+    raise SystemExit(1)
+
+
 @main.command()
 @click.argument("space")
-@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+@overrides_argument
 def validate(space: str, overrides: tuple[str, ...]) -> None:
     """Check a search space (a built-in name or a YAML file) without running anything.
 
@@ -256,20 +340,13 @@ def validate(space: str, overrides: tuple[str, ...]) -> None:
 
 @main.command()
 @click.argument("space")
-@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
-@click.option(
-    "--address",
-    help="Ray cluster to run on (host:port of a head, or ray://host:10001). Default: a local Ray on 127.0.0.1.",
+@overrides_argument
+@address_option("Ray cluster to run on (host:port of a head, or ray://host:10001). Default: {default}.")
+@tracking_uri_option("MLflow tracking URI every node can reach. Default: {default}.")
+@storage_path_option(
+    "Ray Tune results and checkpoints: a shared folder or s3:// for several nodes. Default: {default}."
 )
-@click.option(
-    "--tracking-uri",
-    help="MLflow tracking URI every node can reach. Default: $MLFLOW_TRACKING_URI, else normlab_runs/mlflow.db.",
-)
-@click.option(
-    "--storage-path",
-    help="Ray Tune results and checkpoints: a shared folder or s3:// for several nodes. Default: normlab_runs/ray_results.",
-)
-@click.option("--num-cpus", type=click.IntRange(min=1), help="CPUs of the local Ray (default: all).")
+@num_cpus_option
 def submit(
     space: str,
     overrides: tuple[str, ...],
@@ -289,40 +366,19 @@ def submit(
     """
     spec, path = _load_space(space, overrides)
     _prepare_ray(address)
-    import shlex
+    from orchestrator.running.driver import run_search
 
-    from orchestrator.running.driver import SearchStorageError, run_search
-    from orchestrator.running.stage_inputs import StageError
-    from orchestrator.state.storage import StorageError
-    from orchestrator.studies.study import SearcherStateError
-    from orchestrator.tracking.search_run import TrackingUnreachable, check_reachable, resolve_tracking
-
-    target = resolve_tracking(tracking_uri)
-    try:
-        check_reachable(target)
-    except TrackingUnreachable as exc:
-        raise UsageFailure(str(exc)) from exc
+    target = _reachable_tracking(tracking_uri)
     if address and target.is_local_file_store:
         console.print(
             f"[yellow]warning:[/] tracking store {target.uri} is a local file: trials on other nodes "
             "cannot write to it; pass --tracking-uri http://... of an MLflow server"
         )
-    try:
+    with _search_errors():
         outcome = run_search(
             spec, path, target, address=address, storage_path=storage_path, num_cpus=num_cpus, console=console
         )
-    except (SearchStorageError, StageError) as exc:
-        raise TrialFailure(str(exc)) from exc
-    except (StorageError, TrackingUnreachable, SearcherStateError) as exc:  # a sampler that cannot be saved
-        raise UsageFailure(str(exc)) from exc
-    out.print(outcome.table)
-    console.print(f"MLflow UI: {outcome.ui_url}", soft_wrap=True, markup=False)
-    if outcome.failed:
-        console.print(
-            f"[red]{outcome.failed} trial(s) failed[/]; see the errors above, then "
-            f"`normlab resume {escape(shlex.quote(outcome.experiment_path))}` to continue them."
-        )
-        raise SystemExit(1)
+    _print_outcome(outcome, resumed=False)
 
 
 def _check_resume_arguments(search: str, storage_path: str | None) -> None:
@@ -352,12 +408,9 @@ def _check_resume_arguments(search: str, storage_path: str | None) -> None:
 
 @main.command()
 @click.argument("search")
-@click.option("--address", help="Ray cluster to resume on (default: a local Ray on 127.0.0.1).")
-@click.option(
-    "--storage-path",
-    help="Where the search was stored, when SEARCH is a name (default: normlab_runs/ray_results; s3://... too).",
-)
-@click.option("--num-cpus", type=click.IntRange(min=1), help="CPUs of the local Ray (default: all).")
+@address_option("Ray cluster to resume on (default: {default}).")
+@storage_path_option("Where the search was stored, when SEARCH is a name (default: {default}; s3://... too).")
+@num_cpus_option
 def resume(search: str, address: str | None, storage_path: str | None, num_cpus: int | None) -> None:
     """Continue a search that was interrupted or had failed trials.
 
@@ -367,30 +420,18 @@ def resume(search: str, address: str | None, storage_path: str | None, num_cpus:
     """
     _check_resume_arguments(search, storage_path)
     _prepare_ray(address)
-    from orchestrator.running.driver import SearchStorageError, resume_search
-    from orchestrator.running.stage_inputs import StageError
+    from orchestrator.running.driver import resume_search
     from orchestrator.state.records import find_experiment
-    from orchestrator.state.storage import StorageError
-    from orchestrator.studies.study import SearcherStateError
-    from orchestrator.tracking.search_run import TrackingUnreachable
 
-    try:
+    with _search_errors(LookupError, ConnectionError):  # no such search; an unreachable cluster
         folder = find_experiment(search, storage_path)
         outcome = resume_search(folder, address=address, num_cpus=num_cpus, console=console)
-    except (LookupError, TrackingUnreachable, ConnectionError, StorageError, SearcherStateError) as exc:
-        raise UsageFailure(str(exc)) from exc
-    except (SearchStorageError, StageError) as exc:
-        raise TrialFailure(str(exc)) from exc
-    out.print(outcome.table)
-    console.print(f"MLflow UI: {outcome.ui_url}", soft_wrap=True, markup=False)
-    if outcome.failed:
-        console.print(f"[red]{outcome.failed} trial(s) failed again[/]; see the errors above.")
-        raise SystemExit(1)
+    _print_outcome(outcome, resumed=True)
 
 
 @main.command()
 @click.argument("name", required=False)
-@click.option("--storage-path", help="Where searches were stored (default: normlab_runs/ray_results).")
+@storage_path_option("Where searches were stored (default: {default}).")
 def status(name: str | None, storage_path: str | None) -> None:
     """Searches in the storage path: each trial's state, epochs done, last metrics."""
     from orchestrator.running.status import search_status
@@ -406,9 +447,7 @@ def status(name: str | None, storage_path: str | None) -> None:
 
 @main.command()
 @click.argument("name")
-@click.option(
-    "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else normlab_runs/mlflow.db)."
-)
+@tracking_uri_option("MLflow tracking URI (default: {default}).")
 @click.option("--run-id", help="Parent run of the search (default: its latest run).")
 @click.option(
     "--compare",
@@ -447,11 +486,10 @@ def report(
 ) -> None:
     """The results of search NAME from MLflow: one row per trial, or (--compare) the papers' table."""
     from orchestrator.reports.results import render, search_results, tradeoff_figure
-    from orchestrator.tracking.search_run import TrackingUnreachable, check_reachable, resolve_tracking
+    from orchestrator.tracking.search_run import TrackingUnreachable
 
-    target = resolve_tracking(tracking_uri)
+    target = _reachable_tracking(tracking_uri, timeout=5)
     try:
-        check_reachable(target, timeout=5)
         frame = search_results(target, name, run_id)
     except (LookupError, TrackingUnreachable) as exc:
         raise UsageFailure(str(exc)) from exc
@@ -495,9 +533,7 @@ def _compare_report(frame: Any, target: Any, keys: list[str], fmt: str, out_dir:
 
 
 @main.command()
-@click.option(
-    "--tracking-uri", help="MLflow store to show (default: $MLFLOW_TRACKING_URI, else normlab_runs/mlflow.db)."
-)
+@tracking_uri_option("MLflow store to show (default: {default}).")
 @click.option(
     "--host", default="127.0.0.1", show_default=True, help="Address to bind; 0.0.0.0 exposes the UI to the network."
 )

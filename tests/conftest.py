@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -35,6 +36,31 @@ def run_normlab(*args: str, cwd: Path, timeout: float = 600, **env: str) -> subp
         timeout=timeout,
         env=normlab_env(**env),
     )
+
+
+_MARKDOWN_CELL_SEP = re.compile(r"(?<!\\)\|")  # a `|` that is not escaped
+_MARKDOWN_ALIGN = re.compile(r"(:?)-+(:?)")
+
+
+def markdown_table(text: str) -> tuple[list[str], list[str], list[list[str]]]:
+    """A markdown (pipe) table: its header cells, each column's alignment (``left``, ``right``,
+    ``center`` or ``""``) and its rows of cells, stripped of padding. Fails unless every line is
+    ``| ... |`` with the header's number of cells and the second line is the alignment row."""
+    lines = text.rstrip("\n").split("\n")
+    assert len(lines) >= 2, f"not a markdown table: {text!r}"
+    cells = []
+    for line in lines:
+        assert line.startswith("|") and line.endswith("|") and not line.endswith("\\|"), f"not a table row: {line!r}"
+        cells.append([c.strip() for c in _MARKDOWN_CELL_SEP.split(line[1:-1])])
+    header, separator, rows = cells[0], cells[1], cells[2:]
+    assert all(len(row) == len(header) for row in [separator, *rows]), f"ragged table: {text!r}"
+    aligns = []
+    for segment in separator:
+        match = _MARKDOWN_ALIGN.fullmatch(segment)
+        assert match, f"not an alignment row: {lines[1]!r}"
+        left, right = bool(match.group(1)), bool(match.group(2))
+        aligns.append({(True, False): "left", (False, True): "right", (True, True): "center"}.get((left, right), ""))
+    return header, aligns, rows
 
 
 def free_port() -> int:

@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 from click.testing import CliRunner
-from conftest import run_normlab
+from conftest import markdown_table, run_normlab
 from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import main
@@ -75,10 +75,17 @@ def test_the_comparison_holds_the_runs_numbers(search):
             assert float(row[f"{metric}_std"]) == pytest.approx(statistics.stdev(values), abs=1e-6), metric
 
     markdown = report(workdir, "--compare", "norm", "--format", "markdown", "--no-log", "--out", str(workdir / "out"))
-    header = markdown.splitlines()[0]
-    assert header.startswith("| norm | n | clean | fgsm 0.05 | fgsm 0.1 | pgd 0.05 | pgd 0.1 | clean (batch) |")
-    assert header.endswith("| pgd 0.1 (batch) | shift mean | shift var |")
-    assert " ± " in markdown.splitlines()[2]
+    header, aligns, body = markdown_table(markdown)
+    assert header[:8] == ["norm", "n", "clean", "fgsm 0.05", "fgsm 0.1", "pgd 0.05", "pgd 0.1", "clean (batch)"]
+    assert header[-3:] == ["pgd 0.1 (batch)", "shift mean", "shift var"]
+    assert aligns == ["left"] + ["right"] * (len(header) - 1)  # the group key left, n and the metrics right
+    assert [r[:2] for r in body] == [["batchnorm", "2"], ["robustnorm", "2"]]
+    assert " ± " in body[0][2]
+    for row in body:  # the CSV's numbers, as mean ± std to four decimals
+        expected = next(r for r in rows if r["norm"] == row[0])
+        mean, std = (float(v) for v in row[2].split(" ± "))
+        assert mean == pytest.approx(float(expected["final_clean_acc_mean"]), abs=1e-4)
+        assert std == pytest.approx(float(expected["final_clean_acc_std"]), abs=1e-4)
     table = report(workdir, "--compare", "norm", "--no-log", "--out", str(workdir / "out"))
     assert "mean ± std over seeds" in table and "robustnorm" in table
 

@@ -10,7 +10,7 @@ import pytest
 import ray
 import torch
 from click.testing import CliRunner
-from conftest import run_normlab
+from conftest import markdown_table, run_normlab
 from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import main
@@ -225,7 +225,11 @@ def test_report_formats_and_plot(search):
     finished = [r for r in records if r["status"] == "FINISHED"]
     assert len(finished) == 2 and all(0 <= r["final_adv_acc"] <= 1 for r in finished)
     md = report("smoke", "--format", "markdown", workdir=workdir)[1]
-    assert md.splitlines()[0].startswith("| trial | status | norm |") and md.splitlines()[1].startswith("|---|")
+    header, aligns, rows = markdown_table(md)
+    assert header[:3] == ["trial", "status", "norm"] and len(rows) == 4
+    assert aligns[header.index("final_adv_acc")] == "right" and aligns[header.index("norm")] == "left"
+    finished = [r for r in rows if r[1] == "FINISHED"]
+    assert len(finished) == 2 and all(len(r[header.index("final_adv_acc")].split(".")[1]) == 4 for r in finished)
     plot = workdir / "plots" / "tradeoff.png"
     code, _, _ = report("smoke", "--plot", str(plot), workdir=workdir)
     assert code == 0 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 5000

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import free_port, markdown_table
 from mlflow.tracking import MlflowClient
 
 from orchestrator.tracking.search_run import resolve_tracking, start_search_run
@@ -96,11 +96,12 @@ def test_the_parent_run_carries_the_best_trial_counts_and_a_table(search, tmp_pa
     assert "4 trials: 2 finished, 1 failed, 1 killed" in tags["mlflow.note.content"]
 
     folder = Path(client.download_artifacts(tracker.parent_run_id, "summary", str(tmp_path / "dl")))
-    md = (folder / "trials.md").read_text().splitlines()
-    assert md[0] == "| trial | status | norm | regime | norm_power | final_clean_acc | final_adv_acc |"
+    header, aligns, rows = markdown_table((folder / "trials.md").read_text())
+    assert header == ["trial", "status", "norm", "regime", "norm_power", "final_clean_acc", "final_adv_acc"]
+    assert aligns == ["left"] * 5 + ["right"] * 2  # the accuracies right-aligned
     assert (
-        len(md) == 2 + 4
-        and "| robustnorm pgd_at p=0.5 | FINISHED | robustnorm | pgd_at | 0.5 | 0.9000 | 0.5500 |" in md
+        len(rows) == 4
+        and ["robustnorm pgd_at p=0.5", "FINISHED", "robustnorm", "pgd_at", "0.5", "0.9000", "0.5500"] in rows
     )
     csv = (folder / "trials.csv").read_text().splitlines()
     assert (
@@ -142,6 +143,21 @@ def test_a_failed_trial_is_best_only_when_no_other_trial_logged_the_metric():
     alone = summarise([failed, TrialRun("c", "3", "FAILED")], metric="adv_acc", mode="max")
     assert alone.best.name == "a" and describe(alone) == "best trial: a (adv_acc 0.9; failed) by adv_acc (max)"
     assert "(adv_acc 0.9000; no final metrics; failed)" in alone.note
+
+
+def test_the_trials_table_escapes_pipes_and_keeps_values_as_logged():
+    trials = [
+        TrialRun("a|b", "1", "FINISHED", params={"norm": "batchnorm", "lr": "0.10"}, metrics={"final_adv_acc": 0.5}),
+        TrialRun("c", "2", "FAILED", params={"norm": "x|y", "lr": "1e-3"}),
+    ]
+    text = summarise(trials, metric="adv_acc", mode="max").files["summary/trials.md"]
+    header, _, rows = markdown_table(text)
+    assert header == ["trial", "status", "norm", "regime", "lr", "final_clean_acc", "final_adv_acc"]
+    assert rows == [
+        ["a\\|b", "FINISHED", "batchnorm", "", "0.10", "", "0.5000"],
+        ["c", "FAILED", "x\\|y", "", "1e-3", "", ""],
+    ]
+    assert text.endswith("|\n")
 
 
 def test_another_report_file_is_one_more_function():

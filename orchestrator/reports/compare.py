@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
+from orchestrator.tracking.tables import markdown_table
 from trainables.diagnostics import SHIFT_AVERAGES
 from trainables.metrics import BATCHSTATS, adv_metric
 
@@ -124,9 +125,12 @@ def comparison_table(comp: pd.DataFrame) -> Table:
 
 
 def comparison_markdown(comp: pd.DataFrame) -> str:
+    """The comparison table in markdown: the group keys left-aligned, ``n`` and the metrics right."""
+    import pandas as pd
+
     header, body = _grid(comp)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
+    keys = len(comp.attrs["keys"])
+    return markdown_table(pd.DataFrame(body, columns=header), right=header[keys:])
 
 
 def comparison_csv(comp: pd.DataFrame) -> str:

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from orchestrator.tracking.client import client as mlflow_client
 from orchestrator.tracking.retry import TrackingError, retrying
 
 log = logging.getLogger("normlab.report")
@@ -15,9 +16,7 @@ log = logging.getLogger("normlab.report")
 
 def log_report(target: Any, parent_run_id: str, files: dict[str, Path], budget_s: float = 60.0) -> bool:
     """Log report files to the parent run under ``report/``; False (and a warning) if MLflow refused."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=target.uri)
+    client = mlflow_client(target.uri)
     try:
         for path in files.values():
             retrying(

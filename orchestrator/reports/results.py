@@ -9,7 +9,9 @@ from typing import TYPE_CHECKING, Any
 from rich.table import Table
 
 from orchestrator.display.views import final_table, robustness_figure  # noqa: F401  (re-exported: one trial's views)
+from orchestrator.tracking.client import client as mlflow_client
 from orchestrator.tracking.search_run import PARENT_TAG, TAG_SEARCH
+from orchestrator.tracking.tables import markdown_table
 from trainables.diagnostics import SHIFT_AVERAGES
 
 if TYPE_CHECKING:
@@ -55,9 +57,8 @@ def search_results(target: TrackingTarget, name: str, run_id: str | None = None)
     """One row per trial of search ``name`` (its latest run, or ``run_id``): the keys that
     vary between trials, status, and the final clean and adversarial accuracies."""
     import pandas as pd
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=target.uri)
+    client = mlflow_client(target.uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         known = ", ".join(sorted(e.name for e in client.search_experiments() if e.name != "Default")) or "none"
@@ -110,12 +111,12 @@ def search_results(target: TrackingTarget, name: str, run_id: str | None = None)
 
 
 def _markdown(frame: pd.DataFrame) -> str:
-    def cell(v: Any) -> str:
-        return f"{v:.4f}" if isinstance(v, float) else str(v)
+    """Floats to four decimals, right-aligned; everything else as ``str`` writes it, left-aligned."""
+    import pandas as pd
 
-    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join(lines)
+    floats = [c for c in frame.columns if pd.api.types.is_float_dtype(frame[c])]
+    cells = frame.map(lambda v: f"{v:.4f}" if isinstance(v, float) else str(v))
+    return markdown_table(cells, right=floats)
 
 
 def render(frame: pd.DataFrame, fmt: str) -> Any:

@@ -4,6 +4,7 @@
 trial's child run exactly in step with its record (``MlflowTrialTracker``, picklable, used
 on every node); ``retry`` survives tracking-server outages and scrubs credentials;
 ``run_names`` names runs by what varies; ``summary`` writes a search's summary onto its
-parent run; ``links`` builds links into MLflow's UI.
+parent run; ``links`` builds links into MLflow's UI; ``client`` builds every MLflow client
+(the reports' too).
 May import: ``searchfile``, ``display``, trainables.
 """

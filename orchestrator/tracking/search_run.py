@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.credentials.uris import mask_uri, scrub, strip_credentials
+from orchestrator.tracking.client import client
 from orchestrator.tracking.links import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
 from orchestrator.tracking.retry import TrackingError, retrying
 from orchestrator.tracking.trial_runs import (
@@ -31,7 +32,6 @@ from orchestrator.tracking.trial_runs import (
     TAG_SEARCH,
     TAG_SEARCH_RUN,
     MlflowTrialTracker,
-    client,
 )
 from trainables.environment import environment_tags
 

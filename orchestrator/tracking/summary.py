@@ -34,10 +34,12 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from orchestrator.tracking.client import client
 from orchestrator.tracking.links import run_route, ui_base, ui_url
 from orchestrator.tracking.retry import TrackingError, retrying
 from orchestrator.tracking.run_names import ALWAYS, format_value
-from orchestrator.tracking.trial_runs import PARENT_TAG, MlflowTrialTracker, client
+from orchestrator.tracking.tables import markdown_table
+from orchestrator.tracking.trial_runs import PARENT_TAG, MlflowTrialTracker
 from trainables.metrics import is_final_metric
 
 log = logging.getLogger("normlab.tracking")
@@ -82,11 +84,11 @@ def _cells(trial: TrialRun, keys: list[str]) -> list[str]:
 
 
 def trials_markdown(trials: list[TrialRun], keys: list[str]) -> str:
-    """A markdown table: one row per trial."""
-    columns = _columns(keys)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in _cells(t, keys)) + " |" for t in trials]
-    return "\n".join(lines) + "\n"
+    """A markdown table: one row per trial (the accuracies right-aligned)."""
+    import pandas as pd
+
+    frame = pd.DataFrame([_cells(t, keys) for t in trials], columns=_columns(keys))
+    return markdown_table(frame, right=RESULT_METRICS) + "\n"
 
 
 def trials_csv(trials: list[TrialRun], keys: list[str]) -> str:

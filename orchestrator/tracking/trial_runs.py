@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.credentials.uris import mask_uri
+from orchestrator.tracking.client import client
 from orchestrator.tracking.retry import TrackingError, TrackingUnavailable, retrying
 from orchestrator.tracking.run_names import numbered, run_name
 from trainables.record import TrialRecord
@@ -55,12 +56,6 @@ def _known() -> dict[str, Any]:
     if not hasattr(_state, "attached"):
         _state.attached, _state.steps = set(), {}
     return {"attached": _state.attached, "steps": _state.steps}
-
-
-def client(uri: str) -> Any:
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
 
 
 def trial_params(config: dict[str, Any]) -> dict[str, str]:
