@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -248,6 +249,9 @@ def test_a_killed_multi_objective_search_resumes_into_the_same_study(tmp_path):
     points = [tuple(t.values) for t in complete]
     front = {complete[i].number for i in pareto_front(points, ["max", "max"])}
     assert front == {t.number for t in study.best_trials}  # normlab's Pareto front is Optuna's
+    # ... and the one resume printed at the end of the search
+    printed = resumed.stderr[resumed.stderr.index("Pareto front of study") :]
+    assert {int(n) for n in re.findall(r"^  trial (\d+): clean_acc", printed, re.M)} == front
     # the report draws the front and the study's parameter importances, and logs them to the parent run
     from click.testing import CliRunner
 

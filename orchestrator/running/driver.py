@@ -127,6 +127,22 @@ def _study(record: SearchRecord, view: StageView) -> StudyRef | None:
     return StudyRef(record.study_storage, f"{record.study_name}-{view.name}" if view.name else record.study_name)
 
 
+def _print_front(study: StudyRef | None, view: StageView, console: Console) -> None:
+    """After a stage with several objectives: its study's Pareto front (a warning if unreachable)."""
+    search = view.space.search
+    if study is None or not search.multi_objective:
+        return
+    from orchestrator.studies.study import front_lines
+
+    try:
+        lines = front_lines(study.storage, study.name, search.metrics, search.modes)
+    except Exception as exc:  # the study is a view of the results: never fail a finished stage over it
+        console.print(f"[yellow]warning:[/] cannot read the Pareto front of study {study.name}: {escape(str(exc))}")
+        return
+    for line in lines:
+        console.print(escape(line), soft_wrap=True)
+
+
 def _record_retried(study: StudyRef | None, view: StageView, results: list[Any], console: Console) -> None:
     """Tell the study the trials that failed before and finished in this session (see
     ``orchestrator.studies.study.record_retried``); a study that cannot be reached is a warning."""
@@ -279,6 +295,7 @@ def _run_stages(space: SearchSpace, folder: Location, record: SearchRecord, cons
             )
         results = list(_fit(tuner, stage_folder.uri))
         _record_retried(_study(record, view), view, results, console)
+        _print_front(_study(record, view), view, console)
         stage_rows = [_row(result, view, keys) for result in results]
         rows += sorted(stage_rows, key=lambda r: r["trial"])
         failed = [r for r in stage_rows if r["status"] == "ERROR"]

@@ -308,6 +308,24 @@ def record_retried(url: str, study_name: str, metrics: list[str], finished: dict
     return added
 
 
+def front_lines(url: str, study_name: str, metrics: list[str], modes: list[str], limit: int = 10) -> list[str]:
+    """The study's Pareto front for the terminal: a heading, then one line per trial on it (best
+    first by the first objective; at most ``limit``) with its values and parameters."""
+    from optuna.trial import TrialState
+
+    study = load_study(url, study_name)
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    front = sorted(study.best_trials, key=lambda t: t.values[0], reverse=modes[0] == "max")
+    lines = [f"Pareto front of study {study_name}: {len(front)} of {len(complete)} complete trial(s)"]
+    for trial in front[:limit]:
+        values = ", ".join(f"{m} {v:.4f}" for m, v in zip(metrics, trial.values))
+        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+        lines.append(f"  trial {trial.number}: {values}  ({params})")
+    if len(front) > limit:
+        lines.append(f"  ... and {len(front) - limit} more (normlab report NAME --compare ... draws the whole front)")
+    return lines
+
+
 def pareto_front(points: list[tuple[float, ...]], modes: list[str]) -> list[int]:
     """Indices of the non-dominated points (``modes``: max or min per coordinate)."""
     signs = [1.0 if m == "max" else -1.0 for m in modes]
