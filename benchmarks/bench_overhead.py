@@ -29,7 +29,8 @@ import torch  # noqa: E402
 
 from orchestrator.running.tuner import build_tuner, init_ray  # noqa: E402
 from orchestrator.searchfile.space import SearchSpace  # noqa: E402
-from orchestrator.tracking.search_run import TrackingTarget, check_reachable, search_running, start_search_run  # noqa: E402
+from orchestrator.tracking.search_run import check_reachable, search_running, start_search_run  # noqa: E402
+from orchestrator.tracking.target import resolve_tracking  # noqa: E402
 from trainables.config import TrialConfig  # noqa: E402
 from trainables.trial import run_trial  # noqa: E402
 
@@ -63,7 +64,7 @@ def direct(epochs: int, threads: int) -> tuple[list[float], list[float]]:
 def under_ray(epochs: int, threads: int, workdir: Path, rep: int) -> tuple[list[float], list[float]]:
     values = trial_values(epochs, threads)
     space = SearchSpace(name="overhead", fixed=values, resources={"cpu": threads}, checkpoint={"every": 1, "keep": 2})
-    target = TrackingTarget(f"sqlite:///{workdir / 'mlflow.db'}", (workdir / "artifacts").as_uri())
+    target = resolve_tracking(None, workdir)  # workdir/normlab_runs: mlflow.db, mlartifacts
     check_reachable(target)
     spec_file = workdir / "space.json"
     spec_file.write_text(json.dumps(space.model_dump(mode="json")))

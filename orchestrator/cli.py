@@ -14,12 +14,15 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
+
+if TYPE_CHECKING:
+    from orchestrator.tracking.target import TrackingTarget
 
 
 def _console(stderr: bool) -> Console:
@@ -127,7 +130,7 @@ def _check_writable_folder(folder: Path, what: str) -> None:
 # there, and ``{default}`` in it stands for the default.
 
 F = TypeVar("F", bound=Callable[..., Any])
-DEFAULT_TRACKING = "$MLFLOW_TRACKING_URI, else normlab_runs/mlflow.db"  # orchestrator.tracking.search_run
+DEFAULT_TRACKING = "$MLFLOW_TRACKING_URI, else normlab_runs/mlflow.db"  # orchestrator.tracking.target
 DEFAULT_STORAGE = "normlab_runs/ray_results"  # orchestrator.state.storage.DEFAULT_ROOT
 LOCAL_RAY = "a local Ray on 127.0.0.1"  # orchestrator.running.rayenv, _prepare_ray
 
@@ -136,7 +139,7 @@ num_cpus_option = click.option("--num-cpus", type=click.IntRange(min=1), help="C
 
 
 def tracking_uri_option(text: str) -> Callable[[F], F]:
-    """``--tracking-uri``: the MLflow store (``orchestrator.tracking.search_run.resolve_tracking``)."""
+    """``--tracking-uri``: the MLflow store (``orchestrator.tracking.target.resolve_tracking``)."""
     return click.option("--tracking-uri", help=text.format(default=DEFAULT_TRACKING))
 
 
@@ -264,10 +267,11 @@ def _prepare_ray(address: str | None) -> None:
         raise UsageFailure(str(exc)) from exc
 
 
-def _reachable_tracking(tracking_uri: str | None, timeout: float | None = None) -> Any:
+def _reachable_tracking(tracking_uri: str | None, timeout: float | None = None) -> TrackingTarget:
     """The tracking target of ``--tracking-uri`` (or its default), checked before any work starts
     (within ``timeout`` seconds; default: ``check_reachable``'s)."""
-    from orchestrator.tracking.search_run import TrackingUnreachable, check_reachable, resolve_tracking
+    from orchestrator.tracking.search_run import TrackingUnreachable, check_reachable
+    from orchestrator.tracking.target import resolve_tracking
 
     target = resolve_tracking(tracking_uri)
     try:
@@ -507,7 +511,9 @@ def report(
         console.print(f"wrote {plot}")
 
 
-def _compare_report(frame: Any, target: Any, keys: list[str], fmt: str, out_dir: Path | None, log: bool) -> None:
+def _compare_report(
+    frame: Any, target: TrackingTarget, keys: list[str], fmt: str, out_dir: Path | None, log: bool
+) -> None:
     from orchestrator.reports import compare
     from orchestrator.reports.publish import log_report, study_of
 
@@ -558,7 +564,8 @@ def ui(
     keeps MLflow's AI assistant from opening by itself (see orchestrator/tracking/links.py).
     """
     from orchestrator.tracking.links import runs_route, ui_url
-    from orchestrator.tracking.search_run import TAG_SEARCH_RUN, find_search_run, resolve_tracking
+    from orchestrator.tracking.search_run import TAG_SEARCH_RUN, find_search_run
+    from orchestrator.tracking.target import resolve_tracking
     from orchestrator.ui.server import serve
 
     target = resolve_tracking(tracking_uri)

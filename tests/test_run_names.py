@@ -9,7 +9,8 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.running.driver import SearchRecord
 from orchestrator.tracking.run_names import format_value, run_name, trial_number, varying_keys
-from orchestrator.tracking.search_run import resolve_tracking, start_search_run
+from orchestrator.tracking.search_run import start_search_run
+from orchestrator.tracking.target import resolve_tracking
 from orchestrator.tracking.trial_runs import MlflowTrialTracker
 from trainables.record import TrialRecord
 
@@ -121,7 +122,7 @@ def test_a_search_record_written_before_readable_names_still_loads_and_names_run
     tracker, client = _tracker(
         tmp_path, name_keys=("norm_power",), name_conditions={"norm_power": {"norm": ["robustnorm"]}}
     )
-    record = SearchRecord({"name": "names"}, "space.yaml", tracker.tracking_uri, None, tracker)
+    record = SearchRecord({"name": "names"}, "space.yaml", tracker)
     old = json.loads(record.to_json())
     for field in ("name_keys", "name_conditions", "number_names", "search_run"):
         old["tracker"].pop(field, None)  # as an earlier normlab wrote it (defaults are not written now)

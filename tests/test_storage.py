@@ -3,8 +3,10 @@ searches stored on a real S3 server (SeaweedFS on 127.0.0.1): submit, kill, resu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import pickle
 import shutil
 import signal
 import socket
@@ -25,6 +27,8 @@ from pyarrow import fs as pafs
 from orchestrator.cli import main
 from orchestrator.state import storage
 from orchestrator.state.records import RECORD_FILE, SearchRecord
+from orchestrator.tracking.target import TrackingTarget
+from orchestrator.tracking.trial_runs import MlflowTrialTracker
 
 # ------------------------------------------------------------------ without a server
 
@@ -114,6 +118,38 @@ def test_a_bad_record_is_one_clear_error(tmp_path, record, expected):
 def test_a_record_round_trips_in_the_format_it_always_had(tmp_path):
     record = SearchRecord.from_json(json.dumps(RECORD))  # as written by earlier normlab versions
     assert json.loads(record.to_json()) == RECORD
+
+
+def test_a_record_holds_its_tracking_target_once_and_old_records_give_the_same_target():
+    uri, root = "sqlite:////runs/mlflow.db", "file:///runs/mlartifacts"
+    written = {
+        **RECORD,
+        "tracking_uri": uri,
+        "artifact_root": root,
+        "tracker": {**RECORD["tracker"], "tracking_uri": uri},
+    }
+    old = SearchRecord.from_json(json.dumps(written))
+    assert old.target == TrackingTarget(uri, root)  # an earlier version's record: both at the top level
+    tracker = MlflowTrialTracker.for_target(old.target, "1", "abc", "tiny-1")
+    new = SearchRecord(old.space, old.space_file, tracker)
+    assert new.target == tracker.target == old.target
+    text = new.to_json()
+    assert text.count(uri) == 1 and text.count(root) == 1, text  # once: in the tracker
+    assert not {"tracking_uri", "artifact_root"} & set(json.loads(text))
+    assert SearchRecord.from_json(text).target == old.target
+    assert SearchRecord.from_json(text) == new
+
+
+def test_a_tracker_pickled_before_it_held_the_artifact_folder_still_loads():
+    tracker = MlflowTrialTracker.for_target(TrackingTarget("sqlite:///mlflow.db", "file:///a"), "1", "abc", "tiny-1")
+    earlier = object.__new__(MlflowTrialTracker)  # as Ray pickled an earlier version's tracker: no artifact_root
+    earlier.__dict__.update({k: v for k, v in vars(tracker).items() if k != "artifact_root"})
+    data = pickle.dumps(earlier)
+    assert b"artifact_root" not in data and b"tracking_uri" in data
+    loaded = pickle.loads(data)
+    assert loaded.target == TrackingTarget("sqlite:///mlflow.db")  # its record holds the artifact folder
+    assert loaded == dataclasses.replace(tracker, artifact_root=None)
+    assert pickle.loads(pickle.dumps(tracker)).target == tracker.target
 
 
 # ------------------------------------------------------------------ a real S3 server

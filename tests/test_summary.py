@@ -10,8 +10,9 @@ import pytest
 from conftest import free_port, markdown_table
 from mlflow.tracking import MlflowClient
 
-from orchestrator.tracking.search_run import resolve_tracking, start_search_run
+from orchestrator.tracking.search_run import start_search_run
 from orchestrator.tracking.summary import REPORT_FILES, TrialRun, describe, log_search_summary, summarise
+from orchestrator.tracking.target import resolve_tracking
 from orchestrator.tracking.trial_runs import MlflowTrialTracker
 from trainables.record import TrialRecord
 

@@ -29,7 +29,8 @@ def test_a_config_error_inside_a_trial_fails_once_with_a_run_that_says_why(tmp_p
 
     from orchestrator.running.callbacks import TrialRunsCallback
     from orchestrator.running.tuner import TrialResolver
-    from orchestrator.tracking.search_run import resolve_tracking, start_search_run
+    from orchestrator.tracking.search_run import start_search_run
+    from orchestrator.tracking.target import resolve_tracking
     from trainables.ray_trainable import train
 
     target = resolve_tracking(None, workdir=tmp_path)

@@ -14,7 +14,7 @@ from conftest import free_port, normlab_env, run_normlab
 from mlflow.tracking import MlflowClient
 
 from orchestrator.tracking.links import runs_route, search_url
-from orchestrator.tracking.search_run import resolve_tracking
+from orchestrator.tracking.target import TrackingTarget, resolve_tracking
 from trainables.ray_trainable import runtime_settings
 
 
@@ -93,10 +93,10 @@ def test_ui_links_go_to_the_runs_table_of_one_search():
         == "#/experiments/7/runs?workflowType=machine_learning&searchFilter=tags.%60normlab.search_run%60%20%3D%20%27s-20250101-000000%27"
     )
     assert (
-        search_url("http://mlflow.example:5000/", "7")
+        search_url(TrackingTarget("http://mlflow.example:5000/"), "7")
         == "http://mlflow.example:5000/#/experiments/7/runs?workflowType=machine_learning"
     )
     assert (
-        search_url("sqlite:////x/mlflow.db", "7", "", "abc", ui="http://127.0.0.1:5001")
+        search_url(TrackingTarget("sqlite:////x/mlflow.db"), "7", "", "abc", ui="http://127.0.0.1:5001")
         == "http://127.0.0.1:5001/normlab/open?expand=abc#/experiments/7/runs?workflowType=machine_learning"
     )

@@ -6,17 +6,20 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.tracking.client import client as mlflow_client
 from orchestrator.tracking.retry import TrackingError, retrying
 
+if TYPE_CHECKING:
+    from orchestrator.tracking.target import TrackingTarget
+
 log = logging.getLogger("normlab.report")
 
 
-def log_report(target: Any, parent_run_id: str, files: dict[str, Path], budget_s: float = 60.0) -> bool:
+def log_report(target: TrackingTarget, parent_run_id: str, files: dict[str, Path], budget_s: float = 60.0) -> bool:
     """Log report files to the parent run under ``report/``; False (and a warning) if MLflow refused."""
-    client = mlflow_client(target.uri)
+    client = mlflow_client(target)
     try:
         for path in files.values():
             retrying(

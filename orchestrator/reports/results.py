@@ -17,7 +17,7 @@ from trainables.diagnostics import SHIFT_AVERAGES
 if TYPE_CHECKING:
     import pandas as pd
 
-    from orchestrator.tracking.search_run import TrackingTarget
+    from orchestrator.tracking.target import TrackingTarget
 
 ALWAYS_SHOWN = ("norm", "regime")
 NOT_COMPARED = ("init_from",)  # differs per trial by construction (a later stage's checkpoints)
@@ -58,7 +58,7 @@ def search_results(target: TrackingTarget, name: str, run_id: str | None = None)
     vary between trials, status, and the final clean and adversarial accuracies."""
     import pandas as pd
 
-    client = mlflow_client(target.uri)
+    client = mlflow_client(target)
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         known = ", ".join(sorted(e.name for e in client.search_experiments() if e.name != "Default")) or "none"

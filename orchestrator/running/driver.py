@@ -36,12 +36,12 @@ from orchestrator.tracking.run_names import varying_keys
 from orchestrator.tracking.search_run import (
     DRIVER_BUDGET_S,
     MlflowTrialTracker,
-    TrackingTarget,
     check_reachable,
     search_running,
     start_search_run,
 )
 from orchestrator.tracking.summary import SearchSummary, describe, log_search_summary
+from orchestrator.tracking.target import TrackingTarget
 from trainables.environment import environment_tags
 
 RESULT_COLUMNS = ("final_clean_acc", "final_adv_acc")
@@ -218,12 +218,12 @@ def _log_comparison(tracker: MlflowTrialTracker, console: Console, search_folder
     from orchestrator.reports.results import search_results
 
     try:
-        frame = search_results(TrackingTarget(tracker.tracking_uri), tracker.search_name, tracker.parent_run_id)
+        frame = search_results(tracker.target, tracker.search_name, tracker.parent_run_id)
         keys = [k for k in ("stage", "norm", "regime") if k in frame.columns and frame[k].nunique() > 1]
         with tempfile.TemporaryDirectory(prefix="normlab-report-") as scratch:
             folder = Path(search_folder.path) / "report" if search_folder.is_local else Path(scratch)
             files = compare.write_report(frame, keys, folder, study_of(frame))
-            logged = log_report(TrackingTarget(tracker.tracking_uri), tracker.parent_run_id, files)
+            logged = log_report(tracker.target, tracker.parent_run_id, files)
         where = [str(folder)] if search_folder.is_local else []
         where += ["the search's MLflow run (report/)"] if logged else []
         if where:
@@ -316,7 +316,7 @@ def _run_stages(space: SearchSpace, folder: Location, record: SearchRecord, cons
         table,
         sum(r["status"] == "ERROR" for r in rows),
         waiting,
-        search_url(tracker.tracking_uri, tracker.experiment_id, tracker.search_run, tracker.parent_run_id),
+        search_url(tracker.target, tracker.experiment_id, tracker.search_run, tracker.parent_run_id),
     )
     outcome.summary = _finish(tracker, space, console, folder)
     return outcome
@@ -377,7 +377,7 @@ def run_search(
     tracker = start_search_run(
         target, space.name, experiment, params=params, spec=spec, spec_file=space_file, tags=tags, name_keys=()
     )  # named per stage, by what varies in it (_stage_tracker)
-    url = search_url(tracker.tracking_uri, tracker.experiment_id, tracker.search_run, tracker.parent_run_id)
+    url = search_url(tracker.target, tracker.experiment_id, tracker.search_run, tracker.parent_run_id)
     console.print(f"  MLflow: {target.uri} (experiment {space.name!r}, run {experiment!r})")
     console.print(
         f"  MLflow UI: {url}" + (" (serve it with `normlab ui`)" if target.is_local_file_store else ""),
@@ -387,9 +387,7 @@ def run_search(
     record = SearchRecord(
         spec,
         str(space_file),
-        target.uri,
-        target.artifact_root,
-        tracker,
+        tracker,  # holds the target
         study_storage=study_storage,
         study_name=experiment if study_storage else None,
     )
@@ -413,9 +411,9 @@ def resume_search(
                 f"[yellow]repaired[/] damaged Ray Tune state from normlab's last good copy: {', '.join(repaired)}"
             )
         snapshots.check_loadable(stage_folder)  # before anything is changed: a search this version cannot restore
-    check_reachable(TrackingTarget(record.tracking_uri, record.artifact_root))
+    check_reachable(record.target)
     where = init_ray(address, num_cpus=num_cpus)
-    console.print(f"resuming search {folder.name} on Ray {where}; MLflow {record.tracking_uri}")
+    console.print(f"resuming search {folder.name} on Ray {where}; MLflow {record.target.uri}")
     retried = [t for stage_folder in stage_folders for t in clear_fatal_markers(stage_folder)]
     if retried:
         console.print(f"retrying {len(retried)} trial(s) that failed with a non-retryable error: {', '.join(retried)}")

@@ -270,7 +270,7 @@ def init_ray(address: str | None, *, num_cpus: int | None = None) -> str:
     if ray.is_initialized():
         return "already connected"
     address = address or os.environ.get("RAY_ADDRESS")  # e.g. inside `ray job submit`
-    from orchestrator.tracking.search_run import credentials_env
+    from orchestrator.tracking.target import credentials_env
 
     secrets = credentials_env()  # tracking credentials reach trials through Ray, never through storage
     if address:

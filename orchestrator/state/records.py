@@ -2,9 +2,10 @@
 
 ``normlab submit`` writes it into the search's folder before the first trial
 (``normlab/search.json``, whole or not at all, through the storage's filesystem): the
-validated space, the file it came from, where MLflow runs go (the URI without any
-credentials), the tracker of the parent run and, for Optuna searches, where the study is.
-This module also finds searches in a storage path, by folder, URI or name.
+validated space, the file it came from, the tracker of the parent run (which holds where
+MLflow runs go: ``SearchRecord.target``, its URI without any credentials) and, for Optuna
+searches, where the study is. This module also finds searches in a storage path, by folder,
+URI or name.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pydantic_core
 from pydantic import TypeAdapter, ValidationError
 
 from orchestrator.searchfile.space import SearchSpace
 from orchestrator.state import storage
 from orchestrator.state.storage import Location
+from orchestrator.tracking.target import TrackingTarget
 from orchestrator.tracking.trial_runs import MlflowTrialTracker
 
 RECORD_FILE = "normlab/search.json"  # in a subfolder: Ray rewrites the top-level files of a search in place
@@ -26,13 +29,19 @@ LEGACY_RECORD_FILE = "normlab_search.json"
 
 @dataclass
 class SearchRecord:
-    """What ``normlab resume`` needs besides Ray's own state: the space and where it logs."""
+    """What ``normlab resume`` needs besides Ray's own state: the space and where it logs.
+
+    Where it logs is ``target``, which the tracker holds: a new record has it once. Records
+    of earlier versions also have the URI at the top level, beside the artifact folder
+    (``tracking_uri``, ``artifact_root``; their trackers have no artifact folder): they load
+    to the same target, and are written back as they were.
+    """
 
     space: dict[str, Any]
     space_file: str
-    tracking_uri: str
-    artifact_root: str | None
     tracker: MlflowTrialTracker
+    tracking_uri: str | None = None  # records of earlier versions only: the tracker's URI, again
+    artifact_root: str | None = None  # only in records of earlier versions (with tracking_uri)
     study_storage: str | None = None  # Optuna searches: the study's SQLAlchemy URL
     study_name: str | None = None
 
@@ -40,10 +49,22 @@ class SearchRecord:
     def search_name(self) -> str:
         return self.tracker.search_name
 
+    @property
+    def target(self) -> TrackingTarget:
+        """Where the search's runs go (its URI without credentials: those come from the environment)."""
+        if self.tracking_uri is None:
+            return self.tracker.target
+        return TrackingTarget.stored(self.tracking_uri, self.artifact_root)  # a record of an earlier version
+
     def to_json(self) -> str:
         # fields left at their defaults are not written: a plain search's record stays the one older
-        # normlab versions wrote and read
-        return TypeAdapter(SearchRecord).dump_json(self, indent=2, exclude_defaults=True).decode()
+        # normlab versions wrote and read (but for the tracking target, which a new record holds once)
+        fields = TypeAdapter(SearchRecord).dump_python(self, mode="json", exclude_defaults=True)
+        if self.tracking_uri is not None:  # a record of an earlier version: both, where it had them
+            fields.pop("artifact_root", None)
+            first = {k: fields.pop(k) for k in ("space", "space_file", "tracking_uri")}
+            fields = {**first, "artifact_root": self.artifact_root, **fields}
+        return pydantic_core.to_json(fields, indent=2).decode()
 
     @classmethod
     def from_json(cls, text: str | bytes) -> SearchRecord:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 from urllib.parse import quote, urlencode
 
+from orchestrator.tracking.target import TrackingTarget
 from orchestrator.tracking.trial_runs import TAG_SEARCH_RUN
 
 DEFAULT_UI = "http://127.0.0.1:5000"  # what `normlab ui` serves by default
@@ -51,11 +52,11 @@ MODEL_TRAINING_KIND = "custom_model_development"
 WORKFLOW = "machine_learning"
 
 
-def ui_base(tracking_uri: str, default: str = DEFAULT_UI) -> str:
-    """Where the UI of ``tracking_uri`` is: an MLflow server's own address, else ``default``
+def ui_base(target: TrackingTarget, default: str = DEFAULT_UI) -> str:
+    """Where the UI of ``target`` is: an MLflow server's own address, else ``default``
     (a local store is browsed with ``normlab ui``)."""
-    if tracking_uri.startswith(("http://", "https://")):
-        return tracking_uri.rstrip("/")
+    if target.is_server:
+        return target.uri.rstrip("/")
     return default.rstrip("/")
 
 
@@ -88,14 +89,13 @@ def ui_url(base: str, route: str, *, via_open_page: bool = False, expand: str = 
 
 
 def search_url(
-    tracking_uri: str, experiment_id: str, search_run: str = "", parent_run_id: str = "", ui: str | None = None
+    target: TrackingTarget, experiment_id: str, search_run: str = "", parent_run_id: str = "", ui: str | None = None
 ) -> str:
     """A search's runs table: on its MLflow server, or (a local store) as ``normlab ui``
     serves it at ``ui`` (default ``DEFAULT_UI``), through its page, with the search's trials unfolded."""
-    local = not tracking_uri.startswith(("http://", "https://"))
     return ui_url(
-        ui_base(tracking_uri, ui or DEFAULT_UI),
+        ui_base(target, ui or DEFAULT_UI),
         runs_route(experiment_id, search_run),
-        via_open_page=local,
+        via_open_page=not target.is_server,
         expand=parent_run_id,
     )

@@ -1,14 +1,10 @@
-"""MLflow tracking: where runs go, and one parent run per search.
+"""MLflow tracking: one parent run per search, in the tracking target (``target``).
 
-The driver opens the parent run (the spec, the resolved file, the git commit, the Ray
-address) and hands every trial a picklable ``MlflowTrialTracker`` (``trial_runs``); the
-trial itself logs to MLflow, so it works on any node that can reach the tracking server.
-Every call goes through ``retry``: an outage of the server delays records, it never
-ends a search.
-
-Default store: ``normlab_runs/mlflow.db`` (SQLite) and ``normlab_runs/mlartifacts`` in the
-working directory; ``--tracking-uri`` or ``MLFLOW_TRACKING_URI`` point elsewhere (on a
-cluster: an ``mlflow server`` every node can reach).
+The driver checks the target can be used (``check_reachable``), opens the parent run (the
+spec, the resolved file, the git commit, the Ray address) and hands every trial a picklable
+``MlflowTrialTracker`` (``trial_runs``) that carries the target; the trial itself logs to
+MLflow, so it works on any node that can reach the tracking server. Every call goes through
+``retry``: an outage of the server delays records, it never ends a search.
 """
 
 from __future__ import annotations
@@ -19,14 +15,14 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.credentials.uris import mask_uri, scrub, strip_credentials
+from orchestrator.credentials.uris import mask_uri, scrub
 from orchestrator.tracking.client import client
 from orchestrator.tracking.links import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
 from orchestrator.tracking.retry import TrackingError, retrying
+from orchestrator.tracking.target import TrackingTarget
 from orchestrator.tracking.trial_runs import (
     PARENT_TAG,
     TAG_SEARCH,
@@ -35,7 +31,6 @@ from orchestrator.tracking.trial_runs import (
 )
 from trainables.environment import environment_tags
 
-DEFAULT_DIR = "normlab_runs"
 DRIVER_BUDGET_S = float(os.environ.get("NORMLAB_TRACKING_DRIVER_WAIT_S", 60))
 log = logging.getLogger("normlab.tracking")
 
@@ -44,50 +39,10 @@ class TrackingUnreachable(RuntimeError):
     """The MLflow tracking store cannot be reached or opened."""
 
 
-@dataclass(frozen=True)
-class TrackingTarget:
-    """Where runs go: the tracking URI, and the artifact folder for new experiments."""
-
-    uri: str
-    artifact_root: str | None = None
-
-    @property
-    def is_local_file_store(self) -> bool:
-        return self.uri.startswith(("sqlite:", "file:")) or "://" not in self.uri
-
-
-CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
-
-
-def resolve_tracking(uri: str | None, workdir: Path | None = None) -> TrackingTarget:
-    """``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else the SQLite store in the working directory.
-
-    Credentials in the URI (``http://user:password@host``) move to MLflow's own environment
-    variables (``MLFLOW_TRACKING_USERNAME``/``_PASSWORD``) unless those are set: the URI that
-    is printed, stored in the search record and shipped to trials carries none.
-    """
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        bare, user, password = strip_credentials(uri)
-        if user is not None:
-            os.environ.setdefault("MLFLOW_TRACKING_USERNAME", user)
-        if password is not None:
-            os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", password)
-        return TrackingTarget(bare)
-    base = (workdir or Path.cwd()).resolve() / DEFAULT_DIR
-    base.mkdir(parents=True, exist_ok=True)
-    return TrackingTarget(f"sqlite:///{base / 'mlflow.db'}", (base / "mlartifacts").as_uri())
-
-
-def credentials_env() -> dict[str, str]:
-    """The tracking credentials of this process, for trials on other nodes (never stored)."""
-    return {k: os.environ[k] for k in CREDENTIAL_ENV if os.environ.get(k)}
-
-
 def check_reachable(target: TrackingTarget, timeout: float = 10.0) -> None:
     """Fail fast, before any trial starts, if the tracking store cannot be used."""
     shown = mask_uri(target.uri)
-    if target.uri.startswith(("http://", "https://")):
+    if target.is_server:
         import requests
 
         try:
@@ -100,7 +55,7 @@ def check_reachable(target: TrackingTarget, timeout: float = 10.0) -> None:
     try:
         retrying(
             "open the tracking store",
-            lambda: client(target.uri).search_experiments(max_results=1),
+            lambda: client(target).search_experiments(max_results=1),
             time.monotonic() + timeout,
         )
     except TrackingError as exc:
@@ -112,7 +67,7 @@ def ensure_experiment(target: TrackingTarget, name: str) -> str:
 
     A new experiment is tagged as model training (``links`` says what MLflow's UI makes of it).
     """
-    c = client(target.uri)
+    c = client(target)
     experiment = c.get_experiment_by_name(name)
     if experiment is not None and experiment.lifecycle_stage == "deleted":
         raise TrackingError(
@@ -173,7 +128,7 @@ def start_search_run(
         experiment_id = retrying(
             "open the search's experiment", lambda: ensure_experiment(target, experiment), deadline
         )
-        c = client(target.uri)
+        c = client(target)
         run_id = retrying(
             "create the search's run", lambda: c.create_run(experiment_id, run_name=run_name, tags=all_tags), deadline
         ).info.run_id
@@ -188,8 +143,8 @@ def start_search_run(
         )
     except TrackingError as exc:  # unreachable, or refused: either way no search starts
         raise TrackingUnreachable(f"MLflow tracking store {mask_uri(target.uri)}: {exc}") from exc
-    return MlflowTrialTracker(
-        target.uri,
+    return MlflowTrialTracker.for_target(
+        target,
         experiment_id,
         run_id,
         experiment,
@@ -215,7 +170,7 @@ def search_running(tracker: MlflowTrialTracker, *, resumed: bool = False) -> Ite
     The tracking server may be down at either end: the calls wait for it (a bounded time,
     ``NORMLAB_TRACKING_DRIVER_WAIT_S``), then warn; they never end the search.
     """
-    c = client(tracker.tracking_uri)
+    c = client(tracker.target)
     if resumed:
         from mlflow.entities import RunTag
 
@@ -249,7 +204,7 @@ def search_running(tracker: MlflowTrialTracker, *, resumed: bool = False) -> Ite
 def find_search_run(target: TrackingTarget, name: str | None = None) -> Any:
     """The newest search's parent run in the store, or the newest of search ``name`` (a
     search name, or the run name ``NAME-YYYYmmdd-HHMMSS`` of one search); None if none."""
-    c = client(target.uri)
+    c = client(target)
     experiments = [e.experiment_id for e in c.search_experiments(max_results=50000)]
     if not experiments:
         return None

@@ -185,7 +185,7 @@ def summarise(
 
 def read_trials(tracker: MlflowTrialTracker) -> list[TrialRun]:
     """Every child run of the search's parent run."""
-    c = client(tracker.tracking_uri)
+    c = client(tracker.target)
     trials, token = [], None
     while True:
         page = c.search_runs(
@@ -206,7 +206,7 @@ def read_trials(tracker: MlflowTrialTracker) -> list[TrialRun]:
 def _log(tracker: MlflowTrialTracker, summary: SearchSummary) -> None:
     from mlflow.entities import Metric, RunTag
 
-    c = client(tracker.tracking_uri)
+    c = client(tracker.target)
     run_id = tracker.parent_run_id
     step = len(c.get_metric_history(run_id, "trials_total"))  # one step per summary: submit, each resume
     now = int(time.time() * 1000)
@@ -234,7 +234,7 @@ def log_search_summary(
     """Summarise the search's trial runs on its parent run; None (and a warning) if MLflow
     stayed unreachable for ``budget_s`` seconds or refused."""
     deadline = time.monotonic() + budget_s
-    base = ui_base(tracker.tracking_uri)
+    base = ui_base(tracker.target)
     try:
         trials = retrying("read the search's trial runs", lambda: read_trials(tracker), deadline)
         # the keys runs are named by, where there are some (a staged search's parent run names none)

@@ -37,6 +37,7 @@ from orchestrator.credentials.uris import mask_uri
 from orchestrator.tracking.client import client
 from orchestrator.tracking.retry import TrackingError, TrackingUnavailable, retrying
 from orchestrator.tracking.run_names import numbered, run_name
+from orchestrator.tracking.target import TrackingTarget
 from trainables.record import TrialRecord
 
 TAG_SEARCH = "normlab.search"
@@ -90,6 +91,10 @@ class MlflowTrialTracker:
     conditional; ``number_names``: the search repeats identical
     configurations, so every name ends with its Ray trial number; ``search_run``: the
     parent run's name, tagged on every child so the UI can show one search's runs.
+
+    Where its runs go is ``target``, kept in two fields: ``tracking_uri`` (never with
+    credentials; the field every pickled tracker has) and ``artifact_root`` (added later:
+    None in trackers pickled or recorded before it, whose search record holds the folder).
     """
 
     tracking_uri: str
@@ -101,9 +106,22 @@ class MlflowTrialTracker:
     name_conditions: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
     number_names: bool = False
     search_run: str = ""
+    artifact_root: str | None = None
+
+    @classmethod
+    def for_target(
+        cls, target: TrackingTarget, experiment_id: str, parent_run_id: str, search_name: str, **more: Any
+    ) -> MlflowTrialTracker:
+        """The tracker of a search's parent run in ``target``."""
+        return cls(target.uri, experiment_id, parent_run_id, search_name, artifact_root=target.artifact_root, **more)
+
+    @property
+    def target(self) -> TrackingTarget:
+        """Where this tracker's runs go."""
+        return TrackingTarget.stored(self.tracking_uri, self.artifact_root)
 
     def _client(self) -> Any:
-        return client(self.tracking_uri)
+        return client(self.target)
 
     def __repr__(self) -> str:  # never print a password
         return f"MlflowTrialTracker({mask_uri(self.tracking_uri)!r}, parent run {self.parent_run_id})"
