@@ -63,6 +63,19 @@ def markdown_table(text: str) -> tuple[list[str], list[str], list[list[str]]]:
     return header, aligns, rows
 
 
+def start_submit(cwd: Path, space: str = "space.yaml") -> subprocess.Popen:
+    """``normlab submit SPACE --num-cpus 2`` in ``cwd`` as a driver in its own process group (to
+    SIGKILL whole), its stderr in ``cwd/submit.log``."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "submit", space, "--num-cpus", "2"],
+        cwd=cwd,
+        env=normlab_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=(cwd / "submit.log").open("w"),
+        start_new_session=True,
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -14,15 +14,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from conftest import normlab_env, run_normlab
+from conftest import run_normlab, start_submit
 from mlflow.tracking import MlflowClient
 
 METRICS = ("epoch", "train_loss", "train_acc", "clean_acc", "adv_acc", "lr")
@@ -141,14 +139,7 @@ def test_a_truncated_or_corrupt_newest_checkpoint_falls_back_to_the_newest_compl
     epochs = 6
     write_space(tmp_path, "damaged", epochs)
     storage = tmp_path / "normlab_runs" / "ray_results"
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", "submit", "space.yaml", "--num-cpus", "2"],
-        cwd=tmp_path,
-        env=normlab_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=(tmp_path / "submit.log").open("w"),
-        start_new_session=True,
-    )
+    driver = start_submit(tmp_path)
     try:
         deadline = time.time() + 300
         while time.time() < deadline and driver.poll() is None:

@@ -9,14 +9,12 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import textwrap
 import time
 
 import optuna
 import pytest
-from conftest import normlab_env, run_normlab
+from conftest import run_normlab, start_submit
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
@@ -178,14 +176,7 @@ def test_a_killed_multi_objective_search_resumes_into_the_same_study(tmp_path):
     trials = 8
     (tmp_path / "space.yaml").write_text(textwrap.dedent(SPACE.format(name="mo", epochs=3, trials=trials)))
     url = f"sqlite:///{tmp_path / 'normlab_runs' / 'optuna.db'}"
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", "submit", "space.yaml", "--num-cpus", "2"],
-        cwd=tmp_path,
-        env=normlab_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=(tmp_path / "submit.log").open("w"),
-        start_new_session=True,
-    )
+    driver = start_submit(tmp_path)
     before: dict[int, tuple] = {}
     try:
         deadline = time.time() + 600

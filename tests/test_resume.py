@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 import time
 
-from conftest import normlab_env, run_normlab
+from conftest import run_normlab, start_submit
 from mlflow.tracking import MlflowClient
 
 SPACE = """
@@ -33,14 +31,7 @@ def checkpoints_per_trial(storage):
 def test_a_killed_search_resumes_from_checkpoints_into_the_same_runs(tmp_path):
     (tmp_path / "space.yaml").write_text(textwrap.dedent(SPACE))
     storage = tmp_path / "normlab_runs" / "ray_results"
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", "submit", "space.yaml", "--num-cpus", "2"],
-        cwd=tmp_path,
-        env=normlab_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=(tmp_path / "submit.log").open("w"),
-        start_new_session=True,
-    )
+    driver = start_submit(tmp_path)
     deadline = time.time() + 300
     try:
         while time.time() < deadline and driver.poll() is None:

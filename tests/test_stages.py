@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 import time
 
 import pytest
 import torch
-from conftest import normlab_env, run_normlab
+from conftest import run_normlab, start_submit
 from mlflow.tracking import MlflowClient
 
 from orchestrator.running.stage_inputs import Finished, StageError, seeded_combinations
@@ -144,14 +142,7 @@ def test_a_two_stage_search_killed_in_its_second_stage_resumes_as_one_search(tmp
     epochs = 3
     (tmp_path / "space.yaml").write_text(textwrap.dedent(TWO_STAGES.format(name="twostage", epochs=epochs)))
     storage = tmp_path / "normlab_runs" / "ray_results"
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", "submit", "space.yaml", "--num-cpus", "2"],
-        cwd=tmp_path,
-        env=normlab_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=(tmp_path / "submit.log").open("w"),
-        start_new_session=True,
-    )
+    driver = start_submit(tmp_path)
     try:
         deadline = time.time() + 600
         while time.time() < deadline and driver.poll() is None:
