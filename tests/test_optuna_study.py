@@ -218,7 +218,11 @@ def test_a_killed_multi_objective_search_resumes_into_the_same_study(tmp_path):
     # (a restarted stream would hand the first trials' parameters out again)
     assert {n: study.trials[n].system_attrs[generation] for n in before} == before_generations
     assert all(generation in t.system_attrs for t in complete)
-    assert len({t.params["lr"] for t in study.trials}) == len(study.trials)
+    # trials the study handed out after Ray's last snapshot of the searcher (lost) were drawn from a
+    # sampler state the restored searcher rewinds to, so the next draw may repeat one of them; no
+    # other two trials share an lr
+    kept = [t for t in study.trials if "normlab.lost" not in t.user_attrs]
+    assert len({t.params["lr"] for t in kept}) == len(kept)
     for number, (values, params) in before.items():  # the history from before the kill is intact
         assert (tuple(study.trials[number].values), study.trials[number].params) == (values, params)
     assert [t.number for t in study.trials] == list(range(len(study.trials)))
