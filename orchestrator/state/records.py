@@ -54,7 +54,7 @@ class SearchRecord:
         """Where the search's runs go (its URI without credentials: those come from the environment)."""
         if self.tracking_uri is None:
             return self.tracker.target
-        return TrackingTarget.stored(self.tracking_uri, self.artifact_root)  # a record of an earlier version
+        return TrackingTarget(self.tracking_uri, self.artifact_root)  # a record of an earlier version
 
     def to_json(self) -> str:
         # fields left at their defaults are not written: a plain search's record stays the one older

@@ -10,7 +10,7 @@ MLflow's own environment variables (``CREDENTIAL_ENV``) when it is resolved; the
 trials on other nodes through Ray's runtime environment (``credentials_env``), never
 through storage, and a resumed search takes them from the environment again. So the URI
 that is printed, stored (a tracker's ``tracking_uri``, pickled and in the search record)
-and shipped to trials carries none; ``TrackingTarget.stored`` reads a stored one back.
+and shipped to trials carries none.
 
 Default store: ``normlab_runs/mlflow.db`` (SQLite) and ``normlab_runs/mlartifacts`` in the
 working directory; on a cluster, an ``mlflow server`` every node can reach.
@@ -35,12 +35,6 @@ class TrackingTarget:
 
     uri: str
     artifact_root: str | None = None
-
-    @classmethod
-    def stored(cls, uri: str, artifact_root: str | None = None) -> TrackingTarget:
-        """The target a tracker stored as its fields (pickled by Ray, or in a search record):
-        the URI was stripped of credentials when the target was resolved."""
-        return cls(uri, artifact_root)
 
     @property
     def is_local_file_store(self) -> bool:

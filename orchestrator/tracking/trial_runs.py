@@ -118,7 +118,7 @@ class MlflowTrialTracker:
     @property
     def target(self) -> TrackingTarget:
         """Where this tracker's runs go."""
-        return TrackingTarget.stored(self.tracking_uri, self.artifact_root)
+        return TrackingTarget(self.tracking_uri, self.artifact_root)
 
     def _client(self) -> Any:
         return client(self.target)
