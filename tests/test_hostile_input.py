@@ -177,21 +177,22 @@ def test_counting_agrees_with_building(space):
         assert space.combination_count(limit=0) in (None, built)
 
 
+# nine whole-number knobs with ten values each: a grid of 10**9 combinations
+BILLION_GRID_KEYS = (
+    "epochs",
+    "seed",
+    "train_steps",
+    "eval_steps",
+    "cw_steps",
+    "square_queries",
+    "norm_groups",
+    "batch_size",
+    "eval_batch_size",
+)
+
+
 def test_a_billion_combinations_are_counted_not_built():
-    grid = {
-        k: GridKey(values=list(range(1, 11)))
-        for k in (
-            "epochs",
-            "seed",
-            "train_steps",
-            "eval_steps",
-            "cw_steps",
-            "square_queries",
-            "norm_groups",
-            "batch_size",
-            "eval_batch_size",
-        )
-    }
+    grid = {k: GridKey(values=list(range(1, 11))) for k in BILLION_GRID_KEYS}
     space = SearchSpace(name="huge", grid=grid)
     start = time.perf_counter()
     assert space.combination_count() == 10**9
@@ -470,20 +471,7 @@ HOSTILE_FILES: dict[str, tuple[bytes, str]] = {
         yaml.safe_dump(
             {
                 "name": "g",
-                "grid": {
-                    k: list(range(1, 11))
-                    for k in (
-                        "epochs",
-                        "seed",
-                        "train_steps",
-                        "eval_steps",
-                        "cw_steps",
-                        "square_queries",
-                        "norm_groups",
-                        "batch_size",
-                        "eval_batch_size",
-                    )
-                },
+                "grid": {k: list(range(1, 11)) for k in BILLION_GRID_KEYS},
             }
         ).encode(),
         "grid: 1,000,000,000 combinations of grid values; at most 10,000",
