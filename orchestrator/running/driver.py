@@ -100,8 +100,10 @@ def _row(result: Any, view: StageView, keys: list[str]) -> dict[str, Any]:
     row["epochs"] = metrics.get("epoch")
     row.update({c: metrics.get(c) for c in RESULT_COLUMNS})
     if result.error:
-        lines = str(result.error).strip().splitlines()
+        text = str(result.error)  # as Tune read it back: the type is gone, the file may be cut short
+        lines = text.strip().splitlines()
         row["error"] = (lines[-1] if lines else type(result.error).__name__)[:200]
+        row["storage_full"] = "StorageFullError" in text or "No space left on device" in text
     return row
 
 
@@ -309,6 +311,13 @@ def _run_stages(space: SearchSpace, folder: Location, record: SearchRecord, cons
     for row in rows:
         if row["status"] == "ERROR":
             console.print(f"[red]{row['trial']}[/]: {row['error']}")
+    if full := sum(row.get("storage_full", False) for row in rows):
+        # the trials' own error files may be cut short by the same full disk: say it here, whole
+        console.print(
+            f"[red]{full} trial(s) could not save to {escape(folder.uri)}[/]. Is the storage full or gone? "
+            f"Free space, then `normlab resume {escape(folder.uri)}`",
+            soft_wrap=True,
+        )
     table = results_table(f"search {folder.name}", rows, keys)
     tracker = record.tracker
     outcome = SearchOutcome(
