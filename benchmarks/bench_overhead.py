@@ -27,7 +27,8 @@ prepare_environment(local_ray=True)
 
 import torch  # noqa: E402
 
-from orchestrator.running.tuner import build_tuner, init_ray  # noqa: E402
+from orchestrator.running.connect import init_ray  # noqa: E402
+from orchestrator.running.tuner import build_tuner  # noqa: E402
 from orchestrator.searchfile.space import SearchSpace  # noqa: E402
 from orchestrator.tracking.search_run import check_reachable, search_running, start_search_run  # noqa: E402
 from orchestrator.tracking.target import resolve_tracking  # noqa: E402

@@ -368,20 +368,32 @@ def submit(
       normlab submit my_space.yaml --address head:6379 --tracking-uri http://mlflow:5000 \\
                      --storage-path s3://bucket/normlab
     """
+    from trainables import profiling
+
+    profiling.record("driver.start", profiling.process_started())  # process start to here: imports
     spec, path = _load_space(space, overrides)
     _prepare_ray(address)
-    from orchestrator.running.driver import run_search
+    # Ray first: its workers import what trials need (warmup) while this process imports the
+    # driver and sets up tracking. A tracking store that cannot be used still stops the
+    # search before any trial starts.
+    from orchestrator.running.connect import init_ray
 
-    target = _reachable_tracking(tracking_uri)
+    try:
+        with profiling.span("driver.ray_start"):
+            where = init_ray(address, num_cpus=num_cpus, datasets=tuple(map(str, spec.values_of("dataset"))))
+    except ConnectionError as exc:  # a cluster that went away since _prepare_ray probed it
+        raise UsageFailure(str(exc)) from exc
+    with profiling.span("driver.imports"):
+        from orchestrator.running.driver import run_search
+    with profiling.span("driver.tracking"):
+        target = _reachable_tracking(tracking_uri)
     if address and target.is_local_file_store:
         console.print(
             f"[yellow]warning:[/] tracking store {target.uri} is a local file: trials on other nodes "
             "cannot write to it; pass --tracking-uri http://... of an MLflow server"
         )
     with _search_errors():
-        outcome = run_search(
-            spec, path, target, address=address, storage_path=storage_path, num_cpus=num_cpus, console=console
-        )
+        outcome = run_search(spec, path, target, where=where, storage_path=storage_path, console=console)
     _print_outcome(outcome, resumed=False)
 
 

@@ -297,6 +297,18 @@ DATASETS: Registry[Loader] = Registry(
         "imagefolder": _load_imagefolder,
     },
 )
+# the modules a loader imports when first called (a Ray worker imports them as it starts:
+# orchestrator.running.warmup); a dataset missing here only loses that head start
+_LOADER_MODULES: dict[str, tuple[str, ...]] = {
+    "digits": ("sklearn.datasets", "sklearn.model_selection"),
+    "imagefolder": ("PIL.Image", "torchvision.io"),
+    **{name: ("torchvision.datasets",) for name in ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn")},
+}
+
+
+def loader_modules(name: str) -> tuple[str, ...]:
+    """The modules dataset ``name``'s loader imports on its first call (none known: empty)."""
+    return _LOADER_MODULES.get(name, ())
 
 
 def _subset_indices(n: int, k: int, split: str) -> Tensor:

@@ -55,7 +55,7 @@ import torch
 from pydantic import ValidationError
 from ray import tune
 
-from trainables import faults
+from trainables import faults, profiling
 from trainables.checkpoints import CHECKPOINT_FILE, save_checkpoint
 from trainables.config import TrialConfig, format_validation_error
 from trainables.environment import environment_tags
@@ -149,9 +149,11 @@ def train(
 ) -> None:
     """Ray Tune function trainable: one trial, one report (and maybe a checkpoint) per epoch."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a line per checkpoint
-    attempt = _begin(tracker)
-    cfg, knobs = _prepare(attempt, config, resolve)
-    checkpoint = _restore(attempt)
+    profiling.set_context(trial=tune.get_context().get_trial_name())
+    with profiling.span("trial.prepare"):
+        attempt = _begin(tracker)
+        cfg, knobs = _prepare(attempt, config, resolve)
+        checkpoint = _restore(attempt)
     reporter = _EpochReporter(attempt, cfg.epochs, knobs, every=checkpoint_every, keep=keep_checkpoints)
     try:
         run_trial(cfg, on_epoch=reporter.on_epoch, checkpoint=checkpoint)
@@ -175,12 +177,14 @@ class _Attempt:
     def sync(self) -> None:
         """Bring the run up to date (opening or re-attaching it), trying for ``EPOCH_SYNC_S``."""
         if self.tracker is not None:
-            self.tracker.sync(self.record, budget_s=EPOCH_SYNC_S)
+            with profiling.span("trial.tracking"):
+                self.tracker.sync(self.record, budget_s=EPOCH_SYNC_S)
 
     def finish(self, checkpoint_file: Path | None) -> None:
         """Bring the run up to date with the finished trial and close it, trying for ``FINAL_SYNC_S``."""
         if self.tracker is not None:
-            self.tracker.sync(self.record, budget_s=FINAL_SYNC_S, checkpoint_file=checkpoint_file, finish=True)
+            with profiling.span("trial.tracking", final=True):
+                self.tracker.sync(self.record, budget_s=FINAL_SYNC_S, checkpoint_file=checkpoint_file, finish=True)
 
     def fail(self, error: BaseException) -> NoReturn:
         """Record why the trial failed (run tag, and the fatal marker when retrying cannot help), then raise."""
@@ -283,17 +287,20 @@ class _EpochReporter:
         faults.maybe_kill("before_sync", name, epoch)
         self.attempt.sync()  # before the checkpoint: a kill between the two re-logs nothing (see module doc)
         with tempfile.TemporaryDirectory(prefix="normlab-ckpt-") as folder:
-            file = self._checkpoint(state, Path(folder), epoch) if save else None
+            with profiling.span("trial.checkpoint"):
+                file = self._checkpoint(state, Path(folder), epoch) if save else None
             if last:
                 # the run is complete before the last report: a scheduler may end the trial
                 # inside that report (ASHA does at max_t), and nothing after it would run
                 self.attempt.finish(file)
             faults.maybe_kill("after_sync", name, epoch)
-            _report(_shown(metrics, self.knobs), folder if save else None, epoch)
+            with profiling.span("trial.report", epoch=epoch):  # Tune persists the checkpoint here
+                _report(_shown(metrics, self.knobs), folder if save else None, epoch)
         if save:
-            self.attempt.storage.fsync()
-            faults.maybe_kill("after_report", name, epoch)
-            self.attempt.storage.prune(self.keep)
+            with profiling.span("trial.checkpoint"):
+                self.attempt.storage.fsync()
+                faults.maybe_kill("after_report", name, epoch)
+                self.attempt.storage.prune(self.keep)
         faults.training(name, epoch + 1)
 
     def _checkpoint(self, state: dict[str, Any], folder: Path, epoch: int) -> Path:

@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from torch import nn
 from tqdm.auto import tqdm
 
+from trainables import profiling
 from trainables.attacks import AttackSettings, Perturber, clean_accuracy, robust_accuracy
 from trainables.config import TrialConfig
 from trainables.data import DEFAULT_AUGMENTATION, TensorData, augment, batch_indices, load_dataset
@@ -218,6 +219,8 @@ class _Trial:
                     bar.set_postfix(loss=f"{losses[step].item():.4f}", refresh=False)
             bar.update()
         bar.close()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the epoch's kernels done: images/s measures them
         seconds = time.perf_counter() - start
         seen = len(batches) * cfg.batch_size
         return {
@@ -392,7 +395,8 @@ def run_trial(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     started = time.perf_counter()
-    trial = _Trial(cfg, checkpoint)
+    with profiling.span("trial.build"):
+        trial = _Trial(cfg, checkpoint)
     history: list[dict[str, float]] = []
     extra: dict[str, Any] = {}
     start_epoch = 1
@@ -403,10 +407,13 @@ def run_trial(
         start_epoch = int(checkpoint["epoch"]) + 1
     final: dict[str, float] = {}
     for epoch in range(start_epoch, cfg.epochs + 1):
-        metrics: dict[str, float] = {"epoch": epoch, **trial.train_epoch(epoch, progress)}
-        metrics.update(trial.evaluate_epoch())
+        with profiling.span("trial.train", epoch=epoch):
+            metrics: dict[str, float] = {"epoch": epoch, **trial.train_epoch(epoch, progress)}
+        with profiling.span("trial.eval", epoch=epoch):
+            metrics.update(trial.evaluate_epoch())
         if epoch == cfg.epochs:
-            final = trial.evaluate_final(clean_acc=metrics["clean_acc"])
+            with profiling.span("trial.final_eval", epoch=epoch):
+                final = trial.evaluate_final(clean_acc=metrics["clean_acc"])
             metrics.update(final)
         history.append(metrics)
         if log:

@@ -25,8 +25,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from orchestrator.running.callbacks import StateBackupCallback, TrialRunsCallback
+from orchestrator.running.connect import init_ray
 from orchestrator.running.stage_inputs import finished_trials, seeded_combinations
-from orchestrator.running.tuner import StudyRef, TrialResolver, build_tuner, init_ray, trainable
+from orchestrator.running.tuner import StudyRef, TrialResolver, build_tuner, trainable
 from orchestrator.searchfile.space import SearchSpace, StageView, stage_views
 from orchestrator.state import snapshots, storage
 from orchestrator.state.records import SearchRecord, load_record, write_record
@@ -42,6 +43,7 @@ from orchestrator.tracking.search_run import (
 )
 from orchestrator.tracking.summary import SearchSummary, describe, log_search_summary
 from orchestrator.tracking.target import TrackingTarget
+from trainables import profiling
 from trainables.environment import environment_tags
 
 RESULT_COLUMNS = ("final_clean_acc", "final_adv_acc")
@@ -295,7 +297,8 @@ def _run_stages(space: SearchSpace, folder: Location, record: SearchRecord, cons
                 study=_study(record, view),
                 combinations=combinations,
             )
-        results = list(_fit(tuner, stage_folder.uri))
+        with profiling.span("driver.fit", stage=view.name):
+            results = list(_fit(tuner, stage_folder.uri))
         _record_retried(_study(record, view), view, results, console)
         _print_front(_study(record, view), view, console)
         stage_rows = [_row(result, view, keys) for result in results]
@@ -327,7 +330,8 @@ def _run_stages(space: SearchSpace, folder: Location, record: SearchRecord, cons
         waiting,
         search_url(tracker.target, tracker.experiment_id, tracker.search_run, tracker.parent_run_id),
     )
-    outcome.summary = _finish(tracker, space, console, folder)
+    with profiling.span("driver.finish"):
+        outcome.summary = _finish(tracker, space, console, folder)
     return outcome
 
 
@@ -336,12 +340,12 @@ def run_search(
     space_file: Path,
     target: TrackingTarget,
     *,
-    address: str | None = None,
+    where: str,
     storage_path: str | None = None,
-    num_cpus: int | None = None,
     console: Console | None = None,
 ) -> SearchOutcome:
-    """Run every trial of ``space`` on Ray Tune, tracked in MLflow; return the results table."""
+    """Run every trial of ``space`` on Ray Tune (connected by ``connect.init_ray``, which said
+    ``where``), tracked in MLflow; return the results table."""
     from orchestrator.studies.study import default_storage
 
     console = console or Console(stderr=True)
@@ -349,7 +353,6 @@ def run_search(
     storage.require_bucket(root)
     experiment = _new_experiment_name(root, space.name)
     folder = root.child(experiment)
-    where = init_ray(address, num_cpus=num_cpus)
     s = space.search
     console.print(f"search {space.name!r}: {space.trial_count()} trial(s) on Ray {where}")
     console.print(f"  results and checkpoints: {folder.uri}")
@@ -383,9 +386,10 @@ def run_search(
         **({"normlab.study": studies[-1], "normlab.study_storage": study_storage} if study_storage else {}),
     }
     spec = space.model_dump(mode="json", by_alias=True)
-    tracker = start_search_run(
-        target, space.name, experiment, params=params, spec=spec, spec_file=space_file, tags=tags, name_keys=()
-    )  # named per stage, by what varies in it (_stage_tracker)
+    with profiling.span("driver.tracking"):
+        tracker = start_search_run(
+            target, space.name, experiment, params=params, spec=spec, spec_file=space_file, tags=tags, name_keys=()
+        )  # named per stage, by what varies in it (_stage_tracker)
     url = search_url(tracker.target, tracker.experiment_id, tracker.search_run, tracker.parent_run_id)
     console.print(f"  MLflow: {target.uri} (experiment {space.name!r}, run {experiment!r})")
     console.print(
@@ -421,7 +425,7 @@ def resume_search(
             )
         snapshots.check_loadable(stage_folder)  # before anything is changed: a search this version cannot restore
     check_reachable(record.target)
-    where = init_ray(address, num_cpus=num_cpus)
+    where = init_ray(address, num_cpus=num_cpus, datasets=tuple(map(str, space.values_of("dataset"))))
     console.print(f"resuming search {folder.name} on Ray {where}; MLflow {record.target.uri}")
     retried = [t for stage_folder in stage_folders for t in clear_fatal_markers(stage_folder)]
     if retried:

@@ -11,16 +11,13 @@ number kept) under the storage path, and retries from its last checkpoint up to
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
-import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator, Searcher
 
-from orchestrator.running.rayenv import check_ray_head
 from orchestrator.searchfile.space import SampleKey, SearchSpace, matches
 from trainables.config import TrialConfig
 from trainables.ray_trainable import train
@@ -238,59 +235,8 @@ def build_tuner(
             scheduler=scheduler(space),
             num_samples=s.num_samples,
             max_concurrent_trials=s.max_concurrent_trials,
+            # a slot's next trial runs in the same worker: no process start, no imports again
+            reuse_actors=True,
         ),
         run_config=run_config(space, storage_path, experiment, callbacks or []),
     )
-
-
-# ------------------------------------------------------------------- connecting
-
-
-# Ray's dashboard process asks cloud-metadata addresses (169.254.169.254,
-# metadata.google.internal) which cloud it runs on, whatever the usage-stats setting. For
-# a local Ray those requests go to a dead proxy on loopback instead; workers get the
-# user's own proxy settings back through the runtime environment.
-_PROXY_VARS = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "no_proxy", "NO_PROXY")
-_LOOPBACK_PROXY = {
-    "http_proxy": "http://127.0.0.1:9",
-    "https_proxy": "http://127.0.0.1:9",
-    "HTTP_PROXY": "http://127.0.0.1:9",
-    "HTTPS_PROXY": "http://127.0.0.1:9",
-    "no_proxy": "127.0.0.1,localhost,::1",
-    "NO_PROXY": "127.0.0.1,localhost,::1",
-}
-
-
-def init_ray(address: str | None, *, num_cpus: int | None = None) -> str:
-    """Connect to the cluster at ``address``, or start a local Ray bound to 127.0.0.1 only.
-
-    Returns a description of where the search runs. (``orchestrator.running.rayenv`` prepares the
-    environment, token authentication included, before ray is imported.)
-    """
-    if ray.is_initialized():
-        return "already connected"
-    address = address or os.environ.get("RAY_ADDRESS")  # e.g. inside `ray job submit`
-    from orchestrator.tracking.target import credentials_env
-
-    secrets = credentials_env()  # tracking credentials reach trials through Ray, never through storage
-    if address:
-        check_ray_head(address)
-        ray.init(address=address, logging_level="WARNING", runtime_env={"env_vars": secrets} if secrets else None)
-        return address
-    user_proxies = {k: os.environ.get(k, "") for k in _PROXY_VARS}
-    os.environ.update(_LOOPBACK_PROXY)
-    try:
-        ray.init(
-            address="local",
-            num_cpus=num_cpus,
-            include_dashboard=False,
-            logging_level="WARNING",
-            runtime_env={"env_vars": {**user_proxies, **secrets}},
-        )
-    finally:
-        for key, value in user_proxies.items():
-            if value:
-                os.environ[key] = value
-            else:
-                os.environ.pop(key, None)
-    return "local (127.0.0.1 only)"

@@ -456,6 +456,16 @@ class SearchSpace(NumbersNotBooleans):
         """Keys that vary between trials, in file order (for tables)."""
         return [*self.grid, *self.sample]
 
+    def values_of(self, key: str) -> list[Any]:
+        """Every value ``key`` may take in this search (fixed, grid, sampled choices; stages too);
+        TrialConfig's default when nothing sets it. A sampled range gives its bounds."""
+        values = [self.fixed[key]] if key in self.fixed else []
+        values += self.grid[key].values if key in self.grid else []
+        values += self.sample[key].probe_values() if key in self.sample else []
+        for view in stage_views(self) if self.stages else ():
+            values += view.space.values_of(key)
+        return list(dict.fromkeys(values or [default_of(key)]))
+
 
 def default_of(key: str) -> Any:
     """TrialConfig's default of ``key`` as a condition sees it (None for unknown keys)."""

@@ -1,0 +1,75 @@
+"""Connect to Ray: a cluster at an address, or a local Ray bound to 127.0.0.1 only.
+
+Light on purpose (ray, no torch): the command line starts Ray before it imports the rest
+of the driver, so the workers Ray starts warm up (``warmup``) while the driver imports
+torch and MLflow and sets up tracking. ``orchestrator.running.rayenv`` prepares the
+environment, token authentication included, before ray is imported.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+from orchestrator.running.rayenv import check_ray_head
+from orchestrator.running.warmup import DATASETS_ENV
+
+_connected: str | None = None  # where init_ray connected this process, for later callers
+
+
+# Ray's dashboard process asks cloud-metadata addresses (169.254.169.254,
+# metadata.google.internal) which cloud it runs on, whatever the usage-stats setting. For
+# a local Ray those requests go to a dead proxy on loopback instead; workers get the
+# user's own proxy settings back through the runtime environment.
+_PROXY_VARS = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "no_proxy", "NO_PROXY")
+_LOOPBACK_PROXY = {
+    "http_proxy": "http://127.0.0.1:9",
+    "https_proxy": "http://127.0.0.1:9",
+    "HTTP_PROXY": "http://127.0.0.1:9",
+    "HTTPS_PROXY": "http://127.0.0.1:9",
+    "no_proxy": "127.0.0.1,localhost,::1",
+    "NO_PROXY": "127.0.0.1,localhost,::1",
+}
+
+
+def init_ray(address: str | None, *, num_cpus: int | None = None, datasets: tuple[str, ...] = ()) -> str:
+    """Connect to the cluster at ``address``, or start a local Ray bound to 127.0.0.1 only.
+
+    Every worker of this job imports what a trial needs as it starts (``warmup``; ``datasets``:
+    the search's datasets, whose loaders' modules it imports too). Returns a description of
+    where the search runs. (``orchestrator.running.rayenv`` prepares the environment, token
+    authentication included, before ray is imported.)
+    """
+    global _connected
+    if ray.is_initialized():
+        return _connected or "already connected"
+    address = address or os.environ.get("RAY_ADDRESS")  # e.g. inside `ray job submit`
+    from orchestrator.tracking.target import credentials_env
+
+    secrets = credentials_env()  # tracking credentials reach trials through Ray, never through storage
+    warm_up = {"worker_process_setup_hook": "orchestrator.running.warmup.warm_up"}
+    env_vars = {**secrets, DATASETS_ENV: ",".join(datasets)}
+    if address:
+        check_ray_head(address)
+        ray.init(address=address, logging_level="WARNING", runtime_env={"env_vars": env_vars, **warm_up})
+        _connected = address
+        return address
+    user_proxies = {k: os.environ.get(k, "") for k in _PROXY_VARS}
+    os.environ.update(_LOOPBACK_PROXY)
+    try:
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            logging_level="WARNING",
+            runtime_env={"env_vars": {**user_proxies, **env_vars}, **warm_up},
+        )
+    finally:
+        for key, value in user_proxies.items():
+            if value:
+                os.environ[key] = value
+            else:
+                os.environ.pop(key, None)
+    _connected = "local (127.0.0.1 only)"
+    return _connected

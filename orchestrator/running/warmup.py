@@ -1,0 +1,57 @@
+"""What every Ray worker of a search imports the moment it starts, before a trial is given to it.
+
+``init_ray`` names ``warm_up`` as the job's ``worker_process_setup_hook``: Ray runs it in
+each worker process as the process starts (workers are started with the cluster's first
+driver, while the driver still sets up MLflow and the Tuner), so the few seconds of torch,
+torchattacks, MLflow and normlab imports a trial needs overlap the driver's own set-up
+instead of delaying the first epoch. With ``reuse_actors`` a worker then runs one trial
+after another without importing again. The datasets the search uses (``DATASETS_ENV``,
+set by the driver) have their loaders' modules imported too (scikit-learn for ``digits``).
+
+A hook that raises makes Ray drop the worker, so ``warm_up`` never raises: a module that
+cannot be imported here fails later, in the trial, with its own error.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+
+DATASETS_ENV = "NORMLAB_WARM_UP_DATASETS"
+# what a trial imports, heaviest first: the trainable, its training and attacks, the MLflow tracker
+MODULES = (
+    "trainables.ray_trainable",
+    "trainables.trial",
+    "torch._dynamo",  # torch.optim imports it on an optimizer's first construction (seconds)
+    "torchattacks",
+    "orchestrator.tracking.trial_runs",
+    "mlflow.tracking",
+)
+
+log = logging.getLogger("normlab.warmup")
+
+
+def warm_up() -> None:
+    """Import what a trial will need (``MODULES``, and the search's datasets' loaders); never raises."""
+    from trainables import profiling
+
+    profiling.record("worker.boot", profiling.process_started())  # the process and Ray's worker, to here
+    with profiling.span("worker.warm_up"):
+        for name in MODULES:
+            _try_import(name)
+        try:
+            from trainables.data import loader_modules
+
+            for dataset in filter(None, os.environ.get(DATASETS_ENV, "").split(",")):
+                for name in loader_modules(dataset):
+                    _try_import(name)
+        except Exception as exc:  # noqa: BLE001 - see the module doc
+            log.debug("warm-up of the datasets' loaders skipped: %s", exc)
+
+
+def _try_import(name: str) -> None:
+    try:
+        importlib.import_module(name)
+    except Exception as exc:  # noqa: BLE001 - see the module doc
+        log.debug("warm-up: cannot import %s: %s", name, exc)
