@@ -5,6 +5,8 @@
 #   make test-slow     the slow tests only (real data, killed workers, outages, several nodes, S3)
 #   make lint          ruff check and ruff format --check on the whole tree
 #   make bench         the benchmarks in benchmarks/
+#   make gpu-check     on a CUDA machine: cuda tests, AMP, norms, throughput, GPU packing (QUICK=1: shorter);
+#                      without CUDA it says so and runs its CPU part
 #   make lock          refresh requirements/lock.txt after a change to pyproject.toml
 #   make lock-upgrade  move every pin in requirements/lock.txt to the newest version allowed
 #   make test-latest   build .venv-latest at the newest versions pyproject allows and run the
@@ -16,7 +18,7 @@ PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.normlab-installed
 CHROMIUM ?= chromium
 
-.PHONY: setup browser quickstart test test-fast test-slow lint bench lock lock-upgrade test-latest clean
+.PHONY: setup browser quickstart test test-fast test-slow lint bench gpu-check lock lock-upgrade test-latest clean
 
 setup: $(STAMP) browser
 
@@ -102,6 +104,10 @@ bench: setup
 	$(PY) benchmarks/bench_norms.py
 	$(PY) benchmarks/bench_trial.py
 	$(PY) benchmarks/bench_overhead.py
+	$(PY) benchmarks/bench_search.py
+
+gpu-check: setup
+	$(PY) benchmarks/gpu_check.py --out normlab_runs/gpu_check $(if $(QUICK),--quick)
 
 clean:
 	rm -rf $(VENV) $(LATEST) .venv-lock .pytest_cache normlab_runs mlruns mlflow.db
