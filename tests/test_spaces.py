@@ -162,7 +162,7 @@ def test_quickstart_is_six_trials_of_the_issue():
     assert path == builtin_spaces()["quickstart"]
     assert space.trial_count() == 6
     assert space.grid["norm"].values == ["batchnorm", "batchnorm_batchstats", "robustnorm"]
-    assert space.grid["regime"].values == ["standard", "pgd_at"]
+    assert space.grid["regime"].values == ["pgd_at", "standard"]  # the longer trials first
     assert space.fixed["dataset"] == "digits" and space.fixed["model"] == "cnn"
     assert space.fixed["eval_attacks"] == ["fgsm", "pgd"]
 
