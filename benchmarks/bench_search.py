@@ -18,7 +18,11 @@ imports already done. Reported, median over ``--reps``:
   search (summary, report, plots) and the exit.
 
 Usage: python benchmarks/bench_search.py [--space quickstart] [--reps 3] [--num-cpus 2]
-       [--json-out F] [-- overrides...]
+       [--json-out F] [--code CHECKOUT] [-- overrides...]
+
+``--code`` runs the search with normlab from another checkout (a ``git worktree`` of an
+older commit: "before" figures on the same machine, same venv; a commit from before the
+spans existed gives the wall time and the efficiency only).
 """
 
 from __future__ import annotations
@@ -78,6 +82,8 @@ def breakdown(spans: list[dict[str, Any]], started: float, ended: float, slots: 
     """Where a search's wall time went, in seconds of wall time, from its spans (see the module doc)."""
     driver = [s for s in spans if s["span"].startswith("driver.")]
     fits = [s for s in driver if s["span"] == "driver.fit"]
+    if not fits:  # a normlab without spans (--code of an older commit): the wall time only
+        return {"(no spans)": ended - started}
     fit_lo, fit_hi = min(s["start"] for s in fits), max(s["end"] for s in fits)
     out: dict[str, float] = {}
     first = next((s for s in driver if s["span"] == "driver.start"), None)
@@ -111,12 +117,15 @@ def slots_of(trials: int, num_cpus: int, cpu_per_trial: float) -> int:
 
 
 def run_search(
-    space: str, overrides: list[str], num_cpus: int, workdir: Path
+    space: str, overrides: list[str], num_cpus: int, workdir: Path, code: Path | None = None
 ) -> tuple[float, float, list[dict[str, Any]], Path]:
-    """``normlab submit`` as a subprocess in ``workdir``: its start and end, its spans, its search folder."""
+    """``normlab submit`` as a subprocess in ``workdir`` (``code``: run normlab from that checkout
+    instead): its start and end, its spans, its search folder."""
     profile = workdir / "spans"
     profile.mkdir()
     env = {**os.environ, "NORMLAB_PROFILE": str(profile), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    if code is not None:
+        env["PYTHONPATH"] = str(code.resolve())
     normlab = [sys.executable, "-m", "orchestrator.cli"]
     command = [*normlab, "submit", space, *overrides, "--num-cpus", str(num_cpus), "--storage-path", "ray"]
     started = time.time()
@@ -164,6 +173,11 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--num-cpus", type=int, default=default_threads())
     parser.add_argument("--json-out", type=Path)
+    parser.add_argument(
+        "--code",
+        type=Path,
+        help="run the search with normlab from this checkout (e.g. a git worktree of an older commit)",
+    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the search file")
     args = parser.parse_args()
     from orchestrator.searchfile.load import load_space
@@ -173,7 +187,7 @@ def main() -> None:
     walls, computes, parts = [], [], []
     for rep in range(args.reps):
         with tempfile.TemporaryDirectory(prefix="bench-search-") as tmp:
-            started, ended, spans, folder = run_search(args.space, args.overrides, args.num_cpus, Path(tmp))
+            started, ended, spans, folder = run_search(args.space, args.overrides, args.num_cpus, Path(tmp), args.code)
             compute = bare(trial_values(folder, args.space, args.overrides))
         wall = ended - started
         walls.append(wall)

@@ -1,8 +1,9 @@
 """The ``normlab`` command line: trial | submit | resume | status | report | ui | validate.
 
 Every command reads flat ``KEY=VALUE`` overrides with the same names a search-space
-file and MLflow's params use. Bad input is reported (file, field, what is allowed) with
-exit code 2 before any work starts.
+file and MLflow's params use; ``submit`` and ``validate`` also take ``--profile NAME``, a
+profile of the search file, merged before the overrides. Bad input is reported (file,
+field, what is allowed) with exit code 2 before any work starts.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 from pydantic import ValidationError
@@ -135,6 +136,12 @@ DEFAULT_STORAGE = "normlab_runs/ray_results"  # orchestrator.state.storage.DEFAU
 LOCAL_RAY = "a local Ray on 127.0.0.1"  # orchestrator.running.rayenv, _prepare_ray
 
 overrides_argument = click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+profile_option = click.option(
+    "--profile",
+    metavar="NAME",
+    help="A profile of the search file (its profiles: section), merged over the file before the KEY=VALUE "
+    "overrides; the built-in paper spaces have `paper`, the papers' own scale.",
+)
 num_cpus_option = click.option("--num-cpus", type=click.IntRange(min=1), help="CPUs of the local Ray (default: all).")
 
 
@@ -245,12 +252,14 @@ def trial(
         console.print(f"wrote {json_out}")
 
 
-def _load_space(space: str, overrides: tuple[str, ...]) -> Any:
-    from orchestrator.searchfile.load import load_space
+def _load_space(space: str, overrides: tuple[str, ...], profile: str | None = None) -> Any:
+    from orchestrator.searchfile.load import UnknownProfile, load_space
     from orchestrator.searchfile.space import SpaceError
 
     try:
-        return load_space(space, overrides)
+        return load_space(space, overrides, profile)
+    except UnknownProfile as exc:
+        raise UsageFailure(f"unknown profile\n{exc}") from exc
     except SpaceError as exc:
         raise UsageFailure(f"invalid search space\n{exc}") from exc
 
@@ -303,7 +312,7 @@ def _search_errors(*also_usage: type[Exception]) -> Iterator[None]:
         raise UsageFailure(str(exc)) from exc
 
 
-def _print_outcome(outcome: Any, *, resumed: bool) -> None:
+def _print_outcome(outcome: Any, *, resumed: bool) -> NoReturn:
     """A finished search (submit, resume): its results table and MLflow UI link; with failed
     trials, how many and (after submit) the command that continues them, then exit code 1."""
     import shlex
@@ -311,7 +320,7 @@ def _print_outcome(outcome: Any, *, resumed: bool) -> None:
     out.print(outcome.table)
     console.print(f"MLflow UI: {outcome.ui_url}", soft_wrap=True, markup=False)
     if not outcome.failed:
-        return
+        _leave(0)
     if resumed:
         console.print(f"[red]{outcome.failed} trial(s) failed again[/]; see the errors above.")
     else:
@@ -319,27 +328,77 @@ def _print_outcome(outcome: Any, *, resumed: bool) -> None:
             f"[red]{outcome.failed} trial(s) failed[/]; see the errors above, then "
             f"`normlab resume {escape(shlex.quote(outcome.experiment_path))}` to continue them."
         )
-    raise SystemExit(1)
+    _leave(1)
+
+
+_EXIT_AT_ONCE = False  # set by ``entry``: this process is the `normlab` program, not a caller's
+
+
+def _leave(code: int) -> NoReturn:
+    """End a command that ran a search, with exit status ``code``.
+
+    As the `normlab` program (``entry``): Ray shut down, output and logs flushed, then the
+    process ends at once. Python's own teardown after a search (torch's, Ray's core worker's
+    and gRPC's native destructors) has nothing left to do and took 2-7 s here, one of the
+    larger costs of a small search. Everything the search wrote is already closed: MLflow
+    calls are synchronous, files are written whole. Called in-process (tests, a caller's
+    script): ``SystemExit(code)``, so the caller carries on.
+    """
+    if not _EXIT_AT_ONCE:
+        raise SystemExit(code)
+    import logging
+
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _space_summary(path: Path, spec: Any, profile: str | None) -> str:
+    """``FILE[ with profile NAME]: ok: search ...``: what ``validate`` found."""
+    s = spec.search
+    stages = f", stages {', '.join(spec.stages)}" if spec.stages else ""
+    return (
+        f"{path}{f' with profile {profile}' if profile else ''}: ok: search {spec.name!r}, {spec.trial_count()} "
+        f"trial(s){stages}, algorithm {s.algorithm}, scheduler {s.scheduler.type}, metric {s.describe()}, "
+        f"{spec.resources.cpu:g} CPU / {spec.resources.gpu:g} GPU per trial"
+    )
 
 
 @main.command()
 @click.argument("space")
 @overrides_argument
-def validate(space: str, overrides: tuple[str, ...]) -> None:
+@profile_option
+def validate(space: str, overrides: tuple[str, ...], profile: str | None) -> None:
     """Check a search space (a built-in name or a YAML file) without running anything.
 
-    Every problem is listed with the file, the key path and what is allowed; exit code 2.
+    Without --profile, the file and then every profile it defines (each with the overrides),
+    one line each; with --profile NAME, that profile only. Every problem is listed with the
+    file, the profile, the key path and what is allowed; exit code 2.
     """
-    spec, path = _load_space(space, overrides)
-    s = spec.search
-    stages = f", stages {', '.join(spec.stages)}" if spec.stages else ""
-    out.print(
-        escape(
-            f"{path}: ok: search {spec.name!r}, {spec.trial_count()} trial(s){stages}, algorithm "
-            f"{s.algorithm}, scheduler {s.scheduler.type}, metric {s.describe()}, {spec.resources.cpu:g} CPU / "
-            f"{spec.resources.gpu:g} GPU per trial"
-        )
-    )
+    if profile is not None:
+        spec, path = _load_space(space, overrides, profile)
+        out.print(escape(_space_summary(path, spec, profile)), soft_wrap=True)
+        return
+    from orchestrator.searchfile.load import load_every_profile
+    from orchestrator.searchfile.space import SpaceError
+
+    try:
+        path, results = load_every_profile(space, overrides)
+    except SpaceError as exc:
+        raise UsageFailure(f"invalid search space\n{exc}") from exc
+    failed = []
+    for name, result in results:
+        if isinstance(result, SpaceError):
+            failed.append(str(result))
+        else:
+            out.print(escape(_space_summary(path, result, name)), soft_wrap=True)  # one line each
+    if failed:
+        raise UsageFailure("invalid search space\n" + "\n".join(failed))
 
 
 @main.command()
@@ -351,6 +410,7 @@ def validate(space: str, overrides: tuple[str, ...]) -> None:
     "Ray Tune results and checkpoints: a shared folder or s3:// for several nodes. Default: {default}."
 )
 @num_cpus_option
+@profile_option
 def submit(
     space: str,
     overrides: tuple[str, ...],
@@ -358,6 +418,7 @@ def submit(
     tracking_uri: str | None,
     storage_path: str | None,
     num_cpus: int | None,
+    profile: str | None,
 ) -> None:
     """Run a search: every trial on Ray Tune, every trial in MLflow.
 
@@ -365,13 +426,14 @@ def submit(
     Examples:
       normlab submit quickstart
       normlab submit quickstart epochs=2 num_samples=3
+      normlab submit robustnorm_paper --profile paper data_dir=/data/cifar10 --address head:6379
       normlab submit my_space.yaml --address head:6379 --tracking-uri http://mlflow:5000 \\
                      --storage-path s3://bucket/normlab
     """
     from trainables import profiling
 
     profiling.record("driver.start", profiling.process_started())  # process start to here: imports
-    spec, path = _load_space(space, overrides)
+    spec, path = _load_space(space, overrides, profile)
     _prepare_ray(address)
     # Ray first: its workers import what trials need (warmup) while this process imports the
     # driver and sets up tracking. A tracking store that cannot be used still stops the
@@ -606,5 +668,13 @@ def ui(
     serve(args)
 
 
+def entry() -> None:
+    """The `normlab` program (console script, ``python -m orchestrator.cli``): ``main``, with a
+    search command ending the process at once when it is done (``_leave``)."""
+    global _EXIT_AT_ONCE
+    _EXIT_AT_ONCE = True
+    main()
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry()

@@ -27,6 +27,9 @@ MODULES = (
     "torchattacks",
     "orchestrator.tracking.trial_runs",
     "mlflow.tracking",
+    "orchestrator.display.views",  # the run's robust-accuracy plot, made when the trial ends
+    "matplotlib.figure",
+    "matplotlib.backends.backend_agg",
 )
 
 log = logging.getLogger("normlab.warmup")
