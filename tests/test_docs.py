@@ -7,7 +7,8 @@ Documents: ``README.md`` and ``docs/*.md``. What is checked:
   file and goes to ``load_space`` as it is. Any other block is a fragment of one (just a
   ``grid:``, a ``search:``, a ``stages:`` ...): it is merged into a minimal valid space
   (``name`` + fixed ``dataset: digits``, ``model: cnn``) and validated the same way.
-  A first line ``# fragment`` says so explicitly; ``# config-file`` marks a
+  A file's ``profiles:`` are checked too, each merged over it (``load_every_profile``, as
+  ``normlab validate`` does). A first line ``# fragment`` says so explicitly; ``# config-file`` marks a
   ``normlab trial --config`` file (validated as a trial configuration); ``# not-validated``
   leaves a block out (for a deliberately wrong example).
 - Every ``normlab <command> ... --flag`` in a fenced block (comments after `` # `` left
@@ -173,7 +174,7 @@ def test_docs_exist_and_have_examples():
 @pytest.mark.parametrize("example", YAML_EXAMPLES, ids=_ids(YAML_EXAMPLES))
 def test_yaml_example_validates(example: Example, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from orchestrator.cli import UsageFailure, build_trial_config
-    from orchestrator.searchfile.load import load_space
+    from orchestrator.searchfile.load import load_every_profile
     from orchestrator.searchfile.space import SpaceError
 
     first = example.text.lstrip().splitlines()[0].strip() if example.text.strip() else ""
@@ -198,10 +199,13 @@ def test_yaml_example_validates(example: Example, tmp_path: Path, monkeypatch: p
     whole = "name" in data and first != "# fragment"
     path.write_text(example.text if whole else yaml.safe_dump(merged_fragment(data), sort_keys=False), encoding="utf-8")
     try:
-        load_space(str(path))
+        _, results = load_every_profile(str(path))  # the file, then each of its profiles
+        errors = [str(result) for _, result in results if isinstance(result, SpaceError)]
     except SpaceError as exc:
+        errors = [str(exc)]
+    if errors:
         kind = "search file" if whole else "search-file fragment (inside a minimal space: name + fixed digits/cnn)"
-        pytest.fail(f"{example.where}: this {kind} does not validate:\n{exc}")
+        pytest.fail(f"{example.where}: this {kind} does not validate:\n" + "\n".join(errors))
 
 
 def _options(command: click.Command, parent: click.Context) -> set[str]:

@@ -16,6 +16,9 @@ A search space is one YAML file::
     max_failures: 2
     checkpoint: {every: 1, keep: 2}
 
+A file may also name ``profiles:``, partial files that ``--profile NAME`` merges over it
+(``profiles``); the space records which in ``profile``.
+
 Every trial key must be a ``TrialConfig`` field and every value one it accepts; a key
 with a ``when`` condition is only set for trials whose fixed or grid keys match it,
 others keep the ``TrialConfig`` default. ``load_space`` reports every problem at once,
@@ -348,6 +351,12 @@ class SearchSpace(NumbersNotBooleans):
     resources: Resources = Field(default_factory=Resources)
     max_failures: int = Field(2, ge=-1, description="retries of a failed trial from its last checkpoint (-1: forever)")
     checkpoint: CheckpointPolicy = Field(default_factory=CheckpointPolicy)
+    profile: str | None = Field(
+        None,
+        exclude_if=lambda v: v is None,  # a space resolved without a profile dumps as before
+        description="the profile of the file this space was resolved with (--profile; set by load_space, "
+        "never in a file): the search's record keeps it, and its MLflow run (tag normlab.profile)",
+    )
 
     @field_validator("name")
     @classmethod

@@ -31,6 +31,7 @@ from orchestrator.tracking.trial_runs import (
 )
 from trainables.environment import environment_tags
 
+TAG_PROFILE = "normlab.profile"  # the profile of the search file the search ran (``normlab submit --profile``)
 DRIVER_BUDGET_S = float(os.environ.get("NORMLAB_TRACKING_DRIVER_WAIT_S", 60))
 log = logging.getLogger("normlab.tracking")
 
@@ -119,11 +120,17 @@ def start_search_run(
     number_names: bool = False,
 ) -> MlflowTrialTracker:
     """Open the parent run of a search; return the tracker that trials use for child runs
-    (named by ``name_keys``, see ``run_names``)."""
+    (named by ``name_keys``, see ``run_names``). A ``spec`` resolved with a profile of its file
+    (``spec["profile"]``, ``normlab submit --profile``) records it as the tag ``normlab.profile``
+    and the param ``profile``."""
     from mlflow.entities import Param
 
     deadline = time.monotonic() + DRIVER_BUDGET_S
     all_tags = {TAG_SEARCH: experiment, TAG_SEARCH_RUN: run_name, "mlflow.source.git.commit": git_commit(), **tags}
+    profile = spec.get("profile")
+    if isinstance(profile, str):
+        all_tags[TAG_PROFILE] = profile
+        params = {"profile": profile, **params}
     try:
         experiment_id = retrying(
             "open the search's experiment", lambda: ensure_experiment(target, experiment), deadline
