@@ -267,6 +267,7 @@ def test_a_search_submitted_with_a_profile_records_it_and_resumes_with_it(tmp_pa
     write(tmp_path, TINY, "tiny.yaml")
     proc = run_normlab("submit", "tiny.yaml", "--profile", "tiny", "--num-cpus", "1", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "search 'profiled' (profile 'tiny'): 1 trial(s)" in proc.stderr
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'normlab_runs' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("profiled")
     runs = client.search_runs([experiment.experiment_id])

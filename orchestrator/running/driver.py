@@ -354,7 +354,8 @@ def run_search(
     experiment = _new_experiment_name(root, space.name)
     folder = root.child(experiment)
     s = space.search
-    console.print(f"search {space.name!r}: {space.trial_count()} trial(s) on Ray {where}")
+    profile = f" (profile {space.profile!r})" if space.profile else ""
+    console.print(f"search {space.name!r}{profile}: {space.trial_count()} trial(s) on Ray {where}")
     console.print(f"  results and checkpoints: {folder.uri}")
     study_storage = (s.storage or default_storage(target.uri)) if s.algorithm == "optuna" else None
     # one study per stage for a staged search (_study), named after the search and the stage
