@@ -13,8 +13,7 @@ import requests
 from conftest import free_port, normlab_env, run_normlab
 from mlflow.tracking import MlflowClient
 
-from orchestrator.tracking.links import runs_route, search_url
-from orchestrator.tracking.target import TrackingTarget, resolve_tracking
+from orchestrator.tracking.target import resolve_tracking
 from trainables.ray_trainable import runtime_settings
 
 
@@ -61,6 +60,12 @@ def test_ui_serves_the_default_store_on_loopback(tmp_path):
         page = requests.get(f"{base}/normlab/open", timeout=10)  # served by MLflow's own server (the plugin app)
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
         assert "mlflow.assistant.fab.autoOpenedOnFirstLoad_v1" in page.text and "location.replace(" in page.text
+        # the same page at the UI's own address, the form of the links normlab stores; without the query, MLflow's UI
+        at_root = requests.get(f"{base}/?normlab=open&expand={parent}", timeout=10)
+        assert at_root.status_code == 200 and at_root.text == page.text
+        assert at_root.headers["cache-control"] == "no-store"
+        ui_page = requests.get(f"{base}/?normlab=other", timeout=10).text
+        assert "normlab" not in ui_page and ui_page == requests.get(base, timeout=10).text
         runs = requests.post(
             f"{base}/api/2.0/mlflow/runs/search", json={"experiment_ids": [experiment]}, timeout=10
         ).json()
@@ -85,18 +90,3 @@ def test_trials_take_threads_and_device_from_their_ray_resources():
 def test_ui_refuses_a_search_it_does_not_have(tmp_path):
     proc = run_normlab("ui", "--search", "nosuch", cwd=tmp_path, timeout=120)
     assert proc.returncode == 2 and "no search named 'nosuch'" in proc.stderr
-
-
-def test_ui_links_go_to_the_runs_table_of_one_search():
-    assert (
-        runs_route("7", "s-20250101-000000")
-        == "#/experiments/7/runs?workflowType=machine_learning&searchFilter=tags.%60normlab.search_run%60%20%3D%20%27s-20250101-000000%27"
-    )
-    assert (
-        search_url(TrackingTarget("http://mlflow.example:5000/"), "7")
-        == "http://mlflow.example:5000/#/experiments/7/runs?workflowType=machine_learning"
-    )
-    assert (
-        search_url(TrackingTarget("sqlite:////x/mlflow.db"), "7", "", "abc", ui="http://127.0.0.1:5001")
-        == "http://127.0.0.1:5001/normlab/open?expand=abc#/experiments/7/runs?workflowType=machine_learning"
-    )

@@ -8,9 +8,10 @@ parent run gets:
   ``trials_finished``, ``trials_failed``, ``trials_killed``, ``trials_running``; each
   summary at the next step (0 after submit, 1 after the first resume, ...);
 - tags: ``normlab.best_run_name``, ``normlab.best_run_id``, ``normlab.best_run_url`` (a
-  link to its run page), ``normlab.best_by`` (what "best" means, e.g. ``final_adv_acc (max)``);
+  link to its run page, through normlab's page: ``orchestrator.tracking.links``),
+  ``normlab.best_by`` (what "best" means, e.g. ``final_adv_acc (max)``);
 - its description (``mlflow.note.content``, unless someone wrote their own): the best
-  trial with a link, and the counts;
+  trial with a link (relative to the UI's address, the same way), and the counts;
 - files: every entry of ``REPORT_FILES`` (``summary/trials.md``, ``summary/trials.csv``:
   one row per trial with its name, status, the keys that vary, final clean and
   adversarial accuracy). To add a report, add a function of the trials to ``REPORT_FILES``
@@ -35,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from orchestrator.tracking.client import client
-from orchestrator.tracking.links import run_route, ui_base, ui_url
+from orchestrator.tracking.links import run_link, run_url
 from orchestrator.tracking.retry import TrackingError, retrying
 from orchestrator.tracking.run_names import ALWAYS, format_value
 from orchestrator.tracking.tables import markdown_table
@@ -234,7 +235,6 @@ def log_search_summary(
     """Summarise the search's trial runs on its parent run; None (and a warning) if MLflow
     stayed unreachable for ``budget_s`` seconds or refused."""
     deadline = time.monotonic() + budget_s
-    base = ui_base(tracker.target)
     try:
         trials = retrying("read the search's trial runs", lambda: read_trials(tracker), deadline)
         # the keys runs are named by, where there are some (a staged search's parent run names none)
@@ -245,9 +245,9 @@ def log_search_summary(
             mode=mode,
             keys=keys,
             files=files,
-            link=lambda run_id: ui_url(base, run_route(tracker.experiment_id, run_id)),
-            note_link=lambda run_id: run_route(tracker.experiment_id, run_id),
-        )  # within the UI
+            link=lambda run_id: run_url(tracker.target, tracker.experiment_id, run_id),
+            note_link=lambda run_id: run_link(tracker.experiment_id, run_id),  # within the UI, wherever it is
+        )
         retrying("log the search's summary", lambda: _log(tracker, summary), deadline)
     except TrackingError as exc:
         log.warning("search run %s: its summary could not be logged: %s", tracker.parent_run_id, exc)

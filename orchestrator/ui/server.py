@@ -10,6 +10,11 @@ visit to the experiment, its table shows the final accuracies and names that fit
 it replaces itself with the route after ``#``. A key MLflow renames later only makes the
 page a plain redirect.
 
+The UI's own address with ``?normlab=open`` (``/?normlab=open&expand=...#<route>``) is the
+same page here, and MLflow's UI on a server without this app (which has no
+``/normlab/open``): the form of the links normlab stores, which open on either
+(``orchestrator.tracking.links``).
+
 It is an MLflow app plugin (entry point group ``mlflow.app``, name ``normlab``):
 ``mlflow server --app-name normlab`` serves it, and ``normlab ui`` runs MLflow's own
 ``mlflow ui`` command that way (``serve``), registering the entry point first when the
@@ -24,6 +29,8 @@ from typing import Any
 
 APP_NAME = "normlab"
 APP_REF = "orchestrator.ui.server:app"
+OPEN_PATH = "/normlab/open"  # the page (links.OPEN_PATH)
+OPEN_PARAM = ("normlab", "open")  # ``/?normlab=open``: the page at the UI's own address (links.OPEN_QUERY)
 
 # MLflow's UI keeps its settings in localStorage as <key>_v<version> = JSON, and each
 # experiment page's table state under MLflowLocalStorage-1.1-ExperimentPage-["<id>"]-
@@ -71,11 +78,21 @@ def _open_page() -> Any:  # a Flask view
     return Response(OPEN_PAGE, mimetype="text/html", headers={"Cache-Control": "no-store"})
 
 
+def _open_page_at_root() -> Any:  # a Flask before_request hook: None lets MLflow answer
+    from flask import request
+
+    # "serve": the view of MLflow's UI page (``/``, under its static prefix if it has one)
+    if request.endpoint == "serve" and request.args.get(OPEN_PARAM[0]) == OPEN_PARAM[1]:
+        return _open_page()
+    return None
+
+
 def _build_app() -> Any:
     from mlflow.server import app as flask_app
 
     if "normlab_open" not in flask_app.view_functions:
-        flask_app.add_url_rule("/normlab/open", "normlab_open", _open_page)
+        flask_app.add_url_rule(OPEN_PATH, "normlab_open", _open_page)
+        flask_app.before_request(_open_page_at_root)
     # MLflow's ASGI app mounts this same Flask app: the page is served by MLflow's server,
     # behind its own host checks and middleware
     from mlflow.server.fastapi_app import app as asgi_app
