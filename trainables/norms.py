@@ -118,29 +118,41 @@ def _per_channel(v: Tensor, ndim: int) -> Tensor:
     return v.view((1, -1) + (1,) * (ndim - 2))
 
 
-def _channel_mean(x3: Tensor, path: str) -> Tensor:
-    """Per-channel mean of (N, C, L) over N and L, in float32 or wider.
+def _channel_stats(x3: Tensor, fixed_mean: Tensor | None, path: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per channel of (N, C, L): ``mu`` (the mean, or ``fixed_mean``) and ``r = max - min`` in the
+    statistics dtype, and the first sample holding the max (``hi_n``) and the min (``lo_n``).
 
-    fused: summed over L first, then over N, like the max and min passes that follow
-    (whole RobustNorm training steps measured 10-20% faster than with one reduction over
-    (0, 2), two threads, ResNet-20 shapes). generic: one reduction, accumulated in the
-    statistics dtype.
+    Max and min go over the contiguous last dim first, then over N: fast vectorized passes
+    (a max/min with indices over L, or ``torch.aminmax``, is several times slower), exact in
+    any dtype. fused: the mean is summed the same way (whole training steps measured 10-20%
+    faster than with one reduction over (0, 2), two threads, ResNet-20 shapes), in x's
+    dtype. generic: one reduction accumulated in at least float32.
     """
+    hi, hi_n = x3.amax(dim=2).max(dim=0)
+    lo, lo_n = x3.amin(dim=2).min(dim=0)
     if path == "fused":
-        return x3.sum(dim=2).sum(dim=0).div_(x3.shape[0] * x3.shape[2])
-    return x3.mean(dim=(0, 2), dtype=_acc_dtype(x3.dtype))
+        r = hi - lo
+        if fixed_mean is None:
+            return x3.sum(dim=2).sum(dim=0).div_(x3.shape[0] * x3.shape[2]), r, hi_n, lo_n
+        return fixed_mean.to(r.dtype), r, hi_n, lo_n
+    acc = _acc_dtype(x3.dtype)
+    r = hi.to(acc) - lo.to(acc)
+    mu = x3.mean(dim=(0, 2), dtype=acc) if fixed_mean is None else fixed_mean.to(acc)
+    return mu, r, hi_n, lo_n
 
 
-def _normalize(x: Tensor, mean: Tensor, s: Tensor, weight: Tensor | None, bias: Tensor | None, path: str) -> Tensor:
+def _normalize(
+    x: Tensor, mean: Tensor, s: Tensor, var: Tensor | None, weight: Tensor | None, bias: Tensor | None
+) -> Tensor:
     """``(x - mean) / s * weight + bias`` per channel of (N, C, *), a fresh tensor of x's dtype.
 
-    fused: batch norm's eval-mode kernel with variance ``s ** 2`` and eps 0 (its
-    ``1 / sqrt(s ** 2)`` is ``1 / s`` up to rounding): one pass, about twice as fast on the
-    CPU as broadcasting ops. generic: ``(x - mean) * (weight / s) + bias`` in the
-    statistics dtype, cast back to x's dtype.
+    fused (``var = s * s`` given): batch norm's eval-mode kernel with variance ``var`` and
+    eps 0 (its ``1 / sqrt(s ** 2)`` is ``1 / s`` up to rounding): one pass, about twice as
+    fast on the CPU as broadcasting ops. generic (``var`` None): ``(x - mean) * (weight /
+    s) + bias`` in the statistics dtype, cast back to x's dtype.
     """
-    if path == "fused":
-        return torch.batch_norm(x, weight, bias, mean, s * s, False, 0.0, 0.0, False)
+    if var is not None:
+        return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, 0.0, False)
     acc = mean.dtype
     scale = 1.0 / s if weight is None else weight.to(acc) / s
     y = (x.to(acc) - _per_channel(mean, x.dim())) * _per_channel(scale, x.dim())
@@ -149,20 +161,25 @@ def _normalize(x: Tensor, mean: Tensor, s: Tensor, weight: Tensor | None, bias: 
     return y.to(x.dtype)
 
 
-def _normalize_grad_sums(g3: Tensor, x3: Tensor, mean: Tensor, s: Tensor, path: str) -> tuple[Tensor, Tensor]:
+def _normalize_grad_sums(g3: Tensor, x3: Tensor, mean: Tensor, s: Tensor, var: Tensor | None) -> tuple[Tensor, Tensor]:
     """Per channel of (N, C, L): ``sum(g * (x - mean)) / s`` and ``sum(g)``, in the statistics dtype.
 
-    fused: one pass of batch norm's eval-mode backward reduction (its weight and bias
-    gradients). generic: two reductions over broadcasting ops, (x - mean) formed first so
-    a large mean cannot cancel the sum.
+    fused (``var`` given): one pass of batch norm's eval-mode backward reduction (its
+    weight and bias gradients). generic: two reductions over broadcasting ops, (x - mean)
+    formed first so a large mean cannot cancel the sum.
     """
-    if path == "fused":
-        _, g_xhat, sum_g = _BN_BACKWARD(g3, x3, None, mean, s * s, None, None, False, 0.0, [False, True, True])
+    if var is not None:
+        _, g_xhat, sum_g = _BN_BACKWARD(g3, x3, None, mean, var, None, None, False, 0.0, [False, True, True])
         return g_xhat, sum_g
     acc = mean.dtype
     g = g3.to(acc)
     sum_g = g.sum(dim=(0, 2))
     return (g * (x3.to(acc) - mean.view(1, -1, 1))).sum(dim=(0, 2)) / s, sum_g
+
+
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)``, without a dispatcher call when it already is."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 class _RobustNormFn(torch.autograd.Function):
@@ -173,10 +190,13 @@ class _RobustNormFn(torch.autograd.Function):
         mu = mean (or ``fixed_mean`` when given), r = max - min, s = r ** p + eps
         y  = (x - mu) / s * w + b
 
-    Forward is three vectorized reductions (mean, max, min) and one pass; backward one
-    reduction and one pass, with few small ops around them, so little per-call overhead.
-    Which kernels run those passes is chosen per call (``kernel_path``): batch norm's
-    own on the CPU in float32/float64, broadcasting ops everywhere else.
+    Forward is three vectorized reductions (max, min, sum) and one pass; backward one
+    reduction and one pass. Around those passes as few small ops as will do: in a whole
+    training step with two threads, every serial op between two parallel passes is time
+    in which the other thread idles, and every tensor allocated among the step's large
+    activations is a chance for the heap to fragment (page faults). Which kernels run the
+    passes is chosen per call (``kernel_path``): batch norm's own on the CPU in
+    float32/float64, broadcasting ops everywhere else.
 
     The gradient through ``r`` reaches one arg-max and one arg-min element per channel
     (the first sample holding the extremum, and the first position in it: the
@@ -191,46 +211,39 @@ class _RobustNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, fixed_mean, power: float, eps: float, running=None):  # type: ignore[override]
         path = kernel_path(x, weight, bias, fixed_mean)
-        x3 = _as_ncl(x)
-        batch_mean = fixed_mean is None
-        acc = x.dtype if path == "fused" else _acc_dtype(x.dtype)
-        mu = _channel_mean(x3, path) if batch_mean else fixed_mean.to(acc)
-        # max and min over the contiguous last dim, then over N: fast vectorized passes
-        # (a max/min with indices, or torch.aminmax, is several times slower); exact in any dtype
-        hi, hi_n = x3.amax(dim=2).max(dim=0)
-        lo, lo_n = x3.amin(dim=2).min(dim=0)
-        r = hi.to(acc) - lo.to(acc)
-        s = r.pow(power) + eps
-        y = _normalize(x, mu, s, weight, bias, path)
-        ctx.save_for_backward(x, weight, mu, s, r, hi_n, lo_n)
-        ctx.power, ctx.batch_mean, ctx.has_bias, ctx.path = power, batch_mean, bias is not None, path
+        mu, r, hi_n, lo_n = _channel_stats(_as_ncl(x), fixed_mean, path)
+        s = r.pow(power).add_(eps)
+        var = s * s if path == "fused" else None  # batch norm's kernels divide by sqrt(var)
+        y = _normalize(x, mu, s, var, weight, bias)
+        ctx.save_for_backward(x, weight, mu, s, var, r, hi_n, lo_n)
+        ctx.power, ctx.batch_mean, ctx.has_bias = power, fixed_mean is None, bias is not None
         if running is not None:
             running_mean, running_range, momentum = running
-            running_mean.lerp_(mu.to(running_mean.dtype), momentum)
-            running_range.lerp_(r.to(running_range.dtype), momentum)
+            running_mean.lerp_(_cast(mu, running_mean.dtype), momentum)
+            running_range.lerp_(_cast(r, running_range.dtype), momentum)
         return y
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
-        x, weight, mu, s, r, hi_n, lo_n = ctx.saved_tensors
-        path = ctx.path
+        x, weight, mu, s, var, r, hi_n, lo_n = ctx.saved_tensors
         x3, g3 = _as_ncl(x), _as_ncl(g)
-        g_xhat, sum_g = _normalize_grad_sums(g3, x3, mu, s, path)  # sum(g * xhat), xhat = (x - mu) / s
+        g_xhat, sum_g = _normalize_grad_sums(g3, x3, mu, s, var)  # sum(g * xhat), xhat = (x - mu) / s
         mean_g = sum_g / (x3.shape[0] * x3.shape[2]) if ctx.batch_mean else torch.zeros_like(sum_g)
-        acc = mu.dtype
-        gx = _normalize(g3 if path == "fused" else g3.to(acc), mean_g, s, weight, None, path)  # (g - mean(g)) * w / s
-        # through the range: d loss / d r = d loss / d s * p * r ** (p - 1), d loss / d s = -w * sum(g * xhat) / s
+        gx = _normalize(_cast(g3, mu.dtype), mean_g, s, var, weight, None)  # (g - mean(g)) * w / s
+        # through the range: d loss / d r = d loss / d s * p * r ** (p - 1), d loss / d s = -w * sum(g * xhat) / s;
+        # none for a constant channel (r = 0, where r ** (p - 1) may be inf)
         p = ctx.power
-        w_g_xhat = g_xhat if weight is None else weight.to(acc) * g_xhat
-        g_r = torch.where(r > 0, r.pow(p - 1) * w_g_xhat / s * -p, 0.0)
+        w_g_xhat = g_xhat if weight is None else _cast(weight, mu.dtype) * g_xhat
+        g_r = r.pow(p - 1).mul_(w_g_xhat).div_(s).mul_(-p).masked_fill_(r <= 0, 0.0)
+        g_r = _cast(g_r, gx.dtype)
         channels = torch.arange(r.numel(), device=r.device)
         hi_l = x3[hi_n, channels].argmax(dim=1)
         lo_l = x3[lo_n, channels].argmin(dim=1)
-        gx.index_put_((hi_n, channels, hi_l), g_r.to(gx.dtype), accumulate=True)
-        gx.index_put_((lo_n, channels, lo_l), g_r.neg().to(gx.dtype), accumulate=True)
-        g_weight = g_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        g_bias = sum_g.to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return gx.view_as(x).to(x.dtype), g_weight, g_bias, None, None, None, None
+        gx.index_put_((hi_n, channels, hi_l), g_r, accumulate=True)
+        gx.index_put_((lo_n, channels, lo_l), g_r.neg(), accumulate=True)
+        g_weight = _cast(g_xhat, weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        g_bias = _cast(sum_g, weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return _cast(gx.view_as(x), x.dtype), g_weight, g_bias, None, None, None, None
 
 
 class RobustNorm(nn.Module):
