@@ -5,6 +5,8 @@
 #   make test-slow     the slow tests only (real data, killed workers, outages, several nodes, S3)
 #   make lint          ruff check and ruff format --check on the whole tree
 #   make bench         the benchmarks in benchmarks/
+#   make bench-search-efficiency   Optuna (TPE, NSGA-II, with and without ASHA) vs the full grid on a
+#                      RobustNorm space: trial-epochs to the grid's best (about 80 min on one core)
 #   make gpu-check     on a CUDA machine: cuda tests, AMP, norms, throughput, GPU packing (QUICK=1: shorter);
 #                      without CUDA it says so and runs its CPU part
 #   make lock          refresh requirements/lock.txt after a change to pyproject.toml
@@ -18,7 +20,7 @@ PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.normlab-installed
 CHROMIUM ?= chromium
 
-.PHONY: setup browser quickstart test test-fast test-slow lint bench gpu-check lock lock-upgrade test-latest clean
+.PHONY: setup browser quickstart test test-fast test-slow lint bench bench-search-efficiency gpu-check lock lock-upgrade test-latest clean
 
 setup: $(STAMP) browser
 
@@ -105,6 +107,10 @@ bench: setup
 	$(PY) benchmarks/bench_trial.py
 	$(PY) benchmarks/bench_overhead.py
 	$(PY) benchmarks/bench_search.py
+
+bench-search-efficiency: setup
+	$(PY) benchmarks/bench_search_efficiency.py --grid-cache normlab_runs/bench/efficiency_grid.json \
+		--runs-cache normlab_runs/bench/efficiency_runs.json --json-out normlab_runs/bench/search_efficiency.json
 
 gpu-check: setup
 	$(PY) benchmarks/gpu_check.py --out normlab_runs/gpu_check $(if $(QUICK),--quick)
