@@ -194,6 +194,25 @@ def test_matches_the_previous_implementation(shape, mode, path, affine, dtype):
             _assert_same(_run(layer, x, g), _run(previous, x, g), dtype)
 
 
+@pytest.mark.parametrize("layout", ["channels_last", "transposed"])
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+@pytest.mark.parametrize("mode", MODES)
+def test_non_contiguous_inputs_match_the_previous_implementation(layout, path, mode):
+    """The fused path writes into a tensor it allocates like the input: other layouts than NCHW too."""
+    layer = _layer((6, 4, 5, 7), mode, torch.float32)
+    previous = as_previous(layer)
+    base = torch.randn(6, 4, 5, 7) * 3 - 1
+    if layout == "channels_last":
+        x = base.contiguous(memory_format=torch.channels_last)
+    else:
+        x = base.transpose(2, 3).contiguous().transpose(2, 3)  # same values, H and W strides swapped
+    assert not x.is_contiguous() and torch.equal(x, base)
+    g = torch.randn(6, 4, 5, 7)
+    with force_kernel_path(path):
+        new, old = _run(layer, x, g), _run(previous, x, g)
+    _assert_same(new, old, torch.float32)
+
+
 @pytest.mark.parametrize("path", KERNEL_PATHS)
 @pytest.mark.parametrize("mode", ["train", "batch", "mixed"])
 def test_tied_extrema_send_the_range_gradient_to_the_same_elements(path, mode):

@@ -53,6 +53,7 @@ def _as_ncl(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], x.shape[1], -1)
 
 
+_BN_INTO = torch.ops.aten.native_batch_norm.out
 _BN_BACKWARD = torch.ops.aten.native_batch_norm_backward.default
 
 # --- kernel paths ---------------------------------------------------------------------
@@ -142,17 +143,30 @@ def _channel_stats(x3: Tensor, fixed_mean: Tensor | None, path: str) -> tuple[Te
 
 
 def _normalize(
-    x: Tensor, mean: Tensor, s: Tensor, var: Tensor | None, weight: Tensor | None, bias: Tensor | None
+    x: Tensor,
+    mean: Tensor,
+    s: Tensor,
+    var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    out: Tensor | None = None,
 ) -> Tensor:
-    """``(x - mean) / s * weight + bias`` per channel of (N, C, *), a fresh tensor of x's dtype.
+    """``(x - mean) / s * weight + bias`` per channel of (N, C, *), in x's dtype.
 
     fused (``var = s * s`` given): batch norm's eval-mode kernel with variance ``var`` and
-    eps 0 (its ``1 / sqrt(s ** 2)`` is ``1 / s`` up to rounding): one pass, about twice as
-    fast on the CPU as broadcasting ops. generic (``var`` None): ``(x - mean) * (weight /
-    s) + bias`` in the statistics dtype, cast back to x's dtype.
+    eps 0 (its ``1 / sqrt(s ** 2)`` is ``1 / s`` up to rounding), written into ``out``
+    (``torch.empty_like(x)`` allocated by the caller, see ``_RobustNormFn``) or a fresh
+    tensor: one pass, about twice as fast on the CPU as broadcasting ops. generic (``var`` None):
+    ``(x - mean) * (weight / s) + bias`` in the statistics dtype, cast back to x's dtype,
+    a fresh tensor.
     """
-    if var is not None:
+    if var is not None and out is None:
         return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, 0.0, False)
+    if var is not None:
+        _BN_INTO(
+            x, weight, bias, mean, var, False, 0.0, 0.0, out=out, save_mean=x.new_empty(0), save_invstd=x.new_empty(0)
+        )
+        return out
     acc = mean.dtype
     scale = 1.0 / s if weight is None else weight.to(acc) / s
     y = (x.to(acc) - _per_channel(mean, x.dim())) * _per_channel(scale, x.dim())
@@ -191,12 +205,19 @@ class _RobustNormFn(torch.autograd.Function):
         y  = (x - mu) / s * w + b
 
     Forward is three vectorized reductions (max, min, sum) and one pass; backward one
-    reduction and one pass. Around those passes as few small ops as will do: in a whole
-    training step with two threads, every serial op between two parallel passes is time
-    in which the other thread idles, and every tensor allocated among the step's large
-    activations is a chance for the heap to fragment (page faults). Which kernels run the
-    passes is chosen per call (``kernel_path``): batch norm's own on the CPU in
-    float32/float64, broadcasting ops everywhere else.
+    reduction and one pass, with as few small ops around them as will do (in a training
+    step with two threads, every serial op between two parallel passes is time the other
+    thread idles). Which kernels run the passes is chosen per call (``kernel_path``):
+    batch norm's own on the CPU in float32/float64, broadcasting ops everywhere else.
+
+    On the fused path the large result (the output in forward, the input gradient in
+    backward) is allocated first, before the small per-channel tensors, as batch norm's
+    own kernels do. Allocated last, it came from another place in glibc's heap, which
+    then gave more of its free top back to the kernel during every step: a ResNet-20
+    training step page-faulted about 26,000 times against ``nn.BatchNorm2d``'s 11,000
+    (two threads, each network in its own process, medians of five), at several
+    microseconds a fault on a VM as much as RobustNorm's whole layer-level saving; in this
+    order about 9,000 times (``benchmarks/bench_step.py`` prints faults per step).
 
     The gradient through ``r`` reaches one arg-max and one arg-min element per channel
     (the first sample holding the extremum, and the first position in it: the
@@ -211,10 +232,11 @@ class _RobustNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, fixed_mean, power: float, eps: float, running=None):  # type: ignore[override]
         path = kernel_path(x, weight, bias, fixed_mean)
+        y = torch.empty_like(x) if path == "fused" else None  # first: see the class docstring
         mu, r, hi_n, lo_n = _channel_stats(_as_ncl(x), fixed_mean, path)
         s = r.pow(power).add_(eps)
         var = s * s if path == "fused" else None  # batch norm's kernels divide by sqrt(var)
-        y = _normalize(x, mu, s, var, weight, bias)
+        y = _normalize(x, mu, s, var, weight, bias, out=y)
         ctx.save_for_backward(x, weight, mu, s, var, r, hi_n, lo_n)
         ctx.power, ctx.batch_mean, ctx.has_bias = power, fixed_mean is None, bias is not None
         if running is not None:
@@ -227,9 +249,10 @@ class _RobustNormFn(torch.autograd.Function):
     def backward(ctx, g):  # type: ignore[override]
         x, weight, mu, s, var, r, hi_n, lo_n = ctx.saved_tensors
         x3, g3 = _as_ncl(x), _as_ncl(g)
+        gx = torch.empty_like(g3) if var is not None else None  # first: see the class docstring
         g_xhat, sum_g = _normalize_grad_sums(g3, x3, mu, s, var)  # sum(g * xhat), xhat = (x - mu) / s
         mean_g = sum_g / (x3.shape[0] * x3.shape[2]) if ctx.batch_mean else torch.zeros_like(sum_g)
-        gx = _normalize(_cast(g3, mu.dtype), mean_g, s, var, weight, None)  # (g - mean(g)) * w / s
+        gx = _normalize(_cast(g3, mu.dtype), mean_g, s, var, weight, None, out=gx)  # (g - mean(g)) * w / s
         # through the range: d loss / d r = d loss / d s * p * r ** (p - 1), d loss / d s = -w * sum(g * xhat) / s;
         # none for a constant channel (r = 0, where r ** (p - 1) may be inf)
         p = ctx.power
