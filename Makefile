@@ -104,6 +104,7 @@ test-slow: setup
 
 bench: setup
 	$(PY) benchmarks/bench_norms.py
+	$(PY) benchmarks/bench_step.py
 	$(PY) benchmarks/bench_trial.py
 	$(PY) benchmarks/bench_overhead.py
 	$(PY) benchmarks/bench_search.py
