@@ -20,9 +20,9 @@ PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.normlab-installed
 CHROMIUM ?= chromium
 
-.PHONY: setup browser quickstart test test-fast test-slow lint bench bench-search-efficiency gpu-check lock lock-upgrade test-latest clean
+.PHONY: setup browser postgres quickstart test test-fast test-slow lint bench bench-search-efficiency gpu-check lock lock-upgrade test-latest clean
 
-setup: $(STAMP) browser
+setup: $(STAMP) browser postgres
 
 # The browser test (tests/test_ui_browser.py) drives Debian's Chromium through playwright,
 # which never downloads a browser of its own. Installed only when missing; apt-get needs root.
@@ -34,6 +34,21 @@ browser:
 	else \
 		echo "error: Chromium is missing: the browser test (tests/test_ui_browser.py) needs it." >&2; \
 		echo "       On Debian/Ubuntu, as root: apt-get install -y chromium  (or: sudo apt-get install -y chromium)," >&2; \
+		echo "       then run make again." >&2; \
+		exit 1; \
+	fi
+
+# The PostgreSQL tests (tests/test_postgres.py) start their own server on 127.0.0.1 from
+# Debian's postgresql binaries (initdb, pg_ctl, run as the `postgres` user when we are root).
+# Installed only when missing; apt-get needs root.
+postgres:
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing PostgreSQL (apt-get) for the database tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; \
+	else \
+		echo "error: PostgreSQL is missing: the database tests (tests/test_postgres.py) need its server binaries." >&2; \
+		echo "       On Debian/Ubuntu, as root: apt-get install -y postgresql  (or: sudo apt-get install -y postgresql)," >&2; \
 		echo "       then run make again." >&2; \
 		exit 1; \
 	fi
@@ -77,7 +92,7 @@ test-latest: browser
 	rm -rf $(LATEST)
 	$(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install --quiet --upgrade pip
-	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e '.[test]'
+	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e '.[test,cluster]'
 	$(LATEST)/bin/python -m pip install --quiet --upgrade --no-deps -r requirements/nodeps.in
 	@echo "== packages at the newest allowed release that differ from $(LOCK):"
 	@$(LATEST)/bin/python -m trainables.environment diff $(LOCK)

@@ -16,7 +16,7 @@ if [ ! -x "$TOOL/bin/pip-compile" ]; then
   "$PYTHON" -m venv "$TOOL"
   "$TOOL/bin/pip" install --quiet pip-tools==7.7.0
 fi
-"$TOOL/bin/pip-compile" --quiet "$@" --generate-hashes --allow-unsafe --strip-extras --extra test \
+"$TOOL/bin/pip-compile" --quiet "$@" --generate-hashes --allow-unsafe --strip-extras --extra test --extra cluster \
   --no-emit-index-url --no-emit-find-links --output-file "$LOCK" pyproject.toml requirements/build.in
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
