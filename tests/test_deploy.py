@@ -423,3 +423,22 @@ def test_deploy_doc_shows_the_commands():
 def test_deploy_doc_command_validates(line: int, args: list[str], tmp_path: Path) -> None:
     (cluster,) = [d.body for d in CLUSTERS]
     check_normlab_command(args, f"docs/deploy.md:{line}", cluster, tmp_path)
+
+
+# --- the image ------------------------------------------------------------------------------
+
+
+def test_dockerfile_installs_the_lock_as_the_makefile_does():
+    """deploy/Dockerfile installs requirements/lock.txt with the Makefile's flags (hashes checked,
+    no resolver), then normlab without dependencies, and copies only files that exist."""
+    dockerfile = (DEPLOY / "Dockerfile").read_text(encoding="utf-8")
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    lock_install = "pip install --quiet --require-hashes --no-deps -r $(LOCK)"
+    assert lock_install in makefile, "the Makefile no longer installs the lock this way: update deploy/Dockerfile too"
+    assert "pip install --require-hashes --no-deps -r requirements/lock.txt" in dockerfile
+    assert re.search(r"pip install --no-deps( --no-build-isolation)? \.", dockerfile), "normlab itself, --no-deps"
+    assert "trainables.environment check requirements/lock.txt" in dockerfile, "the image proves it is the lock"
+    for line in dockerfile.splitlines():
+        if line.startswith("COPY "):
+            for source in line.split()[1:-1]:
+                assert (ROOT / source).exists(), f"deploy/Dockerfile copies {source}, which the checkout lacks"
