@@ -1,4 +1,4 @@
-"""The ``normlab`` command line: trial | submit | resume | status | report | ui | validate.
+"""The ``normlab`` command line: trial | submit | resume | status | logs | stop | report | ui | validate.
 
 Every command reads flat ``KEY=VALUE`` overrides with the same names a search-space
 file and MLflow's params use; ``submit`` and ``validate`` also take ``--profile NAME``, a
@@ -160,6 +160,105 @@ def address_option(text: str) -> Callable[[F], F]:
     return click.option("--address", help=text.format(default=LOCAL_RAY))
 
 
+def job_options(f: F) -> F:
+    """``--job`` and what a Ray job takes (``orchestrator.running.jobs``): submit and resume."""
+    for option in reversed(
+        (
+            click.option(
+                "--job",
+                is_flag=True,
+                help="Run the search's driver as a Ray job on the cluster (--address http://HEAD:8265, the dashboard) "
+                "and return at once; `normlab logs NAME` follows it, `normlab stop NAME` stops it.",
+            ),
+            click.option(
+                "--working-dir",
+                type=click.Path(exists=True, file_okay=False, path_type=Path),
+                help="With --job: a folder (a checkout) Ray uploads for the job; the driver runs in it. "
+                "Default: normlab as installed on the cluster (a search file goes along by itself).",
+            ),
+            click.option(
+                "--entrypoint-num-cpus",
+                type=click.FloatRange(min=0),
+                help="With --job: CPUs the driver takes; any value makes Ray place it on a node that has them "
+                "(a head started with --num-cpus 0 then runs no driver).",
+            ),
+            click.option(
+                "--entrypoint-resources",
+                metavar="JSON",
+                help="With --job: custom resources the driver needs, e.g. '{\"driver\": 1}'.",
+            ),
+        )
+    ):
+        f = option(f)
+    return f
+
+
+def _job_resources(text: str | None) -> dict[str, float] | None:
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+        if isinstance(value, dict) and all(isinstance(v, (int, float)) for v in value.values()):
+            return {str(k): float(v) for k, v in value.items()}
+    except ValueError:
+        pass
+    raise UsageFailure(f"--entrypoint-resources {text}: give a JSON object of resource names and amounts")
+
+
+def _no_job_options(job: bool, **given: Any) -> None:
+    """Refuse --job's options without --job, and an http:// --address (the dashboard's) without it."""
+    if job:
+        return
+    if any(v not in (None, False) for k, v in given.items() if k != "address"):
+        names = ", ".join("--" + k.replace("_", "-") for k, v in given.items() if v not in (None, False))
+        raise UsageFailure(f"{names}: only with --job")
+    address = given.get("address") or ""
+    if address.startswith(("http://", "https://")):
+        raise UsageFailure(
+            f"--address {address} is a Ray dashboard's address: add --job to run the search as a Ray job there, "
+            "or give the head's HOST:6379 to run the driver here"
+        )
+
+
+def _job_client(address: str | None) -> Any:
+    """The job server at ``address`` (or an http ``RAY_ADDRESS``), or a UsageFailure saying why not."""
+    from orchestrator.running.jobs import JobError, connect
+
+    try:
+        return connect(address)
+    except JobError as exc:
+        raise UsageFailure(str(exc)) from exc
+
+
+def _submit_job(request: Any, follow_hint: str) -> None:
+    """Send ``request`` (a ``jobs.JobRequest``) and print the job id and how to follow it."""
+    from orchestrator.running.jobs import JobError, left_behind
+    from orchestrator.running.jobs import submit as submit_job
+
+    client = _job_client(request.dashboard)
+    kept = left_behind()
+    if kept:
+        console.print(
+            f"[yellow]warning:[/] {', '.join(kept)} set here are not sent with the job (Ray stores and shows a "
+            "job's environment): the driver uses the cluster's own (see docs/cluster.md, Ray jobs)",
+            soft_wrap=True,
+        )
+    try:
+        job_id = submit_job(client, request)
+    except JobError as exc:
+        raise UsageFailure(str(exc)) from exc
+    address = request.dashboard
+    out.print(job_id, soft_wrap=True, markup=False)
+    console.print(f"Ray job {job_id} submitted to {address}: {request.entrypoint}", soft_wrap=True, markup=False)
+    console.print(follow_hint, soft_wrap=True, markup=False)
+    for line in (
+        f"  follow it:   normlab logs {request.search} --address {address}",
+        f"  its state:   normlab status {request.search} --address {address} --storage-path {request.storage_path}",
+        f"  stop it:     normlab stop {request.search} --address {address}",
+    ):
+        console.print(line, soft_wrap=True, markup=False)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="normlab")
 def main() -> None:
@@ -312,6 +411,22 @@ def _search_errors(*also_usage: type[Exception]) -> Iterator[None]:
         raise UsageFailure(str(exc)) from exc
 
 
+@contextmanager
+def _stopped() -> Iterator[None]:
+    """A search whose driver was asked to stop (SIGTERM, e.g. `normlab stop`): how to continue it, exit 143."""
+    from orchestrator.running.driver import SearchStopped
+
+    try:
+        yield
+    except SearchStopped as exc:
+        import shlex
+
+        console.print(
+            f"search stopped; `normlab resume {escape(shlex.quote(exc.experiment_path))}` continues it", soft_wrap=True
+        )
+        _leave(143)
+
+
 def _print_outcome(outcome: Any, *, resumed: bool) -> NoReturn:
     """A finished search (submit, resume): its results table and MLflow UI link; with failed
     trials, how many and (after submit) the command that continues them, then exit code 1."""
@@ -404,13 +519,17 @@ def validate(space: str, overrides: tuple[str, ...], profile: str | None) -> Non
 @main.command()
 @click.argument("space")
 @overrides_argument
-@address_option("Ray cluster to run on (host:port of a head, or ray://host:10001). Default: {default}.")
+@address_option(
+    "Ray cluster to run on (host:port of a head, or ray://host:10001; with --job the dashboard's "
+    "http://HEAD:8265). Default: {default}."
+)
 @tracking_uri_option("MLflow tracking URI every node can reach. Default: {default}.")
 @storage_path_option(
     "Ray Tune results and checkpoints: a shared folder or s3:// for several nodes. Default: {default}."
 )
 @num_cpus_option
 @profile_option
+@job_options
 def submit(
     space: str,
     overrides: tuple[str, ...],
@@ -419,6 +538,10 @@ def submit(
     storage_path: str | None,
     num_cpus: int | None,
     profile: str | None,
+    job: bool,
+    working_dir: Path | None,
+    entrypoint_num_cpus: float | None,
+    entrypoint_resources: str | None,
 ) -> None:
     """Run a search: every trial on Ray Tune, every trial in MLflow.
 
@@ -429,11 +552,24 @@ def submit(
       normlab submit robustnorm_paper --profile paper data_dir=/data/cifar10 --address head:6379
       normlab submit my_space.yaml --address head:6379 --tracking-uri http://mlflow:5000 \\
                      --storage-path s3://bucket/normlab
+      normlab submit my_space.yaml --job --address http://head:8265 --tracking-uri http://mlflow:5000 \\
+                     --storage-path /shared/normlab
     """
     from trainables import profiling
 
     profiling.record("driver.start", profiling.process_started())  # process start to here: imports
+    given = {
+        "working_dir": working_dir,
+        "entrypoint_num_cpus": entrypoint_num_cpus,
+        "entrypoint_resources": entrypoint_resources,
+    }
+    _no_job_options(job, **given, address=address)
+    if job and num_cpus is not None:
+        raise UsageFailure("--num-cpus sizes a local Ray; a Ray job runs on the cluster (see --entrypoint-num-cpus)")
     spec, path = _load_space(space, overrides, profile)
+    if job:
+        _submit_search_job(space, path, spec.name, overrides, profile, address, tracking_uri, storage_path, given)
+        return
     _prepare_ray(address)
     # Ray first: its workers import what trials need (warmup) while this process imports the
     # driver and sets up tracking. A tracking store that cannot be used still stops the
@@ -454,9 +590,67 @@ def submit(
             f"[yellow]warning:[/] tracking store {target.uri} is a local file: trials on other nodes "
             "cannot write to it; pass --tracking-uri http://... of an MLflow server"
         )
-    with _search_errors():
+    with _search_errors(), _stopped():
         outcome = run_search(spec, path, target, where=where, storage_path=storage_path, console=console)
     _print_outcome(outcome, resumed=False)
+
+
+def _submit_search_job(
+    space: str,
+    path: Path,
+    name: str,
+    overrides: tuple[str, ...],
+    profile: str | None,
+    address: str | None,
+    tracking_uri: str | None,
+    storage_path: str | None,
+    given: dict[str, Any],
+) -> None:
+    """``submit --job``: the search file checked here, then ``normlab submit`` sent as a Ray job."""
+    import shutil
+
+    from orchestrator.running.jobs import JobError, JobRequest, cluster_path, dashboard_address, tracking_for_job
+
+    working_dir: Path | None = given["working_dir"]
+    try:
+        dashboard = dashboard_address(address)
+        tracking = tracking_for_job(tracking_uri)
+        where = cluster_path(storage_path, "--storage-path", "a folder every node sees, or s3://...")
+    except JobError as exc:
+        raise UsageFailure(str(exc)) from exc
+    space_arg = space
+    scratch = None
+    if Path(space).expanduser().is_file():  # a file here: it goes with the job
+        if working_dir is not None:
+            try:
+                space_arg = str(path.resolve().relative_to(working_dir.resolve()))
+            except ValueError:
+                raise UsageFailure(
+                    f"{space}: with --working-dir the search file must be inside {working_dir}"
+                ) from None
+        else:
+            scratch = Path(tempfile.mkdtemp(prefix="normlab-job-"))
+            shutil.copy2(path, scratch / path.name)
+            working_dir, space_arg = scratch, path.name
+    args = [space_arg, *overrides, *(["--profile", profile] if profile else [])]
+    args += ["--tracking-uri", tracking, "--storage-path", where]
+    request = JobRequest(
+        search=name,
+        command="submit",
+        args=tuple(args),
+        dashboard=dashboard,
+        storage_path=where,
+        working_dir=str(working_dir) if working_dir else None,
+        entrypoint_num_cpus=given["entrypoint_num_cpus"],
+        entrypoint_resources=_job_resources(given.get("entrypoint_resources")),
+    )
+    from orchestrator.running.jobs import mlflow_url
+
+    try:
+        _submit_job(request, f"search {name!r} checked here; MLflow: {mlflow_url(tracking, name)}")
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _check_resume_arguments(search: str, storage_path: str | None) -> None:
@@ -486,41 +680,174 @@ def _check_resume_arguments(search: str, storage_path: str | None) -> None:
 
 @main.command()
 @click.argument("search")
-@address_option("Ray cluster to resume on (default: {default}).")
+@address_option("Ray cluster to resume on (with --job the dashboard's http://HEAD:8265; default: {default}).")
 @storage_path_option("Where the search was stored, when SEARCH is a name (default: {default}; s3://... too).")
 @num_cpus_option
-def resume(search: str, address: str | None, storage_path: str | None, num_cpus: int | None) -> None:
+@job_options
+def resume(
+    search: str,
+    address: str | None,
+    storage_path: str | None,
+    num_cpus: int | None,
+    job: bool,
+    working_dir: Path | None,
+    entrypoint_num_cpus: float | None,
+    entrypoint_resources: str | None,
+) -> None:
     """Continue a search that was interrupted or had failed trials.
 
     SEARCH is the search's folder (printed by submit; a path or an s3://... URI) or its
     name (the newest such search in the storage path). Unfinished and failed trials
     continue from their last checkpoints; each keeps writing to its own MLflow run.
+    With --job the resumed driver runs as a Ray job on the cluster.
     """
+    given = {
+        "working_dir": working_dir,
+        "entrypoint_num_cpus": entrypoint_num_cpus,
+        "entrypoint_resources": entrypoint_resources,
+    }
+    _no_job_options(job, **given, address=address)
+    if job:
+        _resume_search_job(search, address, storage_path, num_cpus, given)
+        return
     _check_resume_arguments(search, storage_path)
     _prepare_ray(address)
     from orchestrator.running.driver import resume_search
     from orchestrator.state.records import find_experiment
 
-    with _search_errors(LookupError, ConnectionError):  # no such search; an unreachable cluster
+    with _search_errors(LookupError, ConnectionError), _stopped():  # no such search; an unreachable cluster
         folder = find_experiment(search, storage_path)
         outcome = resume_search(folder, address=address, num_cpus=num_cpus, console=console)
     _print_outcome(outcome, resumed=True)
 
 
+def _resume_search_job(
+    search: str, address: str | None, storage_path: str | None, num_cpus: int | None, given: dict[str, Any]
+) -> None:
+    """``resume --job``: the search found here when its storage is visible here, then ``normlab resume``
+    sent as a Ray job."""
+    from orchestrator.running.jobs import JobError, JobRequest, cluster_path, dashboard_address
+    from orchestrator.state import storage
+    from orchestrator.state.records import find_experiment
+
+    if num_cpus is not None:
+        raise UsageFailure("--num-cpus sizes a local Ray; a Ray job runs on the cluster (see --entrypoint-num-cpus)")
+    try:
+        dashboard = dashboard_address(address)
+        if storage.is_uri(search) or search.startswith(("/", "~")):
+            where = cluster_path(search, "SEARCH", "the search's folder as the cluster sees it")
+            target, name = where, storage.resolve(where).name.rsplit("-", 2)[0]
+        else:
+            where = cluster_path(storage_path, "--storage-path", "the folder searches were stored in, or s3://...")
+            target, name = search, search.rsplit("-", 2)[0] if search.count("-") >= 2 else search
+    except JobError as exc:
+        raise UsageFailure(str(exc)) from exc
+    visible = storage.is_uri(where) or Path(where).is_dir()
+    if visible:  # seen from here too: a search that is not there is refused before anything is sent
+        try:
+            folder = find_experiment(target, None if target == where else where)
+        except (LookupError, OSError) as exc:
+            raise UsageFailure(str(exc)) from exc
+        name = folder.name.rsplit("-", 2)[0]
+    args = [target] + ([] if target == where else ["--storage-path", where])
+    request = JobRequest(
+        search=name,
+        command="resume",
+        args=tuple(args),
+        dashboard=dashboard,
+        storage_path=storage.resolve(where).parent().uri if target == where else where,
+        working_dir=str(given["working_dir"]) if given["working_dir"] else None,
+        entrypoint_num_cpus=given["entrypoint_num_cpus"],
+        entrypoint_resources=_job_resources(given.get("entrypoint_resources")),
+    )
+    _submit_job(request, f"resuming search {search!r} as a Ray job")
+
+
 @main.command()
 @click.argument("name", required=False)
 @storage_path_option("Where searches were stored (default: {default}).")
-def status(name: str | None, storage_path: str | None) -> None:
-    """Searches in the storage path: each trial's state, epochs done, last metrics."""
+@click.option(
+    "--address",
+    help="A Ray dashboard (http://HEAD:8265): show the state of the search's Ray jobs too "
+    "(default: the dashboard a job-run search recorded).",
+)
+def status(name: str | None, storage_path: str | None, address: str | None) -> None:
+    """Searches in the storage path: each trial (by its MLflow run name), state, epochs done, last metrics;
+    for a search run as a Ray job, the job's state."""
+    from orchestrator.running.jobs import JobError
     from orchestrator.running.status import search_status
     from orchestrator.state.storage import StorageError
 
+    if address and not address.startswith(("http://", "https://")):
+        raise UsageFailure(f"--address {address}: give the Ray dashboard's address, http://HEAD:8265")
     try:
-        tables = search_status(storage_path, name)
-    except StorageError as exc:
+        tables = search_status(storage_path, name, dashboard=address)
+    except (StorageError, JobError) as exc:
         raise UsageFailure(str(exc)) from exc
     for table in tables:
-        out.print(table)
+        out.print(table, soft_wrap=True)
+
+
+@main.command()
+@click.argument("name")
+@click.option("--address", help="The Ray dashboard, http://HEAD:8265 (default: RAY_ADDRESS when it is one).")
+@click.option("--follow/--no-follow", default=True, show_default=True, help="Keep printing until the job ends.")
+def logs(name: str, address: str | None, follow: bool) -> None:
+    """The output of the driver of search NAME's newest Ray job (NAME: a search name or a job's submission id)."""
+    from orchestrator.running.jobs import JobError, find_job, follow_logs
+
+    client = _job_client(address)
+    try:
+        job = find_job(client, name)
+    except JobError as exc:
+        raise UsageFailure(str(exc)) from exc
+    console.print(f"Ray job {job.submission_id} ({job.status.value}):", soft_wrap=True, markup=False)
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    follow_logs(client, job.submission_id, write, follow=follow)
+
+
+@main.command()
+@click.argument("name")
+@click.option("--address", help="The Ray dashboard, http://HEAD:8265 (default: RAY_ADDRESS when it is one).")
+@click.option(
+    "--wait",
+    "wait_s",
+    default=120.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds to wait for the job to end (0: do not wait).",
+)
+def stop(name: str, address: str | None, wait_s: float) -> None:
+    """Stop the Ray job of search NAME: the driver ends Tune as Ctrl-C would (its state saved), the
+    trials stop, and `normlab resume NAME --job` continues the search from the trials' checkpoints."""
+    from orchestrator.running.jobs import META_STORAGE, TERMINAL, JobError, find_job, job_line, wait_for
+
+    client = _job_client(address)
+    try:
+        job = find_job(client, name)
+    except JobError as exc:
+        raise UsageFailure(str(exc)) from exc
+    dashboard = client.get_address()
+    if job.status.value in TERMINAL:
+        console.print(job_line(job, dashboard) + "; nothing to stop", soft_wrap=True, markup=False)
+        return
+    client.stop_job(job.submission_id)
+    final = wait_for(client, job.submission_id, TERMINAL, wait_s) if wait_s else "stopping"
+    console.print(f"Ray job {job.submission_id}: {final}", soft_wrap=True, markup=False)
+    search = (job.metadata or {}).get("normlab.search", name)
+    where = (job.metadata or {}).get(META_STORAGE)
+    console.print(
+        f"  continue it: normlab resume {search} --job --address {dashboard}"
+        + (f" --storage-path {where}" if where else ""),
+        soft_wrap=True,
+        markup=False,
+    )
+    if wait_s and final not in TERMINAL:
+        raise UsageFailure(f"the job did not end within {wait_s:g} s; `normlab status` shows its state")
 
 
 @main.command()

@@ -13,9 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import pickle
+import signal
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +31,7 @@ from rich.table import Table
 
 from orchestrator.running.callbacks import StateBackupCallback, TrialRunsCallback
 from orchestrator.running.connect import init_ray
+from orchestrator.running.jobs import JOB_ENV, note_job
 from orchestrator.running.stage_inputs import finished_trials, seeded_combinations
 from orchestrator.running.tuner import StudyRef, TrialResolver, build_tuner, trainable
 from orchestrator.searchfile.space import SearchSpace, StageView, stage_views
@@ -33,7 +39,7 @@ from orchestrator.state import snapshots, storage
 from orchestrator.state.records import SearchRecord, load_record, write_record
 from orchestrator.state.storage import Location
 from orchestrator.tracking.links import search_url
-from orchestrator.tracking.run_names import varying_keys
+from orchestrator.tracking.run_names import stage_naming
 from orchestrator.tracking.search_run import (
     DRIVER_BUDGET_S,
     MlflowTrialTracker,
@@ -63,6 +69,44 @@ class SearchOutcome:
 
 class SearchStorageError(RuntimeError):
     """The search ran, but its results could not be read back from the storage path."""
+
+
+class SearchStopped(KeyboardInterrupt):
+    """The driver was asked to stop (SIGTERM: ``normlab stop``, Ray's ``stop_job``, a shutdown): Tune
+    saved its state, the parent run is marked KILLED, and ``normlab resume`` continues the search."""
+
+    def __init__(self, experiment_path: str) -> None:
+        super().__init__(experiment_path)
+        self.experiment_path = experiment_path
+
+
+@contextmanager
+def _stop_on_sigterm() -> Iterator[threading.Event]:
+    """While Tune runs: SIGTERM ends it as Ctrl-C does (Tune saves its experiment state and returns;
+    the running trials go on from their last checkpoints on resume). The event says it happened.
+
+    Ray starts a job's driver with SIGINT blocked, so the SIGTERM handler calls Tune's own
+    interrupt handler (Tune installs it for SIGINT and SIGUSR1 while it runs). A second SIGTERM,
+    or one before Tune is listening, ends the driver at once (SIGTERM's default)."""
+    stopped = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stopped
+        return
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        tune_handler = signal.getsignal(signal.SIGUSR1)
+        if stopped.is_set() or not callable(tune_handler):
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        stopped.set()
+        tune_handler(signal.SIGUSR1, frame)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield stopped
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _fmt(value: Any) -> str:
@@ -242,18 +286,15 @@ def _log_comparison(tracker: MlflowTrialTracker, console: Console, search_folder
 
 def _stage_tracker(tracker: MlflowTrialTracker, view: StageView) -> MlflowTrialTracker:
     """The tracker of one stage: its runs tagged with the stage, named by what varies in it."""
-    space = view.space
     if tracker.name_keys is None:  # a search recorded before readable names
         return dataclasses.replace(tracker, stage=view.name)
-    # repeats of one grid point (num_samples > 1, nothing sampled) have the same name but for the trial number
-    repeats = space.search.algorithm != "optuna" and space.search.num_samples > 1 and not space.sample
-    conditions = {k: key.when for k, key in (*space.grid.items(), *space.sample.items()) if key.when}
+    naming = stage_naming(view.space)  # `normlab status` names the trials the same way
     return dataclasses.replace(
         tracker,
         stage=view.name,
-        name_keys=varying_keys(space.trial_keys()),
-        name_conditions=conditions,
-        number_names=repeats,
+        name_keys=naming.keys,
+        name_conditions=naming.conditions,
+        number_names=naming.number,
     )
 
 
@@ -297,8 +338,13 @@ def _run_stages(space: SearchSpace, folder: Location, record: SearchRecord, cons
                 study=_study(record, view),
                 combinations=combinations,
             )
-        with profiling.span("driver.fit", stage=view.name):
+        with profiling.span("driver.fit", stage=view.name), _stop_on_sigterm() as stopped:
             results = list(_fit(tuner, stage_folder.uri))
+        if stopped.is_set():
+            console.print(
+                f"[yellow]stopped[/]: Ray Tune saved the search's state in {escape(folder.uri)}", soft_wrap=True
+            )
+            raise SearchStopped(folder.uri)
         _record_retried(_study(record, view), view, results, console)
         _print_front(_study(record, view), view, console)
         stage_rows = [_row(result, view, keys) for result in results]
@@ -382,6 +428,7 @@ def run_search(
     tags = {
         "normlab.ray_address": where,
         "normlab.storage_path": folder.uri,
+        **({"normlab.ray_job": os.environ[JOB_ENV]} if os.environ.get(JOB_ENV) else {}),
         **environment_tags(),
         # the report's importances come from the last stage's study
         **({"normlab.study": studies[-1], "normlab.study_storage": study_storage} if study_storage else {}),
@@ -407,6 +454,7 @@ def run_search(
     )
     with search_running(tracker):  # a record that cannot be written ends the parent run FAILED, not RUNNING
         write_record(folder, record)
+        note_job(folder, "submit")  # inside a Ray job: which one, for `normlab status`
         return _run_stages(space, folder, record, console)
 
 
@@ -431,6 +479,7 @@ def resume_search(
     retried = [t for stage_folder in stage_folders for t in clear_fatal_markers(stage_folder)]
     if retried:
         console.print(f"retrying {len(retried)} trial(s) that failed with a non-retryable error: {', '.join(retried)}")
+    note_job(folder, "resume")
     with search_running(record.tracker, resumed=True):
         return _run_stages(space, folder, record, console)
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.searchfile.space import matches
+from orchestrator.searchfile.space import SearchSpace, matches
 
 ALWAYS = ("norm", "regime")
 LAST = ("seed",)
@@ -104,3 +105,25 @@ def run_name(
     parts += [_part(k, config[k]) for k in shown]
     name = " ".join(parts) or "trial"
     return numbered(name, trial_id) if number else name
+
+
+@dataclass(frozen=True)
+class StageNaming:
+    """How the runs of one stage are named: ``keys`` and ``run_name``'s keyword ``options``."""
+
+    keys: tuple[str, ...]
+    conditions: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    number: bool = False
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return {"number": self.number, "conditions": self.conditions}
+
+
+def stage_naming(space: SearchSpace) -> StageNaming:
+    """The naming of the runs of a stage whose space is ``space``: what varies in it, the ``when`` of
+    conditional keys, and numbers for repeats of one grid point (``num_samples`` > 1, nothing sampled),
+    which would otherwise share a name."""
+    repeats = space.search.algorithm != "optuna" and space.search.num_samples > 1 and not space.sample
+    conditions = {k: key.when for k, key in (*space.grid.items(), *space.sample.items()) if key.when}
+    return StageNaming(varying_keys(space.trial_keys()), conditions, repeats)
