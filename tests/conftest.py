@@ -120,10 +120,14 @@ def wait_for(check, timeout: float, what: str, proc: subprocess.Popen, log: Path
 
 
 class MlflowServer:
-    """A real `mlflow server` on 127.0.0.1 over a SQLite store in ``root``; stop and start it at will."""
+    """A real `mlflow server` on 127.0.0.1 over a SQLite store in ``root`` (or the database at
+    ``backend``, e.g. PostgreSQL); stop and start it at will."""
 
-    def __init__(self, root: Path, port: int | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, root: Path, port: int | None = None, env: dict[str, str] | None = None, backend: str | None = None
+    ) -> None:
         self.root, self.port, self.env = root, port or free_port(), env
+        self.backend = backend or f"sqlite:///{root / 'server.db'}"
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
         self.starts = 0
@@ -144,7 +148,7 @@ class MlflowServer:
                 "--workers",
                 "1",
                 "--backend-store-uri",
-                f"sqlite:///{self.root / 'server.db'}",
+                self.backend,
                 "--artifacts-destination",
                 str(self.root / "server-artifacts"),
             ],

@@ -6,6 +6,8 @@ import re
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 _SECRET_KEYS = re.compile(r"(pass(word)?|secret|token|key|auth|credential|signature)", re.IGNORECASE)
+# libpq's and MySQL's connection keywords for a password, which a database URL's query passes on
+_PASSWORD_KEYS = frozenset({"password", "passwd", "sslpassword"})
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/\s:@]*):(?P<password>[^@\s/]*)@")
 
 
@@ -43,3 +45,17 @@ def strip_credentials(uri: str) -> tuple[str, str | None, str | None]:
 def scrub(text: str) -> str:
     """Mask ``scheme://user:password@`` credentials anywhere in ``text``."""
     return _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+
+
+def url_password(url: str) -> str | None:
+    """Where a URL carries a password (``user:password@`` or a ``?password=`` query value, as
+    libpq and SQLAlchemy read them), for a refusal that names it without quoting it; None if
+    it carries none. A user name alone (``postgresql://user@host/db``) is no secret."""
+    if "://" not in url:
+        return None
+    if strip_credentials(url)[2]:
+        return "its user:password@ part"
+    for key, value in parse_qsl(urlsplit(url).query, keep_blank_values=True):
+        if key.lower() in _PASSWORD_KEYS and value:
+            return f"its {key}= query value"
+    return None

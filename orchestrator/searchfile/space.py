@@ -170,12 +170,15 @@ class Search(NumbersNotBooleans):
     def _storage(cls, v: str | None) -> str | None:
         if v is None:
             return v
-        from orchestrator.credentials.uris import strip_credentials
+        from orchestrator.credentials.uris import url_password
 
-        if strip_credentials(v)[2]:
+        if where := url_password(v):
             raise ValueError(
-                "the study storage URL carries a password: Ray pickles the study (and its URL) into "
-                "the search's state; use the database's own credentials (e.g. ~/.pgpass) instead"
+                f"the study storage URL carries a password ({where}): normlab records the URL with the "
+                "search (its record, MLflow tags, Ray's pickled state), so it must hold none. Write it "
+                "without the password (postgresql://USER@HOST:PORT/DATABASE) and give the password to the "
+                "database driver through its own environment: PGPASSWORD, or a password file (PGPASSFILE, "
+                "~/.pgpass) for PostgreSQL"
             )
         return check_storage_url(v)
 
@@ -249,6 +252,12 @@ class Search(NumbersNotBooleans):
         return pairs[0] if len(pairs) == 1 else "[" + ", ".join(pairs) + "]"
 
 
+def _imports(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 def check_storage_url(url: str) -> str:
     """``url`` if SQLAlchemy can read it as a database URL, its driver imports here (Optuna's
     storage is opened by the driver process) and a SQLite file's folder exists; a ValueError
@@ -270,6 +279,8 @@ def check_storage_url(url: str) -> str:
     try:
         dialect.import_dbapi()
     except ImportError as exc:
+        if parsed.drivername == "postgresql" and _imports("psycopg2"):
+            return url  # orchestrator.studies.study.sqlalchemy_url opens it with psycopg2
         missing = getattr(exc, "name", None) or str(exc)
         raise ValueError(
             f"the driver of {short_repr(parsed.drivername)} is not installed here (no module "

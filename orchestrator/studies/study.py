@@ -2,7 +2,12 @@
 
 A search with ``algorithm: optuna`` runs through Ray Tune's ``OptunaSearch`` on an Optuna
 study kept in RDB storage: a SQLite file beside the MLflow store by default
-(``normlab_runs/optuna.db``), any SQLAlchemy URL with ``search.storage``. The study is
+(``normlab_runs/optuna.db``), any SQLAlchemy URL with ``search.storage``: for a search whose
+trials run on several nodes, a database server such as PostgreSQL,
+``postgresql://USER@HOST:PORT/DATABASE``, without the password (the validator refuses one:
+normlab stores the URL), which libpq reads from ``PGPASSWORD`` or a password file
+(``PGPASSFILE``, ``~/.pgpass``) in the driver's environment; only the driver opens the study.
+``sqlalchemy_url`` opens a plain ``postgresql://`` with psycopg2 when psycopg 3 is missing. The study is
 named after the search and its start time (the search folder's name, e.g.
 ``robustnorm_optuna-20261128-101500``), so ``normlab resume`` continues the same study and
 ``optuna-dashboard sqlite:///normlab_runs/optuna.db`` (or ``optuna`` itself) opens it.
@@ -51,6 +56,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 log = logging.getLogger("normlab.study")
 DEFAULT_FILE = "optuna.db"
+POSTGRES, POSTGRES_PSYCOPG2 = "postgresql://", "postgresql+psycopg2://"
 RAY_TRIAL_ATTR = "ray_trial_id"
 STATE_KEY = "normlab.searcher_state"  # what StudySearch.__getstate__ returns: its state, pickled
 # normlab's sampler names, by the Optuna class that make_sampler builds for each
@@ -168,14 +174,33 @@ def _unpicklable(obj: Any, path: str, depth: int = 0) -> tuple[str, Any, Excepti
     return path, obj, error
 
 
+def sqlalchemy_url(url: str) -> str:
+    """The URL SQLAlchemy opens for the study's ``url``: the same, except that a plain
+    ``postgresql://`` names psycopg2 when psycopg 3 (SQLAlchemy 2.1's default PostgreSQL driver)
+    is not installed and psycopg2 is (normlab's ``cluster`` extra installs psycopg2-binary).
+    The search keeps ``url`` as written."""
+    import importlib.util
+
+    if url.startswith(POSTGRES) and importlib.util.find_spec("psycopg") is None:
+        if importlib.util.find_spec("psycopg2") is not None:
+            return POSTGRES_PSYCOPG2 + url.removeprefix(POSTGRES)
+    return url
+
+
 def rdb_storage(url: str) -> Any:
+    """Optuna's storage at ``url``. A PostgreSQL URL holds no password (the search file's
+    validator refuses one): libpq takes it from ``PGPASSWORD`` or a password file
+    (``PGPASSFILE``, ``~/.pgpass``) in the driver's environment, where the study is opened."""
     import optuna
 
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.RDBStorage(
-        url, engine_kwargs={"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {}
-    )
+        engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 30}}
+    elif url.startswith("sqlite"):
+        engine_kwargs = {"connect_args": {"timeout": 30}}
+    else:  # a server: a connection it dropped while the search ran is replaced, not failed on
+        engine_kwargs = {"pool_pre_ping": True}
+    return optuna.storages.RDBStorage(sqlalchemy_url(url), engine_kwargs=engine_kwargs)
 
 
 def load_study(url: str, study_name: str) -> Any:
