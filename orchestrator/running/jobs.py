@@ -197,17 +197,25 @@ def left_behind() -> list[str]:
     return [k for k in SECRET_ENV if os.environ.get(k)]
 
 
+AGENT_WAIT_S = 60.0  # a head that just started answers before its job agent is up ("No available agent")
+
+
 def submit(client: Any, request: JobRequest, *, attempts: int = 5) -> str:
-    """Submit ``request``; returns the submission id (``-2``, ``-3``... when one of that second exists)."""
+    """Submit ``request``; returns the submission id (``-2``, ``-3``... when one of that second exists).
+    A job server whose agent is not up yet is asked again for up to ``AGENT_WAIT_S`` seconds."""
     base = submission_id(request.search)
-    for n in range(1, attempts + 1):
+    n, deadline = 1, time.monotonic() + AGENT_WAIT_S
+    while True:
         job_id = base if n == 1 else f"{base}-{n}"
         try:
             return client.submit_job(**request.submit_kwargs(job_id))
         except RuntimeError as exc:
+            if "No available agent" in str(exc) and time.monotonic() < deadline:
+                time.sleep(1.0)
+                continue
             if "already exists" not in str(exc) or n == attempts:
                 raise JobError(f"the Ray job server refused the job: {exc}") from exc
-    raise AssertionError("unreachable")
+            n += 1
 
 
 def _started(job: Any) -> int:
