@@ -240,7 +240,7 @@ def _submit_job(request: Any, follow_hint: str) -> None:
     if kept:
         console.print(
             f"[yellow]warning:[/] {', '.join(kept)} set here are not sent with the job (Ray stores and shows a "
-            "job's environment): the driver uses the cluster's own (see docs/cluster.md, Ray jobs)",
+            "job's environment): the driver uses the cluster's own (see docs/cluster.md, Ray's job API)",
             soft_wrap=True,
         )
     try:

@@ -9,6 +9,7 @@ the password.
 
 from __future__ import annotations
 
+import json
 import os
 import textwrap
 import time
@@ -129,3 +130,32 @@ def test_a_password_in_the_tracking_uri_is_never_printed_or_stored(tmp_path):
     finally:
         server.stop()
         os.environ.pop("MLFLOW_TRACKING_PASSWORD", None)
+
+
+def test_a_ray_job_carries_no_tracking_credentials(monkeypatch):
+    """What normlab sends to Ray's job server (entrypoint, metadata, runtime environment) is stored in Ray's
+    job table and shown by `ray job list` and the dashboard: credentials set here stay here, and a tracking
+    URI that carries them is refused. tests/test_ray_jobs.py checks the same against a real job server
+    (the job's info, `ray job list`, the driver's logs, the storage)."""
+    from orchestrator.running.jobs import SECRET_ENV, JobError, JobRequest, left_behind, tracking_for_job
+
+    password = "pw-5a0c-not-for-ray"
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "researcher")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", password)
+    assert left_behind() == list(SECRET_ENV)  # the client warns that they stay behind
+    request = JobRequest(
+        search="secret",
+        command="submit",
+        args=("space.yaml", "--tracking-uri", tracking_for_job("http://mlflow:5000"), "--storage-path", "/s"),
+        dashboard="http://head:8265",
+        storage_path="/s",
+    )
+    sent = json.dumps(request.submit_kwargs("normlab-secret-20260101-000000"))
+    assert password not in sent and not any(k in sent for k in SECRET_ENV)
+    with pytest.raises(JobError) as refused:
+        tracking_for_job(f"http://researcher:{password}@mlflow:5000")
+    assert password not in str(refused.value)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"https://researcher:{password}@mlflow:5000")
+    with pytest.raises(JobError):
+        tracking_for_job(None)  # the client's own MLFLOW_TRACKING_URI is not taken along with its password
