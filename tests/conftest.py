@@ -1,4 +1,5 @@
-"""Shared test helpers: run the real ``normlab`` command, free ports, loopback-only Ray."""
+"""Shared test helpers: run the real ``normlab`` command, free ports, loopback-only Ray, an MLflow
+server, an S3 server (``s3``)."""
 
 from __future__ import annotations
 
@@ -170,3 +171,12 @@ class MlflowServer:
         if self.proc is not None:
             stop(self.proc)
             self.proc = None
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A SeaweedFS S3 server on 127.0.0.1 (tests/s3server.py), one per test module that asks for it."""
+    from s3server import seaweedfs
+
+    with seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server

@@ -5,8 +5,10 @@ refuses a second node on one host; Ray's own test cluster starts them anyway, an
 spread over them (docs/design.md, known traps). These tests drive `normlab submit --address`
 against such clusters exactly as a researcher would against a real one:
 
-- two nodes, one of them removed mid-search: its trials move to the other node from
-  their last checkpoints and every run ends FINISHED with every epoch once;
+- two nodes, one of them removed mid-search, with the search's storage on an S3 server
+  (SeaweedFS on 127.0.0.1, the ``s3`` fixture): its trials move to the other node from
+  their last checkpoints in the bucket, every run ends FINISHED with every epoch once, and
+  the record, Ray Tune's state and the checkpoints are in the bucket (none of the keys);
 - the trap that broke this before: a stale ``~/.ray/auth_token`` from an earlier
   ``ray start --head`` while this cluster has authentication off (normlab probes the
   cluster instead of guessing from the file);
@@ -20,10 +22,19 @@ from __future__ import annotations
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import pytest
 from conftest import MlflowServer, normlab_env, run_normlab
 from mlflow.tracking import MlflowClient
+from s3server import ACCESS_KEY, S3_ENV, SECRET_KEY
+
+from orchestrator.state.records import RECORD_FILE
+
+if TYPE_CHECKING:
+    from ray.cluster_utils import Cluster
 
 EPOCHS = 6
 SPACE = f"""
@@ -36,8 +47,8 @@ max_failures: 3
 """
 
 
-@pytest.fixture
-def cluster():
+@contextmanager
+def one_cpu_head() -> Iterator[Cluster]:
     from ray.cluster_utils import Cluster
 
     made = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
@@ -45,6 +56,22 @@ def cluster():
         yield made
     finally:
         made.shutdown()
+
+
+@pytest.fixture
+def cluster():
+    with one_cpu_head() as made:
+        yield made
+
+
+@pytest.fixture
+def s3_cluster(s3, monkeypatch):
+    """A cluster whose nodes (and the driver) hold the S3 server's keys in their environment, as
+    every node of a real cluster storing in a bucket must; yields (cluster, S3 server)."""
+    for key, value in S3_ENV.items():
+        monkeypatch.setenv(key, value)  # before the nodes start: their processes inherit it
+    with one_cpu_head() as made:
+        yield made, s3
 
 
 def trial_runs(client: MlflowClient, name: str) -> list:
@@ -63,7 +90,8 @@ def stale_token_home(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_nodes_one_lost_mid_search(tmp_path, cluster):
+def test_two_nodes_one_lost_mid_search(tmp_path, s3_cluster):
+    cluster, s3 = s3_cluster
     worker = cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     head_id, worker_id = cluster.head_node.node_id, worker.node_id
@@ -102,7 +130,7 @@ def test_two_nodes_one_lost_mid_search(tmp_path, cluster):
             "--tracking-uri",
             server.uri,
             "--storage-path",
-            str(tmp_path / "shared"),
+            s3.uri("twonodes"),
             cwd=tmp_path,
             timeout=1500,
             HOME=str(stale_token_home(tmp_path)),
@@ -123,6 +151,18 @@ def test_two_nodes_one_lost_mid_search(tmp_path, cluster):
                 steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, metric))
                 assert steps == list(range(1, EPOCHS + 1)), (metric, steps)
             assert run.data.tags["normlab.node_id"] == head_id or run.data.tags["normlab.nodes"] == worker_id
+        # everything of the search in the bucket: normlab's record, Ray Tune's state, checkpoints
+        files = s3.files("twonodes")
+        (folder,) = {path.split("/")[0] for path in files}
+        assert folder.startswith("twonodes-") and f"{folder}/{RECORD_FILE}" in files
+        assert any(p.startswith(f"{folder}/experiment_state-") for p in files)
+        trial_folders = {p.split("/")[1] for p in files if p.endswith("/checkpoint.pt")}
+        assert len(trial_folders) == 4  # every trial's checkpoints, the moved one's included
+        assert not (tmp_path / "normlab_runs" / "ray_results").exists()  # nothing went to the local default
+        for path in files:  # and no object holds the keys
+            with s3.fs().open_input_stream(f"{s3.bucket}/twonodes/{path}") as fh:
+                content = fh.read()
+            assert SECRET_KEY.encode() not in content and ACCESS_KEY.encode() not in content, path
     finally:
         server.stop()
 
