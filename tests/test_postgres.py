@@ -80,6 +80,18 @@ def test_a_postgres_study_url_without_a_password_is_accepted_and_one_with_a_pass
     assert proc.returncode == 2 and "search.storage" in proc.stderr and PASSWORD not in proc.stdout + proc.stderr
 
 
+def test_a_study_database_that_cannot_be_opened_is_one_clear_error():
+    from conftest import free_port
+
+    from orchestrator.studies.study import StudyStorageError, rdb_storage
+
+    with pytest.raises(StudyStorageError) as info:  # nothing listens there
+        rdb_storage(f"postgresql://normlab@127.0.0.1:{free_port()}/optuna")
+    message = str(info.value)
+    assert message.startswith("cannot open the Optuna study's database (search.storage): connection to server at")
+    assert "PGPASSWORD" in message and "\n" not in message
+
+
 # ------------------------------------------------------------------ a real server, two Ray nodes
 
 

@@ -100,6 +100,11 @@ def sampler_name(sampler: Any) -> str:
     return type(sampler).__name__
 
 
+class StudyStorageError(RuntimeError):
+    """The study's database cannot be opened (unreachable, or it refused the connection): one
+    line with the driver's reason and where a password comes from, never the URL."""
+
+
 class SearcherStateError(pickle.PicklingError):
     """The searcher keeps something that cannot be pickled, so Ray Tune can neither save nor
     resume the search; the message is one line naming the sampler and what it keeps."""
@@ -200,7 +205,17 @@ def rdb_storage(url: str) -> Any:
         engine_kwargs = {"connect_args": {"timeout": 30}}
     else:  # a server: a connection it dropped while the search ran is replaced, not failed on
         engine_kwargs = {"pool_pre_ping": True}
-    return optuna.storages.RDBStorage(sqlalchemy_url(url), engine_kwargs=engine_kwargs)
+    from sqlalchemy.exc import OperationalError
+
+    try:
+        return optuna.storages.RDBStorage(sqlalchemy_url(url), engine_kwargs=engine_kwargs)
+    except OperationalError as exc:  # unreachable, or it refused us: say so in one line
+        reason = " ".join(str(getattr(exc, "orig", None) or exc).split())
+        raise StudyStorageError(
+            f"cannot open the Optuna study's database (search.storage): {reason}. A database server's "
+            "password comes from the environment of the process that opens the study, never from the URL: "
+            "PGPASSWORD, or a password file (PGPASSFILE, ~/.pgpass) for PostgreSQL"
+        ) from exc
 
 
 def load_study(url: str, study_name: str) -> Any:
