@@ -59,18 +59,18 @@ def _prepare_ray(address: str | None) -> None:
 def _search_errors(*also_usage: type[Exception]) -> Iterator[None]:
     """Running or resuming a search (after ``_prepare_ray``): its storage or a stage's inputs
     failing is a TrialFailure (exit 1); storage, tracking or a sampler that cannot be used or
-    saved, and ``also_usage``, are a UsageFailure (exit 2)."""
+    saved, a study database that cannot be opened, and ``also_usage``, are a UsageFailure (exit 2)."""
     from orchestrator.running.driver import SearchStorageError
     from orchestrator.running.stage_inputs import StageError
     from orchestrator.state.storage import StorageError
-    from orchestrator.studies.study import SearcherStateError
+    from orchestrator.studies.study import SearcherStateError, StudyStorageError
     from orchestrator.tracking.search_run import TrackingUnreachable
 
     try:
         yield
     except (SearchStorageError, StageError) as exc:
         raise TrialFailure(str(exc)) from exc
-    except (StorageError, TrackingUnreachable, SearcherStateError, *also_usage) as exc:
+    except (StorageError, TrackingUnreachable, SearcherStateError, StudyStorageError, *also_usage) as exc:
         raise UsageFailure(str(exc)) from exc
 
 

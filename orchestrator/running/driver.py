@@ -392,7 +392,7 @@ def run_search(
 ) -> SearchOutcome:
     """Run every trial of ``space`` on Ray Tune (connected by ``connect.init_ray``, which said
     ``where``), tracked in MLflow; return the results table."""
-    from orchestrator.studies.study import default_storage
+    from orchestrator.studies.study import default_storage, rdb_storage
 
     console = console or Console(stderr=True)
     root = storage.resolve(storage_path)
@@ -411,6 +411,8 @@ def run_search(
             f"  Optuna {'studies' if len(studies) > 1 else 'study'} {', '.join(map(repr, studies))} "
             f"({s.sampler_name}) in {study_storage}"
         )
+        if not study_storage.startswith("sqlite"):  # a database server: reachable, and takes our password?
+            rdb_storage(study_storage)  # StudyStorageError before the parent run exists, not after
     params = {
         "algorithm": s.algorithm,
         "num_samples": s.num_samples,
