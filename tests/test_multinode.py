@@ -19,6 +19,7 @@ against such clusters exactly as a researcher would against a real one:
 
 from __future__ import annotations
 
+import os
 import textwrap
 import threading
 import time
@@ -51,7 +52,15 @@ max_failures: 3
 def one_cpu_head() -> Iterator[Cluster]:
     from ray.cluster_utils import Cluster
 
-    made = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    # authentication off, whatever an earlier test in this process left in the environment
+    # (the nodes' processes inherit it; RAY_AUTH_MODE=token would make this a token cluster)
+    saved = {
+        k: os.environ.pop(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH") if k in os.environ
+    }
+    try:
+        made = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    finally:
+        os.environ.update(saved)
     try:
         yield made
     finally:
