@@ -103,19 +103,25 @@ test-latest: browser
 quickstart: setup
 	$(VENV)/bin/normlab submit quickstart
 
+# The default suite runs in TEST_WORKERS processes (pytest-xdist; a test file stays in one, with its
+# module's servers); the slow suite one test at a time: its kills, outages and node losses are timed.
+TEST_WORKERS ?= 2
+FAST  = -n $(TEST_WORKERS) --dist loadfile --durations=15
+SLOW  = -m slow --durations=30
+
 test: setup lint
-	$(PY) -m pytest
-	$(PY) -m pytest -m slow
+	$(PY) -m pytest $(FAST)
+	$(PY) -m pytest $(SLOW)
 
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
 test-fast: setup
-	$(PY) -m pytest
+	$(PY) -m pytest $(FAST)
 
 test-slow: setup
-	$(PY) -m pytest -m slow
+	$(PY) -m pytest $(SLOW)
 
 bench: setup
 	$(PY) benchmarks/bench_norms.py
