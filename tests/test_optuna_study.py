@@ -60,7 +60,7 @@ def load(tmp_path, text):
         ("{algorithm: optuna, metric: [clean_acc, adv_acc], sampler: cmaes}", "CMA-ES optimises a single objective"),
         ("{algorithm: random, metric: [clean_acc, adv_acc]}", "several metrics need algorithm optuna"),
         ("{algorithm: optuna, metric: [clean_acc, adv_acc], mode: [max]}", "mode lists 1 value(s) for 2 metric(s)"),
-        ("{algorithm: grid, sampler: tpe}", "sampler and storage are Optuna settings"),
+        ("{algorithm: grid, sampler: tpe}", "sampler, sampler_options and storage are Optuna settings"),
         ("{algorithm: optuna, storage: 'postgresql://u:secret@db/optuna'}", "the study storage URL carries a password"),
     ],
 )

@@ -23,6 +23,7 @@ search:
   mode: max
   scheduler: {type: asha, grace_period: 1, reduction_factor: 2}
   sampler_seed: 3
+  sampler_options: {n_startup_trials: 3, constant_liar: true}  # TPE models from trial 4
 resources: {cpu: 1}
 """
 
@@ -38,6 +39,10 @@ def test_optuna_with_asha_searches_and_every_run_ends_properly(tmp_path):
     runs = client.search_runs([experiment.experiment_id])
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(children) == 6
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert (
+        parent.data.params["sampler.n_startup_trials"] == "3" and parent.data.params["sampler.constant_liar"] == "True"
+    )
     lrs = {float(c.data.params["lr"]) for c in children}
     assert len(lrs) == 6 and all(0.01 <= lr <= 0.3 for lr in lrs)  # sampled, log-uniformly bounded
     for child in children:

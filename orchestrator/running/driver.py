@@ -424,6 +424,7 @@ def run_search(
         "gpu_per_trial": space.resources.gpu,
         "max_failures": space.max_failures,
         **({"sampler": s.sampler_name, "study": ",".join(studies)} if study_storage else {}),
+        **{f"sampler.{k}": v for k, v in s.sampler_options.items()},
         **({"stages": ",".join(space.stages)} if space.stages else {}),
         **{f"fixed.{k}": v for k, v in space.fixed.items()},
     }

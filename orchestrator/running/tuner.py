@@ -148,7 +148,7 @@ def search_algorithm(space: SearchSpace, study: StudyRef | None = None) -> Searc
             space=OptunaSpace(space),
             metric=metric,
             mode=mode,
-            sampler=make_sampler(s.sampler_name, s.sampler_seed),
+            sampler=make_sampler(s.sampler_name, s.sampler_seed, s.sampler_options),
             storage=rdb_storage(study.storage),
             study_name=study.name,
         )

@@ -44,6 +44,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from orchestrator.searchfile.sampler_options import sampler_option_problems
 from trainables.config import (
     MAX_SEED,
     NumbersNotBooleans,
@@ -154,6 +155,11 @@ class Search(NumbersNotBooleans):
     storage: str | None = Field(
         None, description="optuna: SQLAlchemy URL of the study (default: sqlite beside the MLflow store)"
     )
+    sampler_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="optuna: the sampler's own options, e.g. {n_startup_trials: 5} for tpe "
+        "(orchestrator/searchfile/sampler_options.py lists each sampler's)",
+    )
     scheduler: Scheduler = Field(default_factory=Scheduler)
     max_concurrent_trials: int | None = Field(None, gt=0)
     sampler_seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the random / Optuna sampler (numpy's range)")
@@ -209,8 +215,8 @@ class Search(NumbersNotBooleans):
         modes = [self.mode] * len(metrics) if isinstance(self.mode, str) else list(self.mode)
         if len(modes) != len(metrics):
             raise ValueError(f"mode lists {len(modes)} value(s) for {len(metrics)} metric(s): give one per metric")
-        if self.algorithm != "optuna" and (self.sampler or self.storage):
-            raise ValueError("sampler and storage are Optuna settings: they need algorithm optuna")
+        if self.algorithm != "optuna" and (self.sampler or self.storage or self.sampler_options):
+            raise ValueError("sampler, sampler_options and storage are Optuna settings: they need algorithm optuna")
         if len(metrics) > 1:
             if self.algorithm != "optuna":
                 raise ValueError(
@@ -226,6 +232,8 @@ class Search(NumbersNotBooleans):
                 raise ValueError(
                     "CMA-ES optimises a single objective: with several metrics use nsgaii, tpe, qmc or random"
                 )
+        if problems := sampler_option_problems(self.sampler_name, self.sampler_options):
+            raise ValueError("sampler_options: " + "; ".join(problems))
         if isinstance(self.mode, list) and len(self.mode) == 1:  # as the metric: one objective is a plain value
             self.mode = self.mode[0]
         return self

@@ -47,7 +47,7 @@ import logging
 import math
 import pickle
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -78,17 +78,21 @@ def default_storage(tracking_uri: str, workdir: Path | None = None) -> str:
     return f"sqlite:///{base / DEFAULT_FILE}"
 
 
-def make_sampler(name: str, seed: int) -> Any:
+def make_sampler(name: str, seed: int, options: Mapping[str, Any] | None = None) -> Any:
+    """The Optuna sampler normlab calls ``name``, seeded, with a search file's ``sampler_options``
+    (checked by ``searchfile.sampler_options``) passed to its constructor as they are."""
     import optuna
 
+    quiet = {"warn_independent_sampling": False}  # every grid key is sampled independently by these
     samplers = {
-        "tpe": lambda: optuna.samplers.TPESampler(seed=seed),
-        "nsgaii": lambda: optuna.samplers.NSGAIISampler(seed=seed),
-        "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False),
-        "qmc": lambda: optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False),
-        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+        "tpe": (optuna.samplers.TPESampler, {}),
+        "nsgaii": (optuna.samplers.NSGAIISampler, {}),
+        "cmaes": (optuna.samplers.CmaEsSampler, quiet),
+        "qmc": (optuna.samplers.QMCSampler, quiet),
+        "random": (optuna.samplers.RandomSampler, {}),
     }
-    return samplers[name]()
+    cls, defaults = samplers[name]
+    return cls(seed=seed, **defaults, **dict(options or {}))
 
 
 def sampler_name(sampler: Any) -> str:
