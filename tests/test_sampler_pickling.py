@@ -233,8 +233,8 @@ def test_submit_with_a_sampler_that_cannot_be_saved_fails_with_one_line(tmp_path
         made = study.make_sampler
 
 
-        def make_sampler(name, seed):
-            sampler = made(name, seed)
+        def make_sampler(name, seed, options=None):
+            sampler = made(name, seed, options)
             sampler._probe = (n for n in range(3))
             return sampler
 
