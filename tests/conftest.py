@@ -104,6 +104,58 @@ def port() -> int:
 BIN = Path(sys.executable).parent
 
 
+def loopback_env(home: Path) -> dict[str, str]:
+    """Everything on 127.0.0.1; Ray's token in a private HOME."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_TRACKING", "RAY_AUTH"))}
+    env.update(
+        HOME=str(home),
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_USAGE_STATS_REPORT_URL="http://127.0.0.1:9/",
+        MLFLOW_DISABLE_TELEMETRY="true",
+        # the head's dashboard process probes cloud-metadata addresses: send that to a dead port on loopback
+        http_proxy="http://127.0.0.1:9",
+        https_proxy="http://127.0.0.1:9",
+        no_proxy="127.0.0.1,localhost,::1",
+    )
+    return env
+
+
+def start_token_head(env: dict[str, str], log: Path, *args: str) -> tuple[subprocess.Popen, int]:
+    """A real `ray start --head --block` on 127.0.0.1 with token authentication (a token generated
+    first in ``env``'s HOME, as on a real cluster), 2 CPUs, in its own process group; ``args``
+    are further `ray start` options. Returns the process and its GCS port."""
+    subprocess.run(
+        [str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=60
+    )
+    port = free_port()
+    # the node's agents on free ports too: with Ray's fixed defaults (52365, ...) a second head on this
+    # machine (another test file, in another pytest-xdist worker) has no job agent ("No available agent")
+    agents = [
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+    ]
+    command = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        f"--port={port}",
+        "--num-cpus=2",
+        "--disable-usage-stats",
+    ]
+    proc = subprocess.Popen(
+        [*command, *agents, *args],
+        env={**env, "RAY_AUTH_MODE": "token"},
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: stopped whole, nothing else touched
+    )
+    return proc, port
+
+
 def stop(proc: subprocess.Popen) -> None:
     """Stop a server and every process it started (they share its process group)."""
     if proc.poll() is None:

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import click.testing
 import pytest
-from conftest import BIN, free_port, run_normlab, wait_for
+from conftest import BIN, free_port, loopback_env, run_normlab, start_token_head, wait_for
 from mlflow.tracking import MlflowClient
-from test_search_cluster import loopback_env
 
 PASSWORD = "pw-3b1d77e0-never-in-a-job"
 
@@ -41,33 +40,19 @@ def head(tmp_path_factory):
     home.mkdir()
     env = loopback_env(home)
     env["PATH"] = f"{BIN}:{env.get('PATH', '')}"  # the cluster's normlab: the entrypoint is `normlab ...`
-    subprocess.run(
-        [str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=60
-    )
-    ray_port, dashboard_port = free_port(), free_port()
+    dashboard_port = free_port()
     head_env = {**env, "RAY_AUTH_MODE": "token"}
     # a private temp dir: a job's driver finds its cluster through the temp dir's "current cluster" file,
     # which another Ray started on this machine would otherwise have rewritten
     temp_dir = Path(tempfile.mkdtemp(prefix="nlj-", dir="/tmp"))
     log = root / "ray.log"
-    proc = subprocess.Popen(
-        [
-            str(BIN / "ray"),
-            "start",
-            "--head",
-            "--block",
-            f"--port={ray_port}",
-            "--num-cpus=2",
-            "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard_port}",
-            f"--temp-dir={temp_dir}",
-            "--disable-usage-stats",
-        ],
-        env=head_env,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: stopped whole, nothing else touched
+    proc, _ = start_token_head(
+        env,
+        log,
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard_port}",
+        f"--temp-dir={temp_dir}",
     )
     dashboard = f"http://127.0.0.1:{dashboard_port}"
     try:

@@ -4,16 +4,14 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 import requests
-from conftest import BIN, free_port, run_normlab, stop, wait_for
+from conftest import BIN, free_port, loopback_env, run_normlab, start_token_head, stop, wait_for
 from mlflow.tracking import MlflowClient
 
 SPACE = """
@@ -25,51 +23,16 @@ resources: {cpu: 1}
 """
 
 
-def loopback_env(home: Path) -> dict[str, str]:
-    """Everything on 127.0.0.1; Ray's token in a private HOME."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_TRACKING", "RAY_AUTH"))}
-    env.update(
-        HOME=str(home),
-        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-        RAY_USAGE_STATS_ENABLED="0",
-        RAY_USAGE_STATS_REPORT_URL="http://127.0.0.1:9/",
-        MLFLOW_DISABLE_TELEMETRY="true",
-        # the head's dashboard process probes cloud-metadata addresses: send that to a dead port on loopback
-        http_proxy="http://127.0.0.1:9",
-        https_proxy="http://127.0.0.1:9",
-        no_proxy="127.0.0.1,localhost,::1",
-    )
-    return env
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("cluster")
     home = root / "home"
     home.mkdir()
     env = loopback_env(home)
-    # a token first, so that `ray start --head` turns token authentication on (as on a real cluster)
-    subprocess.run(
-        [str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=60
-    )
-    ray_port, mlflow_port = free_port(), free_port()
+    # token authentication on, as on a real cluster
     ray_log, mlflow_log = root / "ray.log", root / "mlflow.log"
-    head = subprocess.Popen(
-        [
-            str(BIN / "ray"),
-            "start",
-            "--head",
-            "--block",
-            f"--port={ray_port}",
-            "--num-cpus=2",
-            "--include-dashboard=false",
-            "--disable-usage-stats",
-        ],
-        env={**env, "RAY_AUTH_MODE": "token"},
-        stdout=ray_log.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    head, ray_port = start_token_head(env, ray_log, "--include-dashboard=false")
+    mlflow_port = free_port()
     server = subprocess.Popen(
         [
             str(BIN / "mlflow"),
