@@ -59,6 +59,36 @@ TRIAL_PARTS = (
 )
 
 
+# the driver's parts before the trials, in the order that claims a moment when several run at once
+DRIVER_PARTS = (
+    ("Ray start", ("driver.ray_start",)),
+    ("driver imports", ("driver.imports",)),
+    ("MLflow set-up (store, search run)", ("driver.tracking",)),
+)
+DRIVER_OTHER = "driver: other before the trials"
+
+
+def _sweep(
+    spans: list[dict[str, Any]], lo: float, hi: float, parts: tuple[tuple[str, tuple[str, ...]], ...]
+) -> dict[str, float]:
+    """Seconds of [lo, hi], each moment given to the first of ``parts`` with a span under way
+    then, or to ``DRIVER_OTHER``: parts that overlap are counted once, in ``parts``' order."""
+    out = {label: 0.0 for label, _ in parts} | {DRIVER_OTHER: 0.0}
+    cuts = sorted({lo, hi, *(t for s in spans for t in (s["start"], s["end"]) if lo < t < hi)})
+    for a, b in zip(cuts, cuts[1:]):
+        mid = (a + b) / 2
+        label = next(
+            (
+                label
+                for label, names in parts
+                if any(s["span"] in names and s["start"] <= mid < s["end"] for s in spans)
+            ),
+            DRIVER_OTHER,
+        )
+        out[label] += b - a
+    return out
+
+
 def _overlap(span: dict[str, Any], lo: float, hi: float) -> float:
     return max(0.0, min(span["end"], hi) - max(span["start"], lo))
 
@@ -87,12 +117,12 @@ def breakdown(spans: list[dict[str, Any]], started: float, ended: float, slots: 
     fit_lo, fit_hi = min(s["start"] for s in fits), max(s["end"] for s in fits)
     out: dict[str, float] = {}
     first = next((s for s in driver if s["span"] == "driver.start"), None)
-    out["driver imports"] = (first["end"] - started if first else 0.0) + _exclusive(
-        driver, "driver.imports", started, fit_lo
-    )
-    out["MLflow set-up (store, search run)"] = _exclusive(driver, "driver.tracking", started, fit_lo)
-    out["Ray start"] = _exclusive(driver, "driver.ray_start", started, fit_lo)
-    out["driver: other before the trials"] = (fit_lo - started) - sum(out.values())
+    # the driver's set-up runs partly at once (a thread imports and sets up tracking while Ray
+    # starts): each moment before the trials goes to the first of these that was under way
+    lo = first["end"] if first else started
+    before = _sweep(driver, lo, fit_lo, DRIVER_PARTS)
+    out["driver imports"] = (lo - started) + before.pop("driver imports")
+    out.update(before)
     trial = [s for s in spans if s["pid"] != first_pid(driver)]  # the driver imports trainables too
     used = 0.0
     for label, names in TRIAL_PARTS:

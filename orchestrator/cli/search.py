@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 from rich.markup import escape
@@ -30,6 +31,9 @@ from orchestrator.cli.common import (
 )
 from orchestrator.cli.jobs import job_options, refuse_job_options, resume_search_job, submit_search_job
 
+if TYPE_CHECKING:
+    from orchestrator.tracking.target import TrackingTarget
+
 
 def _load_space(space: str, overrides: tuple[str, ...], profile: str | None = None) -> Any:
     from orchestrator.searchfile.load import UnknownProfile, load_space
@@ -41,6 +45,17 @@ def _load_space(space: str, overrides: tuple[str, ...], profile: str | None = No
         raise UsageFailure(f"unknown profile\n{exc}") from exc
     except SpaceError as exc:
         raise UsageFailure(f"invalid search space\n{exc}") from exc
+
+
+def _driver_and_tracking(tracking_uri: str | None) -> TrackingTarget:
+    """Import the search driver and check (or create) the tracking store: ``submit``'s set-up
+    that runs while Ray starts."""
+    from trainables import profiling
+
+    with profiling.span("driver.imports"):
+        import orchestrator.running.driver  # noqa: F401 - imported here, used by the caller
+    with profiling.span("driver.tracking"):
+        return reachable_tracking(tracking_uri)
 
 
 def _prepare_ray(address: str | None) -> None:
@@ -207,20 +222,22 @@ def submit(
         submit_search_job(space, path, spec.name, overrides, profile, address, tracking_uri, storage_path, given)
         return
     _prepare_ray(address)
-    # Ray first: its workers import what trials need (warmup) while this process imports the
-    # driver and sets up tracking. A tracking store that cannot be used still stops the
-    # search before any trial starts.
+    # While Ray starts (seconds, mostly spent waiting for its processes), a thread imports
+    # the driver and sets up tracking (creating a new MLflow store takes seconds too): the
+    # trials' workers, which Ray starts only once the Tuner asks for them, start that much
+    # sooner. A tracking store that cannot be used still stops the search before any trial.
     from orchestrator.running.connect import init_ray
 
-    try:
-        with profiling.span("driver.ray_start"):
-            where = init_ray(address, num_cpus=num_cpus, datasets=tuple(map(str, spec.values_of("dataset"))))
-    except ConnectionError as exc:  # a cluster that went away since _prepare_ray probed it
-        raise UsageFailure(str(exc)) from exc
-    with profiling.span("driver.imports"):
-        from orchestrator.running.driver import run_search
-    with profiling.span("driver.tracking"):
-        target = reachable_tracking(tracking_uri)
+    with ThreadPoolExecutor(1, thread_name_prefix="normlab-setup") as pool:
+        tracking = pool.submit(_driver_and_tracking, tracking_uri)
+        try:
+            with profiling.span("driver.ray_start"):
+                where = init_ray(address, num_cpus=num_cpus, datasets=tuple(map(str, spec.values_of("dataset"))))
+        except ConnectionError as exc:  # a cluster that went away since _prepare_ray probed it
+            raise UsageFailure(str(exc)) from exc
+        target = tracking.result()
+    from orchestrator.running.driver import run_search
+
     if address and target.is_local_file_store:
         console.print(
             f"[yellow]warning:[/] tracking store {target.uri} is a local file: trials on other nodes "
