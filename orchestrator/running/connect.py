@@ -1,9 +1,9 @@
 """Connect to Ray: a cluster at an address, or a local Ray bound to 127.0.0.1 only.
 
-Light on purpose (ray, no torch): the command line starts Ray before it imports the rest
-of the driver, so the workers Ray starts warm up (``warmup``) while the driver imports
-torch and MLflow and sets up tracking. ``orchestrator.running.rayenv`` prepares the
-environment, token authentication included, before ray is imported.
+Light on purpose (ray, no torch): ``normlab submit`` starts Ray while a thread imports the
+rest of the driver and sets up tracking. Every worker of the job warms up as it starts
+(``warmup``). ``orchestrator.running.rayenv`` prepares the environment, token
+authentication included, before ray is imported.
 """
 
 from __future__ import annotations

@@ -1,12 +1,14 @@
 """What every Ray worker of a search imports the moment it starts, before a trial is given to it.
 
 ``init_ray`` names ``warm_up`` as the job's ``worker_process_setup_hook``: Ray runs it in
-each worker process as the process starts (workers are started with the cluster's first
-driver, while the driver still sets up MLflow and the Tuner), so the few seconds of torch,
-torchattacks, MLflow and normlab imports a trial needs overlap the driver's own set-up
-instead of delaying the first epoch. With ``reuse_actors`` a worker then runs one trial
-after another without importing again. The datasets the search uses (``DATASETS_ENV``,
-set by the driver) have their loaders' modules imported too (scikit-learn for ``digits``).
+each worker process as the process starts, before the worker takes its trial. Ray starts a
+trial's worker when the Tuner asks for the trial's actor (Tune gives its actors a
+``runtime_env``, so the idle workers Ray starts with a cluster never serve a trial), and the
+few seconds of torch, torchattacks, MLflow and normlab imports are paid there, once per
+worker: with ``reuse_actors`` a worker then runs one trial after another without importing
+again, and the first epoch's timing is the training's, not the imports'. The datasets the
+search uses (``DATASETS_ENV``, set by the driver) have their loaders' modules imported too
+(scikit-learn for ``digits``).
 
 A hook that raises makes Ray drop the worker, so ``warm_up`` never raises: a module that
 cannot be imported here fails later, in the trial, with its own error.
