@@ -1,4 +1,4 @@
-"""State that must survive a kill: SIGKILL the whole search mid-run, then `normlab resume`."""
+"""State that must survive a kill: SIGKILL the whole search mid-run (or Ctrl-C it), then `normlab resume`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import signal
 import textwrap
 import time
 
+import pytest
 from conftest import run_normlab, start_submit
 from mlflow.tracking import MlflowClient
 
@@ -28,7 +29,11 @@ def checkpoints_per_trial(storage):
     return trials
 
 
-def test_a_killed_search_resumes_from_checkpoints_into_the_same_runs(tmp_path):
+@pytest.mark.parametrize("stop", ["SIGKILL", "SIGINT"])
+def test_a_killed_search_resumes_from_checkpoints_into_the_same_runs(tmp_path, stop):
+    """SIGKILL: the driver and its local Ray die at once. SIGINT: Ctrl-C in the terminal (the
+    whole foreground process group): the search stops, says so and how to continue it, exits
+    130 and marks its parent run KILLED; it must not pass for a finished search."""
     (tmp_path / "space.yaml").write_text(textwrap.dedent(SPACE))
     storage = tmp_path / "normlab_runs" / "ray_results"
     driver = start_submit(tmp_path)
@@ -42,11 +47,22 @@ def test_a_killed_search_resumes_from_checkpoints_into_the_same_runs(tmp_path):
         assert driver.poll() is None, (
             "the search ended before it could be killed:\n" + (tmp_path / "submit.log").read_text()[-3000:]
         )
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started: nothing shuts down cleanly
-        driver.wait(timeout=30)
+        # SIGKILL: the driver and the local Ray it started, nothing shuts down cleanly
+        os.killpg(driver.pid, getattr(signal, stop))
+        driver.wait(timeout=30 if stop == "SIGKILL" else 120)
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'normlab_runs' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("killme")
+    if stop == "SIGINT":
+        log = (tmp_path / "submit.log").read_text()
+        assert driver.returncode == 130, log[-3000:]
+        assert "search stopped; `normlab resume " in log and "best trial" not in log, log[-3000:]
+        (parent,) = [
+            r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" not in r.data.tags
+        ]
+        assert parent.info.status == "KILLED" and "trials_finished" not in parent.data.metrics
     time.sleep(3)  # Ray's reaper ends the orphaned workers
 
     resumed = run_normlab("resume", "killme", "--num-cpus", "2", cwd=tmp_path)
@@ -54,8 +70,6 @@ def test_a_killed_search_resumes_from_checkpoints_into_the_same_runs(tmp_path):
     assert "resuming search killme-" in resumed.stderr and resumed.stdout.count(" OK ") == 2
     assert "MLflow UI: http://127.0.0.1:5000/normlab/open?expand=" in resumed.stderr
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'normlab_runs' / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("killme")
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]

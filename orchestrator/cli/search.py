@@ -91,7 +91,8 @@ def _search_errors(*also_usage: type[Exception]) -> Iterator[None]:
 
 @contextmanager
 def _stopped() -> Iterator[None]:
-    """A search whose driver was asked to stop (SIGTERM, e.g. `normlab stop`): how to continue it, exit 143."""
+    """A search whose driver was asked to stop (Ctrl-C; SIGTERM, e.g. `normlab stop`): how to
+    continue it, exit 128 + the signal's number (130, 143) as a shell reports a stopped command."""
     from orchestrator.running.driver import SearchStopped
 
     try:
@@ -102,7 +103,7 @@ def _stopped() -> Iterator[None]:
         console.print(
             f"search stopped; `normlab resume {escape(shlex.quote(exc.experiment_path))}` continues it", soft_wrap=True
         )
-        leave(143)
+        leave(128 + exc.signum)
 
 
 def _print_outcome(outcome: Any, *, resumed: bool) -> NoReturn:

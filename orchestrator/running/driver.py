@@ -72,41 +72,63 @@ class SearchStorageError(RuntimeError):
 
 
 class SearchStopped(KeyboardInterrupt):
-    """The driver was asked to stop (SIGTERM: ``normlab stop``, Ray's ``stop_job``, a shutdown): Tune
-    saved its state, the parent run is marked KILLED, and ``normlab resume`` continues the search."""
+    """The driver was asked to stop (Ctrl-C; SIGTERM: ``normlab stop``, Ray's ``stop_job``, a
+    shutdown): Tune saved its state, the parent run is marked KILLED, and ``normlab resume``
+    continues the search. ``signum``: the signal that asked."""
 
-    def __init__(self, experiment_path: str) -> None:
+    def __init__(self, experiment_path: str, signum: int = signal.SIGTERM) -> None:
         super().__init__(experiment_path)
         self.experiment_path = experiment_path
+        self.signum = signum
+
+
+# Tune reads this when a run starts: set, it leaves SIGINT to the handler below
+_TUNE_OWN_SIGINT = "TUNE_DISABLE_SIGINT_HANDLER"
 
 
 @contextmanager
-def _stop_on_sigterm() -> Iterator[threading.Event]:
-    """While Tune runs: SIGTERM ends it as Ctrl-C does (Tune saves its experiment state and returns;
-    the running trials go on from their last checkpoints on resume). The event says it happened.
+def _stop_on_signals() -> Iterator[list[int]]:
+    """While Tune runs: Ctrl-C (SIGINT) or SIGTERM ends it the way Tune ends a run on Ctrl-C (it
+    saves its experiment state and returns; the running trials go on from their last
+    checkpoints on resume). The list it yields gets the signal's number.
 
-    Ray starts a job's driver with SIGINT blocked, so the SIGTERM handler calls Tune's own
-    interrupt handler (Tune installs it for SIGINT and SIGUSR1 while it runs). A second SIGTERM,
-    or one before Tune is listening, ends the driver at once (SIGTERM's default)."""
-    stopped = threading.Event()
+    Tune's own Ctrl-C handler returns from ``fit`` as if the search had finished, so the
+    driver would mark the search FINISHED, report it and exit 0. Here Tune's handler is off
+    (``TUNE_DISABLE_SIGINT_HANDLER``) and both signals go through one handler that records
+    the signal and then calls Tune's interrupt (Tune installs it for SIGUSR1 while it runs).
+    Ray starts a job's driver with SIGINT blocked, so there SIGTERM is what stops it. A
+    second signal, or one before Tune is listening, acts as it would without normlab:
+    SIGINT raises ``KeyboardInterrupt``, SIGTERM ends the driver at once."""
+    received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        yield stopped
+        yield received
         return
 
-    def on_sigterm(signum: int, frame: Any) -> None:
+    def on_signal(signum: int, frame: Any) -> None:
         tune_handler = signal.getsignal(signal.SIGUSR1)
-        if stopped.is_set() or not callable(tune_handler):
+        if received or not callable(tune_handler):
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
             return
-        stopped.set()
+        received.append(signum)
         tune_handler(signal.SIGUSR1, frame)
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # Tune never removes its handler: an earlier stage's would still be there until this run's
+    previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    tune_sigint = os.environ.get(_TUNE_OWN_SIGINT)
+    os.environ[_TUNE_OWN_SIGINT] = "1"
     try:
-        yield stopped
+        yield received
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if tune_sigint is None:
+            os.environ.pop(_TUNE_OWN_SIGINT, None)
+        else:
+            os.environ[_TUNE_OWN_SIGINT] = tune_sigint
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _fmt(value: Any) -> str:
@@ -338,13 +360,13 @@ def _run_stages(space: SearchSpace, folder: Location, record: SearchRecord, cons
                 study=_study(record, view),
                 combinations=combinations,
             )
-        with profiling.span("driver.fit", stage=view.name), _stop_on_sigterm() as stopped:
+        with profiling.span("driver.fit", stage=view.name), _stop_on_signals() as stopped:
             results = list(_fit(tuner, stage_folder.uri))
-        if stopped.is_set():
+        if stopped:
             console.print(
                 f"[yellow]stopped[/]: Ray Tune saved the search's state in {escape(folder.uri)}", soft_wrap=True
             )
-            raise SearchStopped(folder.uri)
+            raise SearchStopped(folder.uri, stopped[0])
         _record_retried(_study(record, view), view, results, console)
         _print_front(_study(record, view), view, console)
         stage_rows = [_row(result, view, keys) for result in results]
