@@ -19,7 +19,7 @@ ALLOWED: dict[str, set[str]] = {
     "orchestrator.credentials": set(),
     "orchestrator.display": set(),
     "orchestrator.searchfile": {"orchestrator.credentials"},
-    "orchestrator.studies": set(),
+    "orchestrator.studies": {"orchestrator.searchfile"},
     "orchestrator.tracking": {"orchestrator.credentials", "orchestrator.searchfile", "orchestrator.display"},
     "orchestrator.state": {"orchestrator.credentials", "orchestrator.searchfile", "orchestrator.tracking"},
     "orchestrator.reports": {"orchestrator.tracking", "orchestrator.studies", "orchestrator.display"},

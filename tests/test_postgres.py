@@ -24,8 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.credentials.uris import mask_uri, url_password
 from orchestrator.searchfile.load import load_space
-from orchestrator.searchfile.space import SpaceError
-from orchestrator.studies.study import sqlalchemy_url
+from orchestrator.searchfile.space import SpaceError, sqlalchemy_url
 
 PASSWORD = "pg-9d41c6e2-never-stored"  # a string found nowhere else
 ROLE = "normlab"

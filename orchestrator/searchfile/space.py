@@ -260,10 +260,23 @@ class Search(NumbersNotBooleans):
         return pairs[0] if len(pairs) == 1 else "[" + ", ".join(pairs) + "]"
 
 
+_POSTGRES = "postgresql://"
+
+
 def _imports(module: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(module) is not None
+
+
+def sqlalchemy_url(url: str) -> str:
+    """The URL SQLAlchemy opens for a study storage ``url``: the same, except that a plain
+    ``postgresql://`` names psycopg2 when psycopg 3 (SQLAlchemy 2.1's default PostgreSQL driver)
+    is not installed and psycopg2 is (normlab's ``cluster`` extra installs psycopg2-binary).
+    The search keeps ``url`` as written; the validator checks and the study opens this one."""
+    if url.startswith(_POSTGRES) and not _imports("psycopg") and _imports("psycopg2"):
+        return "postgresql+psycopg2://" + url.removeprefix(_POSTGRES)
+    return url
 
 
 def check_storage_url(url: str) -> str:
@@ -275,7 +288,7 @@ def check_storage_url(url: str) -> str:
 
     example = "e.g. sqlite:////abs/path/optuna.db"
     try:
-        parsed = make_url(url)
+        parsed = make_url(sqlalchemy_url(url))
     except (ArgumentError, ValueError) as exc:
         raise ValueError(
             f"SQLAlchemy cannot read this as a database URL (dialect[+driver]://[user@]host[:port]/database, {example})"
@@ -287,8 +300,6 @@ def check_storage_url(url: str) -> str:
     try:
         dialect.import_dbapi()
     except ImportError as exc:
-        if parsed.drivername == "postgresql" and _imports("psycopg2"):
-            return url  # orchestrator.studies.study.sqlalchemy_url opens it with psycopg2
         missing = getattr(exc, "name", None) or str(exc)
         raise ValueError(
             f"the driver of {short_repr(parsed.drivername)} is not installed here (no module "

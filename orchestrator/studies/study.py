@@ -54,9 +54,10 @@ from typing import Any
 from ray import cloudpickle
 from ray.tune.search.optuna import OptunaSearch
 
+from orchestrator.searchfile.space import sqlalchemy_url
+
 log = logging.getLogger("normlab.study")
 DEFAULT_FILE = "optuna.db"
-POSTGRES, POSTGRES_PSYCOPG2 = "postgresql://", "postgresql+psycopg2://"
 RAY_TRIAL_ATTR = "ray_trial_id"
 STATE_KEY = "normlab.searcher_state"  # what StudySearch.__getstate__ returns: its state, pickled
 # normlab's sampler names, by the Optuna class that make_sampler builds for each
@@ -181,19 +182,6 @@ def _unpicklable(obj: Any, path: str, depth: int = 0) -> tuple[str, Any, Excepti
         if found is not None:
             return found
     return path, obj, error
-
-
-def sqlalchemy_url(url: str) -> str:
-    """The URL SQLAlchemy opens for the study's ``url``: the same, except that a plain
-    ``postgresql://`` names psycopg2 when psycopg 3 (SQLAlchemy 2.1's default PostgreSQL driver)
-    is not installed and psycopg2 is (normlab's ``cluster`` extra installs psycopg2-binary).
-    The search keeps ``url`` as written."""
-    import importlib.util
-
-    if url.startswith(POSTGRES) and importlib.util.find_spec("psycopg") is None:
-        if importlib.util.find_spec("psycopg2") is not None:
-            return POSTGRES_PSYCOPG2 + url.removeprefix(POSTGRES)
-    return url
 
 
 def rdb_storage(url: str) -> Any:
