@@ -16,6 +16,10 @@ imports already done. Reported, median over ``--reps``:
   training, per-epoch evaluation, final attack sweep, MLflow logging, checkpoints, Tune's
   report (it persists the checkpoint), and slot time no trial used; then the end of the
   search (summary, report, plots) and the exit.
+- the CPU the machine spent during the search (``/proc/stat``: the driver, Ray's own
+  processes, the workers; run it on an idle machine), and the ceiling it puts on the
+  efficiency: however well packed, the search needs at least that CPU / the machine's cores
+  of wall time.
 
 Usage: python benchmarks/bench_search.py [--space quickstart] [--reps 3] [--num-cpus 2]
        [--json-out F] [--code CHECKOUT] [-- overrides...]
@@ -146,11 +150,30 @@ def slots_of(trials: int, num_cpus: int, cpu_per_trial: float) -> int:
     return max(1, min(trials, int(num_cpus // cpu_per_trial)))
 
 
+def busy_cpu_seconds() -> float | None:
+    """CPU seconds the whole machine has spent busy since boot (``/proc/stat``; None elsewhere)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_ceiling(bare_compute: float, slots: int, busy: float | None, cores: int) -> float | None:
+    """The highest efficiency a search that kept the machine's ``cores`` busy for ``busy`` CPU
+    seconds could reach, however well packed: its wall time is at least busy / cores."""
+    if not busy:
+        return None
+    return min(1.0, bare_compute / slots / (busy / cores))
+
+
 def run_search(
     space: str, overrides: list[str], num_cpus: int, workdir: Path, code: Path | None = None
-) -> tuple[float, float, list[dict[str, Any]], Path]:
+) -> tuple[float, float, list[dict[str, Any]], Path, float | None]:
     """``normlab submit`` as a subprocess in ``workdir`` (``code``: run normlab from that checkout
-    instead): its start and end, its spans, its search folder."""
+    instead): its start and end, its spans, its search folder, and the CPU seconds the machine
+    spent meanwhile (every process: the driver, Ray's, the workers; run it on an idle machine)."""
     profile = workdir / "spans"
     profile.mkdir()
     env = {**os.environ, "NORMLAB_PROFILE": str(profile), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
@@ -158,13 +181,14 @@ def run_search(
         env["PYTHONPATH"] = str(code.resolve())
     normlab = [sys.executable, "-m", "orchestrator.cli"]
     command = [*normlab, "submit", space, *overrides, "--num-cpus", str(num_cpus), "--storage-path", "ray"]
-    started = time.time()
+    cpu_before, started = busy_cpu_seconds(), time.time()
     proc = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True)
-    ended = time.time()
+    ended, cpu_after = time.time(), busy_cpu_seconds()
+    busy = cpu_after - cpu_before if cpu_before is not None and cpu_after is not None else None
     if proc.returncode != 0:
         raise SystemExit(f"normlab submit failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     (folder,) = [p for p in (workdir / "ray").iterdir() if p.is_dir()]
-    return started, ended, read_spans(profile), folder
+    return started, ended, read_spans(profile), folder, busy
 
 
 def trial_values(folder: Path, space: str, overrides: list[str]) -> list[dict[str, Any]]:
@@ -214,18 +238,24 @@ def main() -> None:
 
     spec, _ = load_space(args.space, args.overrides)
     slots = slots_of(spec.trial_count(), args.num_cpus, spec.resources.cpu)
-    walls, computes, parts = [], [], []
+    cores = os.cpu_count() or 1
+    walls, computes, parts, busies, ceilings = [], [], [], [], []
     for rep in range(args.reps):
         with tempfile.TemporaryDirectory(prefix="bench-search-") as tmp:
-            started, ended, spans, folder = run_search(args.space, args.overrides, args.num_cpus, Path(tmp), args.code)
+            started, ended, spans, folder, busy = run_search(
+                args.space, args.overrides, args.num_cpus, Path(tmp), args.code
+            )
             compute = bare(trial_values(folder, args.space, args.overrides))
         wall = ended - started
         walls.append(wall)
         computes.append(compute)
         parts.append(breakdown(spans, started, ended, slots))
+        busies.append(busy)
+        ceilings.append(cpu_ceiling(compute, slots, busy, cores))
         print(
             f"rep {rep + 1}/{args.reps}: search {wall:.1f} s, bare compute {compute:.1f} s / {slots} slots "
-            f"= {compute / slots:.1f} s, efficiency {compute / slots / wall:.2f}",
+            f"= {compute / slots:.1f} s, efficiency {compute / slots / wall:.2f}"
+            + (f"; machine CPU {busy:.1f} s, ceiling {ceilings[-1]:.2f}" if busy else ""),
             flush=True,
         )
     efficiencies = [c / slots / w for c, w in zip(computes, walls)]
@@ -240,6 +270,11 @@ def main() -> None:
         f"efficiency         {statistics.median(efficiencies):6.2f}    (target >= 0.8; runs: "
         f"{', '.join(f'{e:.2f}' for e in efficiencies)})"
     )
+    if all(busies):
+        print(
+            f"machine CPU        {statistics.median(busies):6.1f} s  on {cores} cores: no schedule finishes in less "
+            f"than {statistics.median(busies) / cores:.1f} s, so efficiency <= {statistics.median(ceilings):.2f}"
+        )
     print("\nwhere the wall time goes (seconds of wall time, median):")
     for label, seconds in median.items():
         print(f"  {label:<40} {seconds:6.2f}")
@@ -258,6 +293,9 @@ def main() -> None:
                     "efficiency": statistics.median(efficiencies),
                     "breakdown_median": median,
                     "breakdowns": parts,
+                    "machine_cpu_s": busies,
+                    "cpu_ceilings": ceilings,
+                    "cores": cores,
                     "cpu": cpu_model(),
                 },
                 indent=2,

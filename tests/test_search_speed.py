@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -143,6 +144,22 @@ def test_the_benchmark_accounts_for_every_second_of_the_wall_time(monkeypatch):
     assert parts["slot time no trial used"] == pytest.approx((40 - 2 - 0.5 - 0.5 - 30) / 2)
     assert parts["end of search (summary, report)"] == 1.0 and parts["exit"] == pytest.approx(1.0)
     assert slots_of(6, 2, 1) == 2 and slots_of(1, 8, 1) == 1 and slots_of(6, 1, 2) == 1
+
+
+def test_the_benchmark_bounds_the_efficiency_by_the_cpu_the_machine_spent(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from bench_search import busy_cpu_seconds, cpu_ceiling
+
+    # 39 s of trial compute on 2 slots; the machine was busy 60 CPU-s on 2 cores: at least 30 s of wall
+    assert cpu_ceiling(39.0, 2, 60.0, 2) == pytest.approx(19.5 / 30.0)
+    assert cpu_ceiling(39.0, 2, 30.0, 2) == 1.0 and cpu_ceiling(39.0, 2, None, 2) is None
+    before = busy_cpu_seconds()
+    if before is None:
+        pytest.skip("no /proc/stat here")
+    deadline = time.process_time() + 0.3
+    while time.process_time() < deadline:  # burn 0.3 s of CPU
+        pass
+    assert busy_cpu_seconds() - before >= 0.25
 
 
 def test_warm_up_never_raises_and_imports_what_trials_need(monkeypatch, tmp_path):
