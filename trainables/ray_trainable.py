@@ -3,6 +3,9 @@
 ``train(config, resolve=..., tracker=...)`` is the function trainable, shaped like Ray
 Tune's own examples: restore -> loop -> report. Its bookkeeping lives in named helpers:
 
+- ``_wait_until_saved``: nothing happens until Ray Tune's saved state lists the trial
+  (``trainables.tune_state``), so a driver killed at any moment never loses a trial that
+  has done something;
 - ``_begin`` and ``_prepare``: the trial's record and storage from Ray's context (refused
   at once when an earlier attempt failed for good), and its ``TrialConfig`` from Ray's
   config (``resolve`` merges the search's fixed keys) and the resources Ray gave it
@@ -55,7 +58,7 @@ import torch
 from pydantic import ValidationError
 from ray import tune
 
-from trainables import faults, profiling
+from trainables import faults, profiling, tune_state
 from trainables.checkpoints import CHECKPOINT_FILE, save_checkpoint
 from trainables.config import TrialConfig, format_validation_error
 from trainables.environment import environment_tags
@@ -87,6 +90,8 @@ def _seconds(name: str, default: float) -> float:
 # it carries on; what it could not log waits in its checkpoints for the next sync.
 EPOCH_SYNC_S = _seconds("NORMLAB_TRACKING_RETRY_S", 20.0)
 FINAL_SYNC_S = _seconds("NORMLAB_TRACKING_FINAL_WAIT_S", 120.0)
+# How long a trial waits for Ray Tune's saved state to list it before it starts anyway
+TUNE_STATE_WAIT_S = _seconds("NORMLAB_TUNE_STATE_WAIT_S", 60.0)
 
 
 def runtime_settings(values: dict[str, Any], cpus: float, gpus: float) -> dict[str, Any]:
@@ -150,6 +155,7 @@ def train(
     """Ray Tune function trainable: one trial, one report (and maybe a checkpoint) per epoch."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a line per checkpoint
     profiling.set_context(trial=tune.get_context().get_trial_name())
+    _wait_until_saved()
     with profiling.span("trial.prepare"):
         attempt = _begin(tracker)
         cfg, knobs = _prepare(attempt, config, resolve)
@@ -195,6 +201,22 @@ class _Attempt:
         if self.tracker is not None:
             self.tracker.fail(self.record, reason, retryable=retryable, budget_s=EPOCH_SYNC_S)
         raise error
+
+
+def _wait_until_saved() -> None:
+    """Do nothing until Ray Tune's saved state lists this trial (``trainables.tune_state``): a
+    driver killed before that would lose the trial, and whatever it had logged with it."""
+    context = tune.get_context()
+    ray_storage = context.get_storage()
+    if ray_storage is None:  # not under Tune
+        return
+    with profiling.span("trial.wait_for_tune_state"):
+        tune_state.wait_until_saved(
+            ray_storage.storage_filesystem,
+            ray_storage.experiment_fs_path,
+            context.get_trial_id(),
+            timeout_s=TUNE_STATE_WAIT_S,
+        )
 
 
 def _begin(tracker: TrialTracker | None) -> _Attempt:
