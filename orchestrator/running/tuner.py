@@ -235,10 +235,13 @@ def build_tuner(
             scheduler=scheduler(space),
             num_samples=s.num_samples,
             max_concurrent_trials=s.max_concurrent_trials,
-            # a slot's next trial runs in the same worker: no process start, no imports again. Not
-            # with Optuna yet: a driver killed and resumed then told the study one trial twice
-            # (test_optuna_study's killed multi-objective search: 9 COMPLETE for 8 Ray trials)
-            reuse_actors=not optuna,
+            # a slot's next trial runs in the same worker: no process start, no imports again. Such a
+            # trial starts within milliseconds of Tune creating it, before Tune's next snapshot of its
+            # state (every 2 s) holds it; a driver killed then lost the trial on resume while the
+            # study and MLflow kept what it did, and the rewound searcher suggested its point again
+            # (9 COMPLETE for 8 Ray trials). So every trial first waits until the saved snapshot
+            # lists it (trainables.tune_state); with that, Optuna searches reuse workers too
+            reuse_actors=True,
         ),
         run_config=run_config(space, storage_path, experiment, callbacks or []),
     )
