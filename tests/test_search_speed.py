@@ -11,6 +11,7 @@ one trial to the next (random state, threads, statistic modes, the optimizer). T
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 import time
 from pathlib import Path
@@ -62,6 +63,42 @@ def test_one_slot_runs_every_trial_in_one_warmed_up_worker(reused):
     # every epoch of every trial is in the spans the benchmark reads, under its trial's name
     trained = {(s["trial"], s["epoch"]) for s in spans if s["span"] == "trial.train"}
     assert trained == {("_".join(folder.split("_")[:3]), e) for folder in results for e in (1, 2)}
+
+
+def _alive(pid: int) -> bool:
+    """A process that runs (a zombie, dead but not yet reaped by its new parent, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def test_the_local_ray_ends_with_the_command(reused):
+    """The command leaves its local Ray without Ray's graceful shutdown (``cli.common.leave``):
+    every process of it must still be gone once the command has exited."""
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("no /proc here")
+    _, results, spans = reused
+    (driver,) = {s["pid"] for s in spans if s["span"] == "driver.start"}
+    worker = next(iter(results.values()))[-1]["pid"]
+    session = re.compile(rf"session_[0-9_-]+_{driver}(/|\b)")  # Ray names its session after the driver's pid
+
+    def left() -> list[int]:
+        pids = []
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if (int(proc.name) == worker or session.search(cmdline)) and _alive(int(proc.name)):
+                pids.append(int(proc.name))
+        return pids
+
+    deadline = time.time() + 15
+    while left() and time.time() < deadline:
+        time.sleep(0.5)
+    assert not left(), [Path(f"/proc/{p}/cmdline").read_bytes() for p in left()]
 
 
 def test_a_reused_worker_gives_each_trial_the_numbers_of_a_fresh_run(reused):

@@ -120,10 +120,11 @@ _EXIT_AT_ONCE = False  # set by ``entry``: this process is the `normlab` program
 def leave(code: int) -> NoReturn:
     """End a command that ran a search, with exit status ``code``.
 
-    As the `normlab` program (``entry``): Ray shut down, output and logs flushed, then the
-    process ends at once. Python's own teardown after a search (torch's, Ray's core worker's
-    and gRPC's native destructors) has nothing left to do and took 2-7 s here, one of the
-    larger costs of a small search. Everything the search wrote is already closed: MLflow
+    As the `normlab` program (``entry``): output and logs flushed, the connection to a
+    cluster's Ray closed, then the process ends at once (a local Ray it started ends with
+    it). Python's own teardown after a search (torch's, Ray's core worker's and gRPC's
+    native destructors) has nothing left to do and took 2-7 s here, one of the larger costs
+    of a small search. Everything the search wrote is already closed: MLflow
     calls are synchronous, files are written whole. Called in-process (tests, a caller's
     script): ``SystemExit(code)``, so the caller carries on.
     """
@@ -133,7 +134,12 @@ def leave(code: int) -> NoReturn:
 
     import ray
 
-    if ray.is_initialized():
+    from orchestrator.running.connect import started_local_ray
+
+    # A local Ray this process started ends with it (``started_local_ray``): its graceful
+    # shutdown, SIGTERM and a wait for each of its processes in turn, took 1.1-1.4 s here. A
+    # cluster's Ray is left the proper way, so the cluster sees this driver's job end.
+    if ray.is_initialized() and not started_local_ray():
         ray.shutdown()
     logging.shutdown()
     sys.stdout.flush()

@@ -16,6 +16,7 @@ from orchestrator.running.rayenv import check_ray_head
 from orchestrator.running.warmup import DATASETS_ENV
 
 _connected: str | None = None  # where init_ray connected this process, for later callers
+LOCAL = "local (127.0.0.1 only)"
 
 
 # Ray's dashboard process asks cloud-metadata addresses (169.254.169.254,
@@ -71,5 +72,14 @@ def init_ray(address: str | None, *, num_cpus: int | None = None, datasets: tupl
                 os.environ[key] = value
             else:
                 os.environ.pop(key, None)
-    _connected = "local (127.0.0.1 only)"
+    _connected = LOCAL
     return _connected
+
+
+def started_local_ray() -> bool:
+    """Whether this process started the Ray it is connected to (a local Ray, not a cluster's).
+
+    Ray starts a local Ray's processes to share this process's fate: the kernel kills them
+    when it exits (``PR_SET_PDEATHSIG``), or, where it cannot, Ray's reaper process does;
+    their workers end with them."""
+    return ray.is_initialized() and _connected == LOCAL
