@@ -389,6 +389,17 @@ def test_rayjob_entrypoint_validates(doc: Doc, tmp_path: Path) -> None:
         check_normlab_command(args, doc.where, cluster, tmp_path)
 
 
+def test_every_search_file_the_head_mounts_validates(tmp_path: Path) -> None:
+    (cluster,) = [d.body for d in CLUSTERS]
+    files = {path: text for path, text in _head_files(cluster).items() if path.endswith((".yaml", ".yml"))}
+    assert files, "the head mounts no search file: search-spaces.yaml is its example"
+    for path, text in files.items():
+        local = tmp_path / PurePosixPath(path).name
+        local.write_text(text, encoding="utf-8")
+        result = CliRunner().invoke(main, ["validate", str(local)])
+        assert result.exit_code == 0, f"{path} (a ConfigMap of deploy/) does not validate:\n{result.output}"
+
+
 def doc_commands() -> list[tuple[int, list[str]]]:
     """(line, arguments) of each normlab command in docs/deploy.md's fenced shell blocks."""
     if not DEPLOY_DOC.exists():

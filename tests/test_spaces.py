@@ -177,6 +177,14 @@ def test_overrides_fix_trial_keys_and_set_search_settings(tmp_path):
         load_space(str(path), ["epochz=1"])
 
 
+def test_the_optuna_study_s_sampler_and_database_are_overrides(tmp_path):
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    space, _ = load_space("robustnorm_optuna", ["sampler=tpe", f"storage={url}", "metric=adv_acc", "mode=max"])
+    assert space.search.sampler_name == "tpe" and space.search.storage == url
+    with pytest.raises(SpaceError, match="search.storage"):  # checked like the file's own
+        load_space("robustnorm_optuna", ["storage=postgresql://normlab:secret@db:5432/optuna"])
+
+
 def resolved_trials(space) -> list[dict]:
     resolver = TrialResolver(space.fixed, frozenset(space.conditional_keys()))
     return [resolver(config) for _, config in generate_variants(param_space(space))]

@@ -32,6 +32,8 @@ SEARCH_OVERRIDES = {
     "scheduler": ("search", "scheduler", "type"),
     "max_concurrent_trials": ("search", "max_concurrent_trials"),
     "sampler_seed": ("search", "sampler_seed"),
+    "sampler": ("search", "sampler"),
+    "storage": ("search", "storage"),  # the Optuna study's database
     "cpu": ("resources", "cpu"),
     "gpu": ("resources", "gpu"),
     "max_failures": ("max_failures",),
