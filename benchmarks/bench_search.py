@@ -12,7 +12,8 @@ imports already done. Reported, median over ``--reps``:
   is 0.8 or more.
 - where the wall time goes, in seconds of wall time (work in the trials' slots divided by
   the slots), summing to the wall time: the driver's imports, MLflow set-up, Ray start; in
-  the trials, worker start (process and imports), trial set-up (run, data, model),
+  the trials, worker start (process and imports), the wait until Tune's saved state lists
+  the trial (``trainables.tune_state``), trial set-up (run, data, model),
   training, per-epoch evaluation, final attack sweep, MLflow logging, checkpoints, Tune's
   report (it persists the checkpoint), and slot time no trial used; then the end of the
   search (summary, report, plots) and the exit.
@@ -53,6 +54,7 @@ from trainables.profiling import read_spans  # noqa: E402
 # the parts of a trial's slot time, in the order the table shows them: label, span names
 TRIAL_PARTS = (
     ("worker start (process, warm-up imports)", ("worker.boot", "worker.warm_up")),
+    ("waiting for Tune's saved state", ("trial.wait_for_tune_state",)),
     ("trial set-up (run, data, model)", ("trial.prepare", "trial.build")),
     ("training", ("trial.train",)),
     ("per-epoch evaluation", ("trial.eval",)),

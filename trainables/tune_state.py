@@ -65,9 +65,15 @@ def holds_trial(fs: Any, experiment_path: str, trial_id: str) -> bool:
         return False
 
 
-def wait_until_saved(fs: Any, experiment_path: str, trial_id: str, *, timeout_s: float, poll_s: float = 0.1) -> float:
+def wait_until_saved(
+    fs: Any, experiment_path: str, trial_id: str, *, timeout_s: float, poll_s: float | None = None
+) -> float:
     """Wait until the newest saved snapshot lists ``trial_id``; the seconds waited. After
-    ``timeout_s`` it warns and returns: the trial then runs as it would have without the wait."""
+    ``timeout_s`` it warns and returns: the trial then runs as it would have without the wait.
+    It looks every ``poll_s`` seconds (default: 0.1 on a local disk; 0.5 on object storage,
+    where each look lists the folder and reads the snapshot)."""
+    if poll_s is None:
+        poll_s = 0.1 if isinstance(fs, pafs.LocalFileSystem) else 0.5
     start = time.monotonic()
     while not holds_trial(fs, experiment_path, trial_id):
         waited = time.monotonic() - start
