@@ -5,8 +5,8 @@ driver here, a stopped or failed search continued (``--job`` hands the driver to
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -45,6 +45,29 @@ def _load_space(space: str, overrides: tuple[str, ...], profile: str | None = No
         raise UsageFailure(f"unknown profile\n{exc}") from exc
     except SpaceError as exc:
         raise UsageFailure(f"invalid search space\n{exc}") from exc
+
+
+class _InBackground:
+    """``fn(*args)`` in a daemon thread; ``result()`` waits for it and returns or raises what it
+    did. A daemon, so that Ctrl-C while it waits (on a tracking server that does not answer)
+    ends the command at once instead of at the end of its wait."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._outcome: dict[str, Any] = {}
+        self._thread = threading.Thread(target=self._run, args=(fn, *args), name="normlab-setup", daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            self._outcome["value"] = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller by result()
+            self._outcome["error"] = exc
+
+    def result(self) -> Any:
+        self._thread.join()
+        if "error" in self._outcome:
+            raise self._outcome["error"]
+        return self._outcome["value"]
 
 
 def _driver_and_tracking(tracking_uri: str | None) -> TrackingTarget:
@@ -229,14 +252,13 @@ def submit(
     # sooner. A tracking store that cannot be used still stops the search before any trial.
     from orchestrator.running.connect import init_ray
 
-    with ThreadPoolExecutor(1, thread_name_prefix="normlab-setup") as pool:
-        tracking = pool.submit(_driver_and_tracking, tracking_uri)
-        try:
-            with profiling.span("driver.ray_start"):
-                where = init_ray(address, num_cpus=num_cpus, datasets=tuple(map(str, spec.values_of("dataset"))))
-        except ConnectionError as exc:  # a cluster that went away since _prepare_ray probed it
-            raise UsageFailure(str(exc)) from exc
-        target = tracking.result()
+    tracking = _InBackground(_driver_and_tracking, tracking_uri)
+    try:
+        with profiling.span("driver.ray_start"):
+            where = init_ray(address, num_cpus=num_cpus, datasets=tuple(map(str, spec.values_of("dataset"))))
+    except ConnectionError as exc:  # a cluster that went away since _prepare_ray probed it
+        raise UsageFailure(str(exc)) from exc
+    target = tracking.result()
     from orchestrator.running.driver import run_search
 
     if address and target.is_local_file_store:
