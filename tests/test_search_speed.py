@@ -11,6 +11,7 @@ one trial to the next (random state, threads, statistic modes, the optimizer). T
 from __future__ import annotations
 
 import json
+import os
 import re
 import textwrap
 import time
@@ -84,14 +85,21 @@ def test_the_local_ray_ends_with_the_command(reused):
     worker = next(iter(results.values()))[-1]["pid"]
     session = re.compile(rf"session_[0-9_-]+_{driver}(/|\b)")  # Ray names its session after the driver's pid
 
+    def in_session(proc: Path) -> bool:
+        """Named after the session, or (Ray's agents retitle themselves "ray::...") with a file
+        of the session's folder open."""
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if session.search(cmdline):
+                return True
+            return any(session.search(os.readlink(fd)) for fd in (proc / "fd").iterdir())
+        except OSError:
+            return False
+
     def left() -> list[int]:
         pids = []
         for proc in Path("/proc").glob("[0-9]*"):
-            try:
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if (int(proc.name) == worker or session.search(cmdline)) and _alive(int(proc.name)):
+            if (int(proc.name) == worker or in_session(proc)) and _alive(int(proc.name)):
                 pids.append(int(proc.name))
         return pids
 

@@ -121,8 +121,7 @@ def leave(code: int) -> NoReturn:
     """End a command that ran a search, with exit status ``code``.
 
     As the `normlab` program (``entry``): output and logs flushed, the connection to a
-    cluster's Ray closed, then the process ends at once (a local Ray it started ends with
-    it). Python's own teardown after a search (torch's, Ray's core worker's and gRPC's
+    cluster's Ray closed or a local Ray it started killed, then the process ends at once. Python's own teardown after a search (torch's, Ray's core worker's and gRPC's
     native destructors) has nothing left to do and took 2-7 s here, one of the larger costs
     of a small search. Everything the search wrote is already closed: MLflow
     calls are synchronous, files are written whole. Called in-process (tests, a caller's
@@ -134,12 +133,14 @@ def leave(code: int) -> NoReturn:
 
     import ray
 
-    from orchestrator.running.connect import started_local_ray
+    from orchestrator.running.connect import end_local_ray, started_local_ray
 
-    # A local Ray this process started ends with it (``started_local_ray``): its graceful
-    # shutdown, SIGTERM and a wait for each of its processes in turn, took 1.1-1.4 s here. A
-    # cluster's Ray is left the proper way, so the cluster sees this driver's job end.
-    if ray.is_initialized() and not started_local_ray():
+    # A local Ray this process started is killed whole (``end_local_ray``: Ray's graceful
+    # shutdown took 1.1-1.4 s). A cluster's Ray is left the proper way, so the cluster sees
+    # this driver's job end.
+    if started_local_ray():
+        end_local_ray()
+    elif ray.is_initialized():
         ray.shutdown()
     logging.shutdown()
     sys.stdout.flush()
