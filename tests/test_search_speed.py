@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -107,6 +108,17 @@ def test_the_local_ray_ends_with_the_command(reused):
     while left() and time.time() < deadline:
         time.sleep(0.5)
     assert not left(), [Path(f"/proc/{p}/cmdline").read_bytes() for p in left()]
+
+
+def test_the_local_ray_starts_no_worker_that_runs_no_trial(reused):
+    """Ray would start an idle worker per CPU as the driver connects; Tune's trial actors (a
+    runtime_env of their own) never run in one (``connect.init_ray`` turns that off): on
+    one slot, the raylet starts exactly the one worker that ran the four trials."""
+    _, _, spans = reused
+    (driver,) = {s["pid"] for s in spans if s["span"] == "driver.start"}
+    (raylet_log,) = Path(tempfile.gettempdir(), "ray").glob(f"session_*_{driver}/logs/raylet.out")
+    started = re.findall(r"Started worker process with pid (\d+)", raylet_log.read_text())
+    assert len(started) == 1, started
 
 
 def test_a_reused_worker_gives_each_trial_the_numbers_of_a_fresh_run(reused):

@@ -65,6 +65,10 @@ def init_ray(address: str | None, *, num_cpus: int | None = None, datasets: tupl
             include_dashboard=False,
             logging_level="WARNING",
             runtime_env={"env_vars": {**user_proxies, **env_vars}, **warm_up},
+            # Ray would start one idle worker per CPU as this driver connects; none of them
+            # can run a trial (Tune's actors have a runtime_env of their own), and their
+            # start costs 2-3 s of CPU while the driver and Ray start
+            _system_config={"prestart_worker_first_driver": False},
         )
     finally:
         for key, value in user_proxies.items():
