@@ -153,6 +153,9 @@ def test_a_full_storage_disk_fails_the_trials_with_the_reason_not_the_driver(tmp
     tail = err[err.index("Trials did not complete") :] if "Trials did not complete" in err else err[-3000:]
     assert "Is the storage full or gone?" in tail and "normlab resume" in tail, tail
     assert "Traceback" not in tail, tail
+    # the retries of trials that had checkpoints started at once, without waiting for a snapshot of
+    # Tune's that the full disk kept from being saved (``ray_trainable._wait_until_saved``)
+    assert "still does not list it" not in err, err[-4000:]
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'normlab_runs' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("diskfull")

@@ -104,3 +104,19 @@ def test_a_snapshot_being_rewritten_does_not_list_a_trial(tmp_path):
     assert not holds_trial(local, str(tmp_path), "abc")
     (tmp_path / "experiment_state-2026-01-01_00-00-09.json").write_text(whole[: len(whole) // 2 + 10])  # cut short
     assert not holds_trial(local, str(tmp_path), "abc")
+
+
+def test_a_trial_folder_with_a_checkpoint_marks_an_earlier_attempt(tmp_path):
+    """A retried or resumed trial whose folder holds a checkpoint does not wait for Tune's
+    snapshot (``ray_trainable._wait_until_saved``): the attempt that wrote it had waited."""
+    from trainables.trial_storage import TrialStorage
+
+    local = pafs.LocalFileSystem()
+    trial = tmp_path / "train_abc_00000"
+    assert not TrialStorage(local, str(trial)).has_checkpoint_folder()  # not even created yet
+    trial.mkdir()
+    (trial / "params.json").write_text("{}")
+    (trial / "checkpoint_tmp").write_text("")  # a file, not a checkpoint folder
+    assert not TrialStorage(local, str(trial)).has_checkpoint_folder()
+    (trial / "checkpoint_000002").mkdir()  # even one cut short (no manifest)
+    assert TrialStorage(local, str(trial)).has_checkpoint_folder()

@@ -205,10 +205,17 @@ class _Attempt:
 
 def _wait_until_saved() -> None:
     """Do nothing until Ray Tune's saved state lists this trial (``trainables.tune_state``): a
-    driver killed before that would lose the trial, and whatever it had logged with it."""
+    driver killed before that would lose the trial, and whatever it had logged with it.
+
+    A trial whose folder holds a checkpoint already (a retry, a resumed search) does not wait:
+    the attempt that wrote it had waited, and every later snapshot lists the trial too. When
+    Ray Tune cannot save (a full disk cut its newest snapshot short), a retried trial would
+    otherwise wait the whole ``TUNE_STATE_WAIT_S`` for nothing."""
     context = tune.get_context()
     ray_storage = context.get_storage()
     if ray_storage is None:  # not under Tune
+        return
+    if TrialStorage(ray_storage.storage_filesystem, ray_storage.trial_fs_path).has_checkpoint_folder():
         return
     with profiling.span("trial.wait_for_tune_state"):
         tune_state.wait_until_saved(

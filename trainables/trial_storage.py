@@ -41,6 +41,17 @@ class TrialStorage:
 
     # ------------------------------------------------------------- checkpoints
 
+    def has_checkpoint_folder(self) -> bool:
+        """Whether an earlier attempt of this trial left a checkpoint folder here (complete or
+        not): one listing of the trial's folder; False when it cannot be listed."""
+        from pyarrow import fs as pafs
+
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+        except OSError:
+            return False
+        return any(i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_") for i in infos)
+
     def restore(self) -> tuple[dict[str, Any] | None, list[str]]:
         """The newest complete checkpoint (None: start fresh), and a note per checkpoint skipped.
 
