@@ -121,9 +121,10 @@ def leave(code: int) -> NoReturn:
     """End a command that ran a search, with exit status ``code``.
 
     As the `normlab` program (``entry``): output and logs flushed, the connection to a
-    cluster's Ray closed or a local Ray it started killed, then the process ends at once. Python's own teardown after a search (torch's, Ray's core worker's and gRPC's
-    native destructors) has nothing left to do and took 2-7 s here, one of the larger costs
-    of a small search. Everything the search wrote is already closed: MLflow
+    cluster's Ray closed or a local Ray it started killed, then the process ends at once.
+    Python's own teardown after a search (torch's, Ray's core worker's and gRPC's native
+    destructors) has nothing left to do and took 2-7 s here, one of the larger costs of a
+    small search. Everything the search wrote is already closed: MLflow
     calls are synchronous, files are written whole. Called in-process (tests, a caller's
     script): ``SystemExit(code)``, so the caller carries on.
     """
