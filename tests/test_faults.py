@@ -27,7 +27,7 @@ METRICS = ("epoch", "train_loss", "train_acc", "clean_acc", "adv_acc", "lr")
 
 SPACE = """
 name: {name}
-fixed: {{dataset: digits, epochs: {epochs}, train_subset: 512, batch_size: 32, eval_attacks: [fgsm], eval_eps: [0.1],
+fixed: {{dataset: digits, model: {model}, epochs: {epochs}, train_subset: 512, batch_size: 32, eval_attacks: [fgsm], eval_eps: [0.1],
         epoch_adv_samples: 64, final_adv_samples: 64, test_subset: 128}}
 grid: {{norm: [batchnorm, robustnorm]}}
 resources: {{cpu: 1}}
@@ -36,8 +36,8 @@ checkpoint: {{every: 1, keep: 2}}
 """
 
 
-def write_space(workdir: Path, name: str, epochs: int) -> None:
-    (workdir / "space.yaml").write_text(textwrap.dedent(SPACE.format(name=name, epochs=epochs)))
+def write_space(workdir: Path, name: str, epochs: int, model: str = "cnn") -> None:
+    (workdir / "space.yaml").write_text(textwrap.dedent(SPACE.format(name=name, epochs=epochs, model=model)))
 
 
 def children(workdir: Path, name: str) -> tuple[MlflowClient, list]:
@@ -136,8 +136,10 @@ def test_a_kill_plan_with_an_unknown_point_is_refused(tmp_path, monkeypatch):
 def test_a_truncated_or_corrupt_newest_checkpoint_falls_back_to_the_newest_complete_one(tmp_path):
     """Driver and workers SIGKILLed, then the newest checkpoint of each trial damaged: resume
     falls back one checkpoint, says so on the run, and still logs every epoch once."""
-    epochs = 6
-    write_space(tmp_path, "damaged", epochs)
+    epochs = 8
+    # a ResNet-20 epoch (about half a second here, against a tenth for the default CNN) leaves the
+    # driver's kill time to land while both trials are mid-run
+    write_space(tmp_path, "damaged", epochs, model="resnet20")
     storage = tmp_path / "normlab_runs" / "ray_results"
     driver = start_submit(tmp_path)
     try:
@@ -154,7 +156,12 @@ def test_a_truncated_or_corrupt_newest_checkpoint_falls_back_to_the_newest_compl
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
-    time.sleep(3)
+    # until the trials' workers, which outlive the driver for a moment, have stopped writing
+    written, still = None, 0
+    while still < 3:
+        time.sleep(1)
+        now = sorted((str(m), m.stat().st_mtime) for m in storage.glob("damaged-*/train_*/checkpoint_*/checkpoint.*"))
+        still, written = (still + 1 if now == written else 0), now
 
     damaged = {}
     for trial_dir, how in zip(sorted(storage.glob("damaged-*/train_*")), ("truncated", "corrupt")):
@@ -167,6 +174,7 @@ def test_a_truncated_or_corrupt_newest_checkpoint_falls_back_to_the_newest_compl
             data[len(data) // 2] ^= 0xFF  # same size, one flipped byte: torch.load would not notice
             payload.write_bytes(bytes(data))
         damaged[trial_dir.name.split("_")[2]] = (how, json.loads(newest.read_text())["epoch"])
+    assert all(epoch < epochs for _, epoch in damaged.values()), damaged  # both trials still had epochs to run
 
     resumed = run_normlab("resume", "damaged", "--num-cpus", "2", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
