@@ -245,15 +245,21 @@ def _read_bytes(fs: Any, path: str) -> bytes:
         return fh.read()
 
 
+def checkpoint_folders(fs: Any, trial_path: str) -> list[str]:
+    """The ``checkpoint_*`` folders under ``trial_path`` (complete or not), oldest name first;
+    none when the trial's folder does not exist yet."""
+    from pyarrow import fs as pafs
+
+    infos = fs.get_file_info(pafs.FileSelector(trial_path, allow_not_found=True))
+    return sorted(i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+
+
 def stored_checkpoints(fs: Any, trial_path: str) -> tuple[list[StoredCheckpoint], list[str]]:
     """Checkpoint folders under ``trial_path`` with a readable manifest, newest epoch first,
     and a note for each folder whose manifest is missing or unreadable (an incomplete copy)."""
     from pyarrow import fs as pafs
 
-    infos = fs.get_file_info(pafs.FileSelector(trial_path, allow_not_found=True))
-    folders = sorted(
-        i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
-    )
+    folders = checkpoint_folders(fs, trial_path)
     found = {info.path: info for info in fs.get_file_info([f"{f}/{MANIFEST_FILE}" for f in folders])}
     found.update({info.path: info for info in fs.get_file_info([f"{f}/{CHECKPOINT_FILE}" for f in folders])})
     stored, notes = [], []
@@ -298,11 +304,7 @@ def unmanifested_checkpoints(fs: Any, trial_path: str) -> list[str]:
     normlab from before manifests, or a copy cut short), newest folder first."""
     from pyarrow import fs as pafs
 
-    infos = fs.get_file_info(pafs.FileSelector(trial_path, allow_not_found=True))
-    folders = sorted(
-        (i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")),
-        reverse=True,
-    )
+    folders = checkpoint_folders(fs, trial_path)[::-1]
     manifests = fs.get_file_info([f"{f}/{MANIFEST_FILE}" for f in folders])
     payloads = fs.get_file_info([f"{f}/{CHECKPOINT_FILE}" for f in folders])
     return [

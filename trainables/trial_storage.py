@@ -22,6 +22,7 @@ from trainables.checkpoints import (
     CHECKPOINT_FILE,
     MANIFEST_FILE,
     CorruptCheckpointError,
+    checkpoint_folders,
     delete_stored_checkpoint,
     read_stored_checkpoint,
     read_unmanifested_checkpoint,
@@ -44,13 +45,10 @@ class TrialStorage:
     def has_checkpoint_folder(self) -> bool:
         """Whether an earlier attempt of this trial left a checkpoint folder here (complete or
         not): one listing of the trial's folder; False when it cannot be listed."""
-        from pyarrow import fs as pafs
-
         try:
-            infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+            return bool(checkpoint_folders(self.fs, self.path))
         except OSError:
             return False
-        return any(i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_") for i in infos)
 
     def restore(self) -> tuple[dict[str, Any] | None, list[str]]:
         """The newest complete checkpoint (None: start fresh), and a note per checkpoint skipped.
