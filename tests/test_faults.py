@@ -132,6 +132,31 @@ def test_a_kill_plan_with_an_unknown_point_is_refused(tmp_path, monkeypatch):
         faults.maybe_kill("after_sync", "train_00000", 1)
 
 
+def test_a_hold_keeps_its_trial_before_the_epoch_until_released(tmp_path, monkeypatch):
+    import threading
+
+    from trainables import faults
+
+    release = tmp_path / "go"
+    plan = tmp_path / "plan.json"
+    plan.write_text(
+        json.dumps({"holds": [{"trial": "00001", "epoch": 3, "until": str(release)}], "state_dir": str(tmp_path)})
+    )
+    monkeypatch.setenv(faults.ENV, str(plan))
+    started = time.monotonic()
+    faults.training("train_00000", 3)  # another trial
+    faults.training("train_00001", 2)  # another epoch
+    assert time.monotonic() - started < 1.0
+    held = threading.Thread(target=faults.training, args=("train_00001", 3))
+    held.start()
+    held.join(timeout=0.5)
+    assert held.is_alive()  # held, its state file already naming the epoch
+    assert json.loads((tmp_path / "train_00001.json").read_text())["epoch"] == 3
+    release.touch()
+    held.join(timeout=5)
+    assert not held.is_alive()
+
+
 @pytest.mark.slow
 def test_a_truncated_or_corrupt_newest_checkpoint_falls_back_to_the_newest_complete_one(tmp_path):
     """Driver and workers SIGKILLed, then the newest checkpoint of each trial damaged: resume

@@ -119,8 +119,11 @@ def test_a_full_storage_disk_fails_the_trials_with_the_reason_not_the_driver(tmp
     (tmp_path / "space.yaml").write_text(textwrap.dedent(SPACE))
     storage = small_disk / "normlab"
     state_dir = tmp_path / "faults"
-    plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"kills": [], "state_dir": str(state_dir)}))
+    plan, release = tmp_path / "plan.json", tmp_path / "go"
+    # every trial waits before its third epoch (its first two checkpointed) until the disk is full:
+    # a trial that raced ahead could otherwise finish before the filler ran
+    holds = [{"trial": "*", "epoch": 3, "until": str(release)}]
+    plan.write_text(json.dumps({"kills": [], "holds": holds, "state_dir": str(state_dir)}))
     driver = subprocess.Popen(
         [
             sys.executable,
@@ -140,12 +143,14 @@ def test_a_full_storage_disk_fails_the_trials_with_the_reason_not_the_driver(tmp
         text=True,
     )
     deadline = time.time() + 300
-    while time.time() < deadline and driver.poll() is None:  # both trials are past their second checkpoint
+    while time.time() < deadline and driver.poll() is None:  # both trials held before their third epoch
         epochs = [json.loads(f.read_text())["epoch"] for f in state_dir.glob("*.json")] if state_dir.is_dir() else []
-        if len(epochs) == 2 and min(epochs) >= 3:
+        if epochs == [3, 3]:
             break
         time.sleep(0.1)
+    assert driver.poll() is None, driver.communicate()[1][-4000:]
     filler = fill(small_disk)
+    release.touch()
     out, err = driver.communicate(timeout=600)
     assert driver.returncode == 1, err[-4000:]  # trials failed; the driver did not crash
     assert "StorageFullError: no space left on the storage path" in err, err[-6000:]  # the trials' reason
