@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from torch import nn
 from tqdm.auto import tqdm
 
-from trainables import profiling
+from trainables import allocator, profiling
 from trainables.attacks import AttackSettings, Perturber, clean_accuracy, robust_accuracy
 from trainables.config import TrialConfig
 from trainables.data import DEFAULT_AUGMENTATION, TensorData, augment, batch_indices, load_dataset
@@ -394,6 +394,7 @@ def run_trial(
         check_checkpoint(cfg, checkpoint)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    allocator.keep_freed_memory()  # every step reuses the last one's memory instead of faulting it in
     started = time.perf_counter()
     with profiling.span("trial.build"):
         trial = _Trial(cfg, checkpoint)
