@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import platform
@@ -35,25 +34,6 @@ def minor_faults() -> int:
     """Minor page faults of this process so far: each first touch of memory the allocator got
     afresh from the kernel (zeroed, mapped), several microseconds apiece on a VM."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep freed memory for reuse instead of returning it to the kernel.
-
-    By default glibc trims the top of its heap once more than a threshold lies free there,
-    and serves blocks above another threshold with fresh ``mmap`` s; a training step frees
-    most of its activations at the end of the backward pass, so the next step faults all
-    of them in again (tens of thousands of page faults per ResNet-20 step). With no
-    trimming and no ``mmap`` below 32 MiB (glibc's maximum), the heap stays at its peak
-    size and steps after the first reuse it. Returns False where this is not glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(mallopt(m_trim_threshold, 2**31 - 1)) and bool(mallopt(m_mmap_threshold, 32 * 2**20))
 
 
 def write_json(path: Path, benchmark: str, **figures: object) -> None:
