@@ -116,7 +116,10 @@ def test_the_local_ray_starts_no_worker_that_runs_no_trial(reused):
     one slot, the raylet starts exactly the one worker that ran the four trials."""
     _, _, spans = reused
     (driver,) = {s["pid"] for s in spans if s["span"] == "driver.start"}
-    (raylet_log,) = Path(tempfile.gettempdir(), "ray").glob(f"session_*_{driver}/logs/raylet.out")
+    # Ray names a session's folder by its date and the driver's pid; pids are reused (32768 of
+    # them on a small VM), so an earlier session may share the suffix: this search's is the newest
+    logs = Path(tempfile.gettempdir(), "ray").glob(f"session_*_{driver}/logs/raylet.out")
+    raylet_log = max(logs, key=lambda p: p.parent.parent.name)
     started = re.findall(r"Started worker process with pid (\d+)", raylet_log.read_text())
     assert len(started) == 1, started
 
