@@ -4,7 +4,7 @@ By default glibc trims the top of its heap once more than a threshold lies free 
 serves blocks above another threshold with fresh ``mmap`` s that ``free`` unmaps. A CPU
 training step frees most of its activations at the end of the backward pass, so every
 step faulted them all in again: about 10,000 page faults per ResNet-20 step (batch 128),
-7-10% of the step's time on this project's 2-core VM, for both batch norm and RobustNorm
+2-10% of the step's time on this project's 2-core VM, for both batch norm and RobustNorm
 (``benchmarks/bench_step.py --malloc both``). With no trimming and no ``mmap`` below
 32 MiB (glibc's maximum), the heap stays at its peak size, which every step reaches
 anyway, and later steps reuse it. PyTorch's CPU tuning guide gives the same advice by
