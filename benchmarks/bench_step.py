@@ -79,7 +79,7 @@ BATCH, SHAPE, CLASSES = 128, (3, 32, 32), 10
 TARGET = 0.95  # RobustNorm step / BatchNorm2d step at most, at TARGET_THREADS
 TARGET_THREADS = 2
 NORMS = ("batchnorm", "robustnorm")
-FLOOR = "none"  # --floor: the same network without norm layers
+FLOOR = "none"  # --floor: the same network without norm layers (the norm registry's name)
 
 
 def build(norm: str) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -88,16 +88,12 @@ def build(norm: str) -> tuple[nn.Module, torch.optim.Optimizer]:
     if norm == "batchnorm":
         norm_layer = functools.partial(nn.BatchNorm2d, eps=cfg.norm_eps, momentum=cfg.norm_momentum)
     elif norm == FLOOR:
-        norm_layer = _no_norm
+        norm_layer = norm_layer_factory(FLOOR)  # the registry's "none": nn.Identity
     else:
         norm_layer = norm_layer_factory(cfg.norm, **cfg.norm_options())
     torch.manual_seed(0)
     model = create_model("resnet20", num_classes=CLASSES, in_channels=SHAPE[0], norm_layer=norm_layer).train()
     return model, build_optimizer(model.parameters(), cfg)
-
-
-def _no_norm(channels: int) -> nn.Module:
-    return nn.Identity()
 
 
 def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor) -> Callable[[], Tensor]:
